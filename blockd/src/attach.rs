@@ -1,0 +1,379 @@
+//! Attach, detach, mount and unmount: a volume exposed on one node.
+//!
+//! Attaching makes this node the volume's coordinator: the attach record in the
+//! metadata store (with a bumped epoch) is written first, through a conditional
+//! update, so two nodes can never both attach one volume. Then the node mounts the
+//! device filesystem (one raw file), and for ext4 volumes puts a loop device on it,
+//! formats it on first attach, and mounts it where asked.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use shoal_proto::control::{AttachRequest, VolumeRef};
+use tracing::{info, instrument, warn};
+
+use crate::device_fs::{DeviceFs, DEVICE_FILE};
+use crate::error::{Error, Result};
+use crate::host;
+use crate::node::Node;
+use crate::records::{self, VolumeRecord};
+use crate::volume_io::{RemoteReplica, VolumeIo};
+
+/// FUSE session threads per attached volume: enough for the loop device's parallel I/O.
+const FUSE_THREADS: usize = 4;
+
+/// A volume attached on this node.
+pub struct Attachment {
+    pub name: String,
+    /// The FUSE session serving the device file (unmounted on drop).
+    session: Option<fuser::BackgroundSession>,
+    fuse_dir: PathBuf,
+    loop_dev: Option<String>,
+    mount_path: Option<PathBuf>,
+}
+
+impl Node {
+    fn attach_root(&self) -> PathBuf {
+        self.cfg.data_dir.join("attach")
+    }
+
+    /// Re-reads a volume record and applies `change` with a conditional write, retrying
+    /// when another writer got in between.
+    pub async fn update_volume(
+        &self,
+        id: &str,
+        change: impl Fn(&mut VolumeRecord) -> Result<()>,
+    ) -> Result<VolumeRecord> {
+        let key = self.keys.volume(id);
+        loop {
+            let kv = self
+                .meta
+                .get(&key)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("volume {id}")))?;
+            let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+            change(&mut rec)?;
+            if self.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Attaches a volume on `node_id` (this node when empty), forwarding if needed.
+    pub async fn attach(&self, name: &str, node_id: &str) -> Result<VolumeRecord> {
+        if !node_id.is_empty() && node_id != self.id {
+            let target = self.node_record(node_id).await?;
+            if !self.membership.is_online(node_id) {
+                return Err(Error::FailedPrecondition(format!("node {node_id} is offline")));
+            }
+            let mut c = self.peers.control(&target.address)?;
+            c.attach_volume(AttachRequest {
+                name: name.to_string(),
+                node_id: node_id.to_string(),
+            })
+            .await?;
+            return Ok(self.volume_by_name(name).await?.0);
+        }
+        self.attach_local(name, None).await
+    }
+
+    /// Attaches on this node (if not already) and mounts the filesystem at `path`.
+    pub async fn mount(&self, name: &str, path: &str) -> Result<VolumeRecord> {
+        let p = Path::new(path);
+        if !p.is_absolute() || path.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "mount path {path:?} must be an absolute path"
+            )));
+        }
+        self.attach_local(name, Some(p)).await
+    }
+
+    #[instrument(skip(self), fields(volume = %name))]
+    async fn attach_local(&self, name: &str, mount_at: Option<&Path>) -> Result<VolumeRecord> {
+        let mut atts = self.attachments.lock().await;
+        let (rec, _) = self.volume_by_name(name).await?;
+        if mount_at.is_some() && rec.fs == "none" {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {name:?} has no filesystem (fs none): attach it and use the raw device"
+            )));
+        }
+        let here = rec.attached_node.as_deref() == Some(self.id.as_str());
+        if let Some(node) = &rec.attached_node {
+            if here && mount_at.is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {name:?} is already attached to node {node}"
+                )));
+            }
+            if !here {
+                if self.membership.is_online(node) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is attached to node {node}; detach it first"
+                    )));
+                }
+                warn!(dead = %node, "taking over a volume attached to an offline node");
+            }
+        }
+        let mut rec = rec;
+        if !here || !atts.contains_key(&rec.id) {
+            let me = self.id.clone();
+            let prev = rec.attached_node.clone();
+            rec = self
+                .update_volume(&rec.id, |r| {
+                    if r.attached_node != prev {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {name:?} was attached elsewhere meanwhile"
+                        )));
+                    }
+                    r.attached_node = Some(me.clone());
+                    r.epoch += 1;
+                    r.device_path.clear();
+                    r.mount_path.clear();
+                    Ok(())
+                })
+                .await?;
+            match self.expose(&rec).await {
+                Ok((att, device)) => {
+                    atts.insert(rec.id.clone(), att);
+                    rec = self
+                        .update_volume(&rec.id, |r| {
+                            r.device_path = device.clone();
+                            if r.fs == "ext4" {
+                                r.formatted = true;
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    info!(device = %rec.device_path, epoch = rec.epoch, "attached");
+                }
+                Err(e) => {
+                    let _ = self
+                        .update_volume(&rec.id, |r| {
+                            r.attached_node = None;
+                            r.device_path.clear();
+                            Ok(())
+                        })
+                        .await;
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(path) = mount_at {
+            let att = atts.get_mut(&rec.id).expect("attached above");
+            if let Some(cur) = &att.mount_path {
+                if cur != path {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is already mounted at {}",
+                        cur.display()
+                    )));
+                }
+                return Ok(rec);
+            }
+            std::fs::create_dir_all(path)
+                .map_err(|e| Error::InvalidArgument(format!("mount path {}: {e}", path.display())))?;
+            let dev = att.loop_dev.clone().expect("ext4 volumes have a loop device");
+            host::mount_ext4(&dev, path).await?;
+            att.mount_path = Some(path.to_path_buf());
+            let shown = path.to_string_lossy().into_owned();
+            rec = self
+                .update_volume(&rec.id, |r| {
+                    r.mount_path = shown.clone();
+                    Ok(())
+                })
+                .await?;
+            info!(path = %shown, "mounted");
+        }
+        Ok(rec)
+    }
+
+    /// Mounts the device filesystem and, for ext4, the loop device (formatting it on
+    /// first attach). Returns the attachment and the device path users see.
+    async fn expose(&self, rec: &VolumeRecord) -> Result<(Attachment, String)> {
+        let mut remotes = Vec::new();
+        for node_id in rec.replicas.iter().filter(|n| **n != self.id) {
+            let n = self.node_record(node_id).await?;
+            remotes.push(RemoteReplica {
+                node: node_id.clone(),
+                client: self.peers.block(&n.address)?,
+            });
+        }
+        let io = Arc::new(VolumeIo::new(
+            rec.id.clone(),
+            rec.size_bytes,
+            rec.replicas.contains(&self.id),
+            self.pool.clone(),
+            remotes,
+            tokio::runtime::Handle::current(),
+        ));
+        let fuse_dir = self.attach_root().join(&rec.name);
+        for stale in host::mounts_under(&fuse_dir) {
+            let _ = host::umount(&stale, true).await;
+        }
+        std::fs::create_dir_all(&fuse_dir)?;
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("shoal:{}", rec.name)),
+            fuser::MountOption::Subtype("shoal-dev".into()),
+            fuser::MountOption::NoAtime,
+        ];
+        config.n_threads = Some(FUSE_THREADS);
+        config.clone_fd = true;
+        let dir = fuse_dir.clone();
+        let fs = DeviceFs::new(io);
+        let session = tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
+        let mut att = Attachment {
+            name: rec.name.clone(),
+            session: Some(session),
+            fuse_dir: fuse_dir.clone(),
+            loop_dev: None,
+            mount_path: None,
+        };
+        let file = fuse_dir.join(DEVICE_FILE);
+        if rec.fs != "ext4" {
+            return Ok((att, file.to_string_lossy().into_owned()));
+        }
+        let setup = async {
+            let dev = host::loop_attach(&file).await?;
+            att.loop_dev = Some(dev.clone());
+            if !rec.formatted {
+                info!(device = %dev, "formatting ext4 on first attach");
+                host::mkfs_ext4(&dev).await?;
+            }
+            Ok::<_, Error>(dev)
+        }
+        .await;
+        match setup {
+            Ok(dev) => Ok((att, dev)),
+            Err(e) => {
+                self.teardown(att).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmounts and releases everything of one attachment, best effort, in order.
+    async fn teardown(&self, mut att: Attachment) {
+        if let Some(p) = att.mount_path.take() {
+            if let Err(e) = host::umount(&p, false).await {
+                warn!(path = %p.display(), error = %e, "busy; detaching the mount lazily");
+                let _ = host::umount(&p, true).await;
+            }
+        }
+        if let Some(dev) = att.loop_dev.take() {
+            for p in host::mounts_of_device(&dev) {
+                let _ = host::umount(&p, true).await;
+            }
+            if let Err(e) = host::loop_detach(&dev).await {
+                warn!(device = %dev, error = %e, "loop device release failed");
+            }
+        }
+        if let Some(session) = att.session.take() {
+            let dir = att.fuse_dir.clone();
+            let joined = tokio::task::spawn_blocking(move || session.umount_and_join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                let _ = host::umount(&dir, true).await;
+            }
+        }
+        info!(volume = %att.name, "detached");
+    }
+
+    /// Detaches a volume wherever it is attached.
+    #[instrument(skip(self))]
+    pub async fn detach(&self, name: &str) -> Result<()> {
+        let (rec, _) = self.volume_by_name(name).await?;
+        let Some(node) = rec.attached_node.clone() else {
+            return Err(Error::FailedPrecondition(format!("volume {name:?} is not attached")));
+        };
+        if node != self.id {
+            if self.membership.is_online(&node) {
+                let target = self.node_record(&node).await?;
+                let mut c = self.peers.control(&target.address)?;
+                c.detach_volume(VolumeRef { name: name.to_string() }).await?;
+                return Ok(());
+            }
+            warn!(dead = %node, "clearing the attachment of an offline node");
+        } else if let Some(att) = self.attachments.lock().await.remove(&rec.id) {
+            self.teardown(att).await;
+        }
+        self.update_volume(&rec.id, |r| {
+            r.attached_node = None;
+            r.device_path.clear();
+            r.mount_path.clear();
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Unmounts the volume filesystem mounted at `path` on this node (it stays attached).
+    pub async fn unmount(&self, path: &str) -> Result<()> {
+        let p = PathBuf::from(path);
+        let mut atts = self.attachments.lock().await;
+        let Some((id, att)) = atts
+            .iter_mut()
+            .find(|(_, a)| a.mount_path.as_deref() == Some(p.as_path()))
+        else {
+            return Err(Error::NotFound(format!(
+                "no Shoal volume mounted at {path} on node {}",
+                self.id
+            )));
+        };
+        host::umount(&p, false).await?;
+        att.mount_path = None;
+        let id = id.clone();
+        drop(atts);
+        self.update_volume(&id, |r| {
+            r.mount_path.clear();
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// On shutdown: releases every local attachment and clears its record.
+    pub async fn detach_all_local(&self) {
+        let drained: Vec<(String, Attachment)> = self.attachments.lock().await.drain().collect();
+        for (id, att) in drained {
+            self.teardown(att).await;
+            let _ = self
+                .update_volume(&id, |r| {
+                    r.attached_node = None;
+                    r.device_path.clear();
+                    r.mount_path.clear();
+                    Ok(())
+                })
+                .await;
+        }
+    }
+
+    /// On start: a previous run of this node that died left mounts that no process
+    /// serves any more. Release them, and the attach records that name this node.
+    pub async fn clean_stale_attachments(&self) {
+        let root = self.attach_root();
+        for dev in host::loops_backed_under(&root) {
+            for p in host::mounts_of_device(&dev) {
+                warn!(path = %p.display(), "releasing a mount left by a previous run");
+                let _ = host::umount(&p, true).await;
+            }
+            let _ = host::loop_detach(&dev).await;
+        }
+        for p in host::mounts_under(&root) {
+            let _ = host::umount(&p, true).await;
+        }
+        let Ok(recs) = self.volume_records().await else { return };
+        for rec in recs {
+            if rec.attached_node.as_deref() == Some(self.id.as_str()) {
+                let _ = self
+                    .update_volume(&rec.id, |r| {
+                        r.attached_node = None;
+                        r.device_path.clear();
+                        r.mount_path.clear();
+                        Ok(())
+                    })
+                    .await;
+            }
+        }
+    }
+}

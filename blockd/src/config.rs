@@ -1,0 +1,96 @@
+//! Node configuration: what `shoal node start` is told, checked before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// Default gRPC address of a node (control and block APIs).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9710";
+/// Default gossip (SWIM over UDP) address.
+pub const DEFAULT_GOSSIP: &str = "127.0.0.1:9711";
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Cluster this node belongs to; nodes with the same id and secret form one cluster.
+    pub cluster_id: String,
+    /// Where the node keeps its id, its embedded metadata (without `--kvdb`) and, by
+    /// default, its pool.
+    pub data_dir: PathBuf,
+    /// gRPC address this node serves and advertises to the others.
+    pub listen: SocketAddr,
+    /// UDP address for SWIM gossip.
+    pub gossip: SocketAddr,
+    /// etcd endpoints; empty means the embedded store (single-node cluster).
+    pub kvdb: Vec<String>,
+    /// Failure domains used by placement.
+    pub zone: String,
+    pub rack: String,
+    /// Cluster join secret.
+    pub secret: String,
+    /// Directory holding the replica files (default `<data_dir>/pool`).
+    pub pool: Option<PathBuf>,
+    /// Bytes the pool may hand out (default: the free space where the pool lives).
+    pub capacity: Option<u64>,
+}
+
+impl NodeConfig {
+    /// Fails fast, with a message naming the setting, on anything that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        check_label("cluster id", &self.cluster_id)?;
+        check_label("zone", &self.zone)?;
+        check_label("rack", &self.rack)?;
+        if self.listen.port() == 0 || self.gossip.port() == 0 {
+            return Err(Error::InvalidArgument(
+                "--listen and --gossip need a fixed port (other nodes must find this one)".into(),
+            ));
+        }
+        if self.listen == self.gossip {
+            // TCP and UDP could share a port, but one address for two protocols confuses people.
+            return Err(Error::InvalidArgument(
+                "--listen and --gossip must differ".into(),
+            ));
+        }
+        for url in &self.kvdb {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::InvalidArgument(format!(
+                    "--kvdb {url:?}: expected an etcd URL such as http://127.0.0.1:2379"
+                )));
+            }
+        }
+        if self.capacity == Some(0) {
+            return Err(Error::InvalidArgument("--capacity must be greater than zero".into()));
+        }
+        if let Some(pool) = &self.pool {
+            if pool.exists() && !pool.is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "--pool {}: only a directory pool is supported in this version \
+                     (file and block-device pools are not built yet)",
+                    pool.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pool_dir(&self) -> PathBuf {
+        self.pool.clone().unwrap_or_else(|| self.data_dir.join("pool"))
+    }
+}
+
+/// Ids and labels: 1–64 bytes of letters, digits, `-`, `_`, `.`.
+pub fn check_label(what: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what} {value:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+        )))
+    }
+}

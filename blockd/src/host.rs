@@ -1,0 +1,141 @@
+//! Host plumbing for attached volumes: loop devices, ext4, mounts.
+//!
+//! These shell out to util-linux and e2fsprogs (`losetup`, `mkfs.ext4`, `mount`,
+//! `umount`) exactly as an operator would; each failure names the command and carries
+//! its stderr.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use crate::error::{Error, Result};
+
+async fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| Error::Internal(format!("cannot run {program}: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Internal(format!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Puts `file` on a free loop device and returns the device path.
+pub async fn loop_attach(file: &Path) -> Result<String> {
+    let f = file.to_string_lossy();
+    run("losetup", &["--find", "--show", &f]).await
+}
+
+/// Releases a loop device.
+pub async fn loop_detach(dev: &str) -> Result<()> {
+    run("losetup", &["--detach", dev]).await.map(|_| ())
+}
+
+/// Makes an ext4 filesystem. No discard pass: a new volume is all holes already.
+pub async fn mkfs_ext4(dev: &str) -> Result<()> {
+    run(
+        "mkfs.ext4",
+        &["-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", dev],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Mounts an ext4 device at `path`.
+pub async fn mount_ext4(dev: &str, path: &Path) -> Result<()> {
+    let p = path.to_string_lossy();
+    run("mount", &["-t", "ext4", "-o", "discard", dev, &p])
+        .await
+        .map(|_| ())
+}
+
+/// Unmounts `path`; with `lazy`, detaches it even while busy.
+pub async fn umount(path: &Path, lazy: bool) -> Result<()> {
+    let p = path.to_string_lossy();
+    let args: Vec<&str> = if lazy { vec!["-l", &p] } else { vec![&p] };
+    run("umount", &args).await.map(|_| ())
+}
+
+/// Mount points listed in `/proc/mounts` at or below `prefix`, deepest first.
+pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(prefix))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+/// Mount points of a device (`/dev/loopN`).
+pub fn mounts_of_device(dev: &str) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let src = it.next()?;
+            let dst = it.next()?;
+            (src == dev).then(|| unescape_mount_path(dst))
+        })
+        .collect()
+}
+
+/// Loop devices whose backing file lies below `prefix`.
+pub fn loops_backed_under(prefix: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let backing = e.path().join("loop/backing_file");
+        if let Ok(b) = std::fs::read_to_string(backing) {
+            let b = b.trim().trim_end_matches(" (deleted)");
+            if Path::new(b).starts_with(prefix) {
+                out.push(format!("/dev/{name}"));
+            }
+        }
+    }
+    out
+}
+
+/// `/proc/mounts` escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let mut out = String::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v as char);
+            i += 4;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    PathBuf::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mount_paths() {
+        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+    }
+}

@@ -1,0 +1,37 @@
+//! The Shoal storage node.
+//!
+//! Layout, bottom up:
+//! - [`error`], [`size`], [`config`]: the error type, human sizes, node configuration.
+//! - [`meta`], [`records`]: cluster metadata (etcd or embedded) and the records in it.
+//! - [`pool`]: local replica files, thin-provisioned.
+//! - [`placement`]: which nodes hold a volume's replicas (pure logic).
+//! - [`membership`]: SWIM gossip (foca) for liveness.
+//! - [`peers`]: gRPC channels to other nodes and the cluster token.
+//! - [`volume_io`]: the coordinator's replicated reads and writes.
+//! - [`device_fs`], [`host`], [`attach`]: a volume exposed on a node as a raw file, a
+//!   loop device and an ext4 mount.
+//! - [`volumes`], [`status`], [`services`], [`node`]: the control path and the node.
+//!
+//! Nothing here knows about files inside a volume: that is `sharedfs`.
+
+pub mod attach;
+pub mod config;
+pub mod device_fs;
+pub mod error;
+pub mod host;
+pub mod membership;
+pub mod meta;
+pub mod node;
+pub mod peers;
+pub mod placement;
+pub mod pool;
+pub mod records;
+pub mod services;
+pub mod size;
+pub mod status;
+pub mod volume_io;
+pub mod volumes;
+
+pub use config::NodeConfig;
+pub use error::{Error, Result};
+pub use node::Node;

@@ -1,0 +1,158 @@
+//! The embedded metadata store: a revisioned key-value map kept in one file.
+//!
+//! Used when a node starts without `--kvdb`: a single-host cluster then needs nothing
+//! else installed. Every change is written to a temporary file, fsynced and renamed
+//! over the old one, so a crash leaves either the old or the new state, never a torn
+//! one. The map is small (cluster, node and volume records), so rewriting it whole
+//! costs less than a log would.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::KeyValue;
+use crate::error::{Error, Result};
+
+/// Format version of the store file.
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize, Default)]
+struct State {
+    v: u32,
+    /// Last revision handed out; revisions grow across all keys, like etcd's.
+    revision: i64,
+    entries: BTreeMap<String, (String, i64)>,
+}
+
+/// See the module doc.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    path: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let state = match fs::read(path) {
+            Ok(bytes) => {
+                let st: State = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptRecord {
+                    key: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                if st.v > FORMAT_VERSION {
+                    return Err(Error::CorruptRecord {
+                        key: path.display().to_string(),
+                        reason: format!(
+                            "format version {} is newer than this node understands ({FORMAT_VERSION})",
+                            st.v
+                        ),
+                    });
+                }
+                st
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                v: FORMAT_VERSION,
+                ..State::default()
+            },
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            state: Arc::new(Mutex::new(state)),
+        })
+    }
+
+    fn persist(&self, st: &State) -> Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(st).map_err(|e| Error::Internal(e.to_string()))?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Applies `change` to a copy of the state and persists it; the in-memory state only
+    /// moves once the file is durable.
+    fn mutate<T>(&self, change: impl FnOnce(&mut State) -> Option<T>) -> Result<Option<T>> {
+        let mut guard = self.state.lock().expect("embedded store lock poisoned");
+        let mut next = State {
+            v: FORMAT_VERSION,
+            revision: guard.revision,
+            entries: guard.entries.clone(),
+        };
+        let Some(out) = change(&mut next) else {
+            return Ok(None);
+        };
+        self.persist(&next)?;
+        *guard = next;
+        Ok(Some(out))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let st = self.state.lock().expect("embedded store lock poisoned");
+        Ok(st.entries.get(key).map(|(v, rev)| KeyValue {
+            key: key.to_string(),
+            value: v.clone(),
+            rev: *rev,
+        }))
+    }
+
+    pub fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let st = self.state.lock().expect("embedded store lock poisoned");
+        Ok(st
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (v, rev))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                rev: *rev,
+            })
+            .collect())
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        self.mutate(|st| {
+            st.revision += 1;
+            st.entries
+                .insert(key.to_string(), (value.to_string(), st.revision));
+            Some(())
+        })?;
+        Ok(())
+    }
+
+    pub fn put_if(&self, key: &str, value: &str, expected_rev: i64) -> Result<bool> {
+        let done = self.mutate(|st| {
+            let current = st.entries.get(key).map(|(_, r)| *r).unwrap_or(0);
+            if current != expected_rev {
+                return None;
+            }
+            st.revision += 1;
+            st.entries
+                .insert(key.to_string(), (value.to_string(), st.revision));
+            Some(())
+        })?;
+        Ok(done.is_some())
+    }
+
+    pub fn delete_if(&self, key: &str, expected_rev: i64) -> Result<bool> {
+        let done = self.mutate(|st| {
+            match st.entries.get(key) {
+                Some((_, r)) if *r == expected_rev => {}
+                _ => return None,
+            }
+            st.revision += 1;
+            st.entries.remove(key);
+            Some(())
+        })?;
+        Ok(done.is_some())
+    }
+}

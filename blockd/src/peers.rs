@@ -1,0 +1,89 @@
+//! Connections to other nodes, and the cluster token that proves membership.
+//!
+//! Node-to-node calls carry a token derived from the cluster id and the join secret in
+//! a metadata header; the block service refuses calls without the right one, so a
+//! stranger on the network cannot read or write replicas.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use shoal_proto::block::block_client::BlockClient;
+use shoal_proto::control::control_client::ControlClient;
+use shoal_proto::CLUSTER_TOKEN_HEADER;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// Largest gRPC message a node sends or accepts: a 1 MiB block write plus headroom.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Token a node presents to its peers.
+pub fn cluster_token(cluster_id: &str, secret: &str) -> String {
+    hex::encode(Sha256::digest(format!("shoal-token\0{cluster_id}\0{secret}")))
+}
+
+/// What the cluster record keeps to check a joining node's secret.
+pub fn secret_hash(cluster_id: &str, secret: &str) -> String {
+    hex::encode(Sha256::digest(format!("shoal-secret\0{cluster_id}\0{secret}")))
+}
+
+/// Adds the cluster token to every outgoing request.
+#[derive(Clone)]
+pub struct TokenInterceptor(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert(CLUSTER_TOKEN_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type PeerBlockClient = BlockClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// A cache of channels to other nodes, by gRPC address.
+pub struct Peers {
+    token: TokenInterceptor,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    pub fn new(token: &str) -> Self {
+        Self {
+            token: TokenInterceptor(token.parse().expect("hex token is valid ASCII")),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel> {
+        let mut map = self.channels.lock().expect("peers lock poisoned");
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::InvalidArgument(format!("node address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = ep.connect_lazy();
+        map.insert(address.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// A block API client for the node at `address`.
+    pub fn block(&self, address: &str) -> Result<PeerBlockClient> {
+        Ok(BlockClient::with_interceptor(self.channel(address)?, self.token.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A control API client for the node at `address` (forwarded CLI requests).
+    pub fn control(&self, address: &str) -> Result<ControlClient<Channel>> {
+        Ok(ControlClient::new(self.channel(address)?))
+    }
+}

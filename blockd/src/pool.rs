@@ -1,0 +1,347 @@
+//! The node's storage pool: one sparse file per replica, thin-provisioned.
+//!
+//! A replica takes space only where it was written: the file is sparse, its size is the
+//! volume size, and discard punches holes back. The pool keeps a running total of
+//! allocated bytes (from `st_blocks`) and refuses a write that would allocate past the
+//! pool's capacity with [`Error::NoSpace`] before touching the file, so a full pool
+//! means ENOSPC for the writer, never a half-written block.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// One replica file.
+struct ReplicaFile {
+    file: File,
+    /// Allocated bytes last seen for this file (`st_blocks * 512`).
+    allocated: AtomicI64,
+}
+
+/// See the module doc.
+pub struct Pool {
+    dir: PathBuf,
+    capacity: u64,
+    /// Allocated bytes over all replica files.
+    used: AtomicU64,
+    open: Mutex<HashMap<String, Arc<ReplicaFile>>>,
+}
+
+impl Pool {
+    /// Opens the pool in `dir` (created if missing). `capacity` of `None` means the free
+    /// space of the filesystem holding `dir` plus what the pool already uses.
+    pub fn open(dir: &Path, capacity: Option<u64>) -> Result<Self> {
+        let rdir = dir.join("replicas");
+        fs::create_dir_all(&rdir)?;
+        let mut used = 0u64;
+        for entry in fs::read_dir(&rdir)? {
+            let entry = entry?;
+            if entry.path().extension().is_some_and(|e| e == "img") {
+                used += entry.metadata()?.blocks() * 512;
+            }
+        }
+        let capacity = match capacity {
+            Some(c) => c,
+            None => {
+                let st = nix::sys::statvfs::statvfs(dir)
+                    .map_err(|e| Error::Io(std::io::Error::from(e)))?;
+                st.blocks_available() as u64 * st.fragment_size() as u64 + used
+            }
+        };
+        Ok(Self {
+            dir: rdir,
+            capacity,
+            used: AtomicU64::new(used),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.img"))
+    }
+
+    fn check_id(volume_id: &str) -> Result<()> {
+        if volume_id.is_empty()
+            || volume_id.len() > 64
+            || !volume_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(Error::InvalidArgument(format!(
+                "volume id {volume_id:?} is not a valid id"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Opens a replica file; `create` makes it (sparse, `size` bytes) when missing.
+    fn replica(&self, volume_id: &str, size: u64, create: bool) -> Result<Option<Arc<ReplicaFile>>> {
+        Self::check_id(volume_id)?;
+        let mut open = self.open.lock().expect("pool lock poisoned");
+        if let Some(r) = open.get(volume_id) {
+            return Ok(Some(r.clone()));
+        }
+        let path = self.path(volume_id);
+        let file = match OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let meta = file.metadata()?;
+        if meta.len() < size {
+            file.set_len(size)?;
+        }
+        let r = Arc::new(ReplicaFile {
+            allocated: AtomicI64::new((meta.blocks() * 512) as i64),
+            file,
+        });
+        open.insert(volume_id.to_string(), r.clone());
+        Ok(Some(r))
+    }
+
+    fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::InvalidArgument(format!(
+                "range {offset}+{len} is beyond the volume size {size}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Re-reads a replica's allocation and folds the change into the pool total.
+    fn account(&self, r: &ReplicaFile) -> Result<()> {
+        let now = (r.file.metadata()?.blocks() * 512) as i64;
+        let before = r.allocated.swap(now, Ordering::Relaxed);
+        let delta = now - before;
+        if delta >= 0 {
+            self.used.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub((-delta) as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes; never-written ranges (and a replica never written) read as zeros.
+    pub fn read(&self, volume_id: &str, size: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        Self::check_range(size, offset, len as u64)?;
+        let mut buf = vec![0u8; len as usize];
+        let Some(r) = self.replica(volume_id, size, false)? else {
+            return Ok(buf);
+        };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = r.file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break; // past EOF: zeros
+            }
+            done += n;
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`; with `fua` the write is durable before this returns.
+    pub fn write(&self, volume_id: &str, size: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        Self::check_range(size, offset, data.len() as u64)?;
+        let r = self
+            .replica(volume_id, size, true)?
+            .expect("create=true always opens");
+        let need = data.len() as u64;
+        if self.used() + need > self.capacity {
+            // Slow path near full: only the holes in the range take new space.
+            let new_bytes = hole_bytes(&r.file, offset, need)?;
+            if self.used() + new_bytes > self.capacity {
+                return Err(Error::NoSpace(format!(
+                    "pool {} is full ({} of {} bytes used)",
+                    self.dir.display(),
+                    self.used(),
+                    self.capacity
+                )));
+            }
+        }
+        let res = r.file.write_all_at(data, offset);
+        self.account(&r)?;
+        res.map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                Error::NoSpace(format!("pool {} filesystem is full", self.dir.display()))
+            } else {
+                Error::Io(e)
+            }
+        })?;
+        if fua {
+            r.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write to the replica durable.
+    pub fn flush(&self, volume_id: &str, size: u64) -> Result<()> {
+        if let Some(r) = self.replica(volume_id, size, false)? {
+            r.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Gives a range's space back to the pool; it reads as zeros afterwards.
+    pub fn discard(&self, volume_id: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+        Self::check_range(size, offset, len)?;
+        let Some(r) = self.replica(volume_id, size, false)? else {
+            return Ok(());
+        };
+        nix::fcntl::fallocate(
+            &r.file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .map_err(|e| Error::Io(e.into()))?;
+        self.account(&r)
+    }
+
+    /// Bytes allocated by one replica (0 if it has none here).
+    pub fn replica_used(&self, volume_id: &str) -> Result<u64> {
+        Self::check_id(volume_id)?;
+        match fs::metadata(self.path(volume_id)) {
+            Ok(m) => Ok(m.blocks() * 512),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a replica and returns its space.
+    pub fn delete(&self, volume_id: &str) -> Result<()> {
+        Self::check_id(volume_id)?;
+        let held = self.open.lock().expect("pool lock poisoned").remove(volume_id);
+        let path = self.path(volume_id);
+        let blocks = match fs::metadata(&path) {
+            Ok(m) => m.blocks() * 512,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        drop(held);
+        fs::remove_file(&path)?;
+        self.used.fetch_sub(blocks.min(self.used()), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Volume ids of every replica file in the pool.
+    pub fn replica_ids(&self) -> Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "img") {
+                if let Some(stem) = p.file_stem() {
+                    out.insert(stem.to_string_lossy().into_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Bytes of `[offset, offset+len)` that are holes in `file` (would take new space).
+fn hole_bytes(file: &File, offset: u64, len: u64) -> Result<u64> {
+    let fd = file.as_raw_fd();
+    let end = offset + len;
+    let mut pos = offset;
+    let mut holes = 0u64;
+    while pos < end {
+        // SAFETY: lseek on a file descriptor we own has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after pos, the rest is a hole.
+            holes += end - pos;
+            break;
+        }
+        let data = data as u64;
+        if data > pos {
+            holes += data.min(end) - pos;
+        }
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        pos = hole as u64;
+    }
+    Ok(holes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn thin_allocation_grows_with_writes_and_discard_gives_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        // A 1 TiB volume on a 64 MiB pool costs nothing until written.
+        let size = 1 << 40;
+        assert_eq!(pool.read("v1", size, 0, 4096).unwrap(), vec![0u8; 4096]);
+        assert_eq!(pool.used(), 0);
+        pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false).unwrap();
+        assert!(pool.used() >= MIB && pool.used() < 2 * MIB, "used {}", pool.used());
+        assert_eq!(pool.replica_used("v1").unwrap(), pool.used());
+        assert_eq!(pool.read("v1", size, 10 * MIB, 4).unwrap(), vec![7u8; 4]);
+        pool.discard("v1", size, 10 * MIB, MIB).unwrap();
+        assert_eq!(pool.used(), 0);
+        assert_eq!(pool.read("v1", size, 10 * MIB, 4).unwrap(), vec![0u8; 4]);
+    }
+
+    #[test]
+    fn full_pool_refuses_with_enospc_and_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(2 * MIB)).unwrap();
+        let size = 1 << 30;
+        let block = vec![1u8; MIB as usize];
+        pool.write("v", size, 0, &block, false).unwrap();
+        pool.write("v", size, MIB, &block, false).unwrap();
+        let err = pool.write("v", size, 2 * MIB, &block, false).unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+        // Overwriting allocated space is still fine on a full pool.
+        pool.write("v", size, 0, &vec![2u8; MIB as usize], true).unwrap();
+        assert_eq!(pool.read("v", size, 0, 2).unwrap(), vec![2, 2]);
+        assert_eq!(pool.read("v", size, MIB, 2).unwrap(), vec![1, 1]);
+    }
+
+    #[test]
+    fn refuses_io_beyond_volume_and_bad_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(MIB)).unwrap();
+        assert!(pool.write("v", 4096, 4000, &[0u8; 200], false).is_err());
+        assert!(pool.read("v", 4096, u64::MAX, 2).is_err());
+        assert!(pool.read("../etc", 4096, 0, 2).is_err());
+    }
+
+    #[test]
+    fn used_survives_reopen_and_delete_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
+            pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true).unwrap();
+        }
+        let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
+        assert!(pool.used() >= MIB);
+        assert!(pool.replica_ids().unwrap().contains("a"));
+        pool.delete("a").unwrap();
+        assert_eq!(pool.used(), 0);
+    }
+}

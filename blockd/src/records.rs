@@ -1,0 +1,165 @@
+//! The records Shoal keeps in the cluster metadata store, and where they live.
+//!
+//! Every record is JSON with a format version `v` first; a node refuses a record whose
+//! version is newer than it understands rather than misread it. All keys live under
+//! `/shoal/<cluster-id>/`.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Record format version written by this build.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Key layout for one cluster.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    pub fn new(cluster_id: &str) -> Self {
+        Self {
+            root: format!("/shoal/{cluster_id}/"),
+        }
+    }
+    /// The cluster's own record (secret hash, creation time).
+    pub fn cluster(&self) -> String {
+        format!("{}cluster", self.root)
+    }
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+    pub fn node(&self, id: &str) -> String {
+        format!("{}nodes/{id}", self.root)
+    }
+    pub fn volumes(&self) -> String {
+        format!("{}volumes/", self.root)
+    }
+    pub fn volume(&self, id: &str) -> String {
+        format!("{}volumes/{id}", self.root)
+    }
+    /// Name index: maps a volume name to its id, and makes names unique.
+    pub fn volume_name(&self, name: &str) -> String {
+        format!("{}names/{name}", self.root)
+    }
+}
+
+/// The cluster record, written once by the first node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub v: u32,
+    pub cluster_id: String,
+    /// SHA-256 of the cluster id and the join secret; a node must match it to join.
+    pub secret_hash: String,
+    pub created_unix: u64,
+}
+
+/// A node as registered in the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub v: u32,
+    pub id: String,
+    /// gRPC address (`host:port`).
+    pub address: String,
+    /// SWIM gossip UDP address.
+    pub gossip: String,
+    pub zone: String,
+    pub rack: String,
+    pub capacity_bytes: u64,
+    pub started_unix: u64,
+}
+
+/// A volume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeRecord {
+    pub v: u32,
+    pub id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub repl: u32,
+    pub block_size: u32,
+    /// "none" or "ext4".
+    pub fs: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub io_priority: String,
+    #[serde(default)]
+    pub shared: bool,
+    /// Node ids holding a replica, in placement order.
+    pub replicas: Vec<String>,
+    /// The node the volume is attached to: its coordinator.
+    #[serde(default)]
+    pub attached_node: Option<String>,
+    #[serde(default)]
+    pub device_path: String,
+    #[serde(default)]
+    pub mount_path: String,
+    /// Whether the volume's filesystem has been created (ext4 volumes, first attach).
+    #[serde(default)]
+    pub formatted: bool,
+    /// Bumped on every attach: the coordinator generation.
+    #[serde(default)]
+    pub epoch: u64,
+    pub created_unix: u64,
+}
+
+/// Serializes a record.
+pub fn encode<T: Serialize>(rec: &T) -> String {
+    serde_json::to_string(rec).expect("records always serialize")
+}
+
+/// Parses a record, checking its format version.
+pub fn decode<T: DeserializeOwned>(key: &str, text: &str) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u32,
+    }
+    let corrupt = |reason: String| Error::CorruptRecord {
+        key: key.to_string(),
+        reason,
+    };
+    let ver: Version = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    if ver.v > RECORD_VERSION {
+        return Err(corrupt(format!(
+            "format version {} is newer than this node understands ({RECORD_VERSION})",
+            ver.v
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_newer_format() {
+        let err = decode::<ClusterRecord>("k", r#"{"v":99,"cluster_id":"a"}"#).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn round_trips() {
+        let rec = ClusterRecord {
+            v: RECORD_VERSION,
+            cluster_id: "c".into(),
+            secret_hash: "h".into(),
+            created_unix: 7,
+        };
+        let back: ClusterRecord = decode("k", &encode(&rec)).unwrap();
+        assert_eq!(back.cluster_id, "c");
+        assert_eq!(back.created_unix, 7);
+    }
+}

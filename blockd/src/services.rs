@@ -1,0 +1,193 @@
+//! The gRPC services a node serves: thin adapters from protobuf to [`Node`] methods.
+
+use std::sync::Arc;
+
+use shoal_proto::block::{self as bpb, block_server::Block};
+use shoal_proto::control::{self as cpb, control_server::Control};
+use shoal_proto::CLUSTER_TOKEN_HEADER;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::node::Node;
+
+/// The control API (CLI to node).
+pub struct ControlService(pub Arc<Node>);
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn status(&self, _req: Request<cpb::StatusRequest>) -> Reply<cpb::StatusReply> {
+        Ok(Response::new(self.0.status().await?))
+    }
+
+    async fn create_volume(&self, req: Request<cpb::CreateVolumeRequest>) -> Reply<cpb::Volume> {
+        Ok(Response::new(self.0.create_volume(req.into_inner()).await?))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<cpb::ListVolumesRequest>,
+    ) -> Reply<cpb::ListVolumesReply> {
+        let volumes = self.0.list_volumes().await?;
+        Ok(Response::new(cpb::ListVolumesReply { volumes }))
+    }
+
+    async fn inspect_volume(&self, req: Request<cpb::VolumeRef>) -> Reply<cpb::Volume> {
+        let (rec, _) = self.0.volume_by_name(&req.into_inner().name).await?;
+        Ok(Response::new(self.0.describe(&rec).await?))
+    }
+
+    async fn delete_volume(&self, req: Request<cpb::VolumeRef>) -> Reply<cpb::DeleteVolumeReply> {
+        self.0.delete_volume(&req.into_inner().name).await?;
+        Ok(Response::new(cpb::DeleteVolumeReply {}))
+    }
+
+    async fn attach_volume(&self, req: Request<cpb::AttachRequest>) -> Reply<cpb::AttachReply> {
+        let req = req.into_inner();
+        let rec = self.0.attach(&req.name, &req.node_id).await?;
+        let volume = self.0.describe(&rec).await?;
+        Ok(Response::new(cpb::AttachReply {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn detach_volume(&self, req: Request<cpb::VolumeRef>) -> Reply<cpb::DetachReply> {
+        self.0.detach(&req.into_inner().name).await?;
+        Ok(Response::new(cpb::DetachReply {}))
+    }
+
+    async fn mount_volume(&self, req: Request<cpb::MountRequest>) -> Reply<cpb::MountReply> {
+        let req = req.into_inner();
+        let rec = self.0.mount(&req.name, &req.path).await?;
+        let volume = self.0.describe(&rec).await?;
+        Ok(Response::new(cpb::MountReply {
+            volume: Some(volume),
+        }))
+    }
+
+    async fn unmount_volume(
+        &self,
+        req: Request<cpb::UnmountRequest>,
+    ) -> Reply<cpb::UnmountReply> {
+        self.0.unmount(&req.into_inner().path).await?;
+        Ok(Response::new(cpb::UnmountReply {}))
+    }
+}
+
+/// The block API (node to node). Every call must carry the cluster token.
+pub struct BlockService(pub Arc<Node>);
+
+impl BlockService {
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let ok = req
+            .metadata()
+            .get(CLUSTER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t == self.0.token);
+        if ok {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong cluster token: not a member of this cluster",
+            ))
+        }
+    }
+
+    /// Runs blocking pool I/O off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Node) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Status> {
+        let node = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&node))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::from)
+    }
+}
+
+fn replica(r: Option<bpb::ReplicaRef>) -> Result<bpb::ReplicaRef, Status> {
+    r.ok_or_else(|| Status::invalid_argument("replica is missing"))
+}
+
+#[tonic::async_trait]
+impl Block for BlockService {
+    async fn read(&self, req: Request<bpb::ReadRequest>) -> Reply<bpb::ReadReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        if r.length > (16 << 20) {
+            return Err(Status::invalid_argument("read length over 16 MiB"));
+        }
+        let data = self
+            .blocking(move |n| n.pool.read(&rep.volume_id, rep.size_bytes, r.offset, r.length))
+            .await?;
+        Ok(Response::new(bpb::ReadReply { data: data.into() }))
+    }
+
+    async fn write(&self, req: Request<bpb::WriteRequest>) -> Reply<bpb::WriteReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        self.blocking(move |n| {
+            n.pool
+                .write(&rep.volume_id, rep.size_bytes, r.offset, &r.data, r.fua)
+        })
+        .await?;
+        Ok(Response::new(bpb::WriteReply {}))
+    }
+
+    async fn flush(&self, req: Request<bpb::FlushRequest>) -> Reply<bpb::FlushReply> {
+        self.check(&req)?;
+        let rep = replica(req.into_inner().replica)?;
+        self.blocking(move |n| n.pool.flush(&rep.volume_id, rep.size_bytes))
+            .await?;
+        Ok(Response::new(bpb::FlushReply {}))
+    }
+
+    async fn discard(&self, req: Request<bpb::DiscardRequest>) -> Reply<bpb::DiscardReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        self.blocking(move |n| n.pool.discard(&rep.volume_id, rep.size_bytes, r.offset, r.length))
+            .await?;
+        Ok(Response::new(bpb::DiscardReply {}))
+    }
+
+    async fn delete_replica(
+        &self,
+        req: Request<bpb::ReplicaRef>,
+    ) -> Reply<bpb::DeleteReplicaReply> {
+        self.check(&req)?;
+        let rep = req.into_inner();
+        // Only replicas of volumes that no longer exist may be deleted this way.
+        let live = self.0.volume_records().await?;
+        if live.iter().any(|v| v.id == rep.volume_id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} still exists",
+                rep.volume_id
+            )));
+        }
+        self.blocking(move |n| n.pool.delete(&rep.volume_id)).await?;
+        Ok(Response::new(bpb::DeleteReplicaReply {}))
+    }
+
+    async fn usage(&self, req: Request<bpb::UsageRequest>) -> Reply<bpb::UsageReply> {
+        self.check(&req)?;
+        let ids = req.into_inner().volume_ids;
+        if ids.len() > 10_000 {
+            return Err(Status::invalid_argument("too many volume ids"));
+        }
+        let mut volume_used = std::collections::HashMap::new();
+        for id in ids {
+            let used = self.0.pool.replica_used(&id)?;
+            volume_used.insert(id, used);
+        }
+        Ok(Response::new(bpb::UsageReply {
+            capacity_bytes: self.0.pool.capacity(),
+            pool_used_bytes: self.0.pool.used(),
+            volume_used,
+        }))
+    }
+}

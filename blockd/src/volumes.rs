@@ -1,0 +1,316 @@
+//! Volume lifecycle on the control path: create (with placement), list, inspect, delete.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shoal_proto::block::{ReplicaRef, UsageRequest};
+use shoal_proto::control::{self as pb, CreateVolumeRequest};
+use tracing::{info, instrument, warn};
+
+use crate::config::check_label;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::placement::{self, Candidate};
+use crate::records::{self, NodeRecord, VolumeRecord, RECORD_VERSION};
+
+/// How long `status` / `inspect` wait for a node's usage figures.
+const USAGE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Replication factors a volume may have.
+pub const MAX_REPL: u32 = 3;
+
+/// Usage figures a node reports.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub capacity: u64,
+    pub pool_used: u64,
+    pub volume_used: HashMap<String, u64>,
+}
+
+/// Checks a volume name: what `docker volume create` and a path segment can both carry.
+pub fn check_volume_name(name: &str) -> Result<()> {
+    check_label("volume name", name)?;
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(Error::InvalidArgument(format!(
+            "volume name {name:?} must not start with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
+    check_volume_name(&req.name)?;
+    if req.size_bytes == 0 {
+        return Err(Error::InvalidArgument("size must be greater than zero".into()));
+    }
+    if req.repl == 0 || req.repl > MAX_REPL {
+        return Err(Error::InvalidArgument(format!(
+            "repl {} is out of range (1-{MAX_REPL})",
+            req.repl
+        )));
+    }
+    let block = if req.block_size == 0 { 4096 } else { req.block_size };
+    if !(4096..=1 << 20).contains(&block) || !block.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "block size {block} must be a power of two from 4K to 1M"
+        )));
+    }
+    if req.size_bytes % block as u64 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "size {} is not a multiple of the block size {block}",
+            req.size_bytes
+        )));
+    }
+    let fs = match req.fs.as_str() {
+        "" | "none" => "none",
+        "ext4" => "ext4",
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "fs {other:?} is not supported (none or ext4)"
+            )))
+        }
+    };
+    if fs == "ext4" && req.size_bytes < 8 << 20 {
+        return Err(Error::InvalidArgument("an ext4 volume needs at least 8M".into()));
+    }
+    let prio = match req.io_priority.as_str() {
+        "" | "medium" => "medium",
+        "high" => "high",
+        "low" => "low",
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "io priority {other:?} is not one of high, medium, low"
+            )))
+        }
+    };
+    for (k, v) in &req.labels {
+        check_label("label key", k)?;
+        if v.len() > 256 {
+            return Err(Error::InvalidArgument(format!("label {k} value is over 256 bytes")));
+        }
+    }
+    if req.shared {
+        return Err(Error::InvalidArgument(
+            "shared volumes (sharedfs) are not available in this version".into(),
+        ));
+    }
+    Ok((block, fs.to_string(), prio.to_string()))
+}
+
+impl Node {
+    /// Usage figures of one node (this one directly, others over gRPC); `None` when the
+    /// node is offline or does not answer in time.
+    pub async fn usage_of(&self, node: &NodeRecord, volume_ids: &[String]) -> Option<Usage> {
+        if node.id == self.id {
+            let mut volume_used = HashMap::new();
+            for v in volume_ids {
+                volume_used.insert(v.clone(), self.pool.replica_used(v).ok()?);
+            }
+            return Some(Usage {
+                capacity: self.pool.capacity(),
+                pool_used: self.pool.used(),
+                volume_used,
+            });
+        }
+        if !self.membership.is_online(&node.id) {
+            return None;
+        }
+        let mut client = self.peers.block(&node.address).ok()?;
+        let req = UsageRequest {
+            volume_ids: volume_ids.to_vec(),
+        };
+        let reply = tokio::time::timeout(USAGE_TIMEOUT, client.usage(req))
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        Some(Usage {
+            capacity: reply.capacity_bytes,
+            pool_used: reply.pool_used_bytes,
+            volume_used: reply.volume_used.into_iter().collect(),
+        })
+    }
+
+    /// Looks a volume up by name.
+    pub async fn volume_by_name(&self, name: &str) -> Result<(VolumeRecord, i64)> {
+        check_volume_name(name)?;
+        let missing = || Error::NotFound(format!("volume {name:?}"));
+        let idx = self
+            .meta
+            .get(&self.keys.volume_name(name))
+            .await?
+            .ok_or_else(missing)?;
+        let kv = self
+            .meta
+            .get(&self.keys.volume(&idx.value))
+            .await?
+            .ok_or_else(missing)?;
+        Ok((records::decode(&kv.key, &kv.value)?, kv.rev))
+    }
+
+    /// Creates a volume: validates the spec, places replicas, writes the record.
+    #[instrument(skip(self, req), fields(volume = %req.name))]
+    pub async fn create_volume(&self, req: CreateVolumeRequest) -> Result<pb::Volume> {
+        let (block_size, fs, io_priority) = validate_spec(&req)?;
+        let nodes = self.node_records().await?;
+        if req.repl as usize > nodes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "repl {} is more than the {} node(s) in the cluster",
+                req.repl,
+                nodes.len()
+            )));
+        }
+        let mut candidates = Vec::new();
+        for n in &nodes {
+            let usage = self.usage_of(n, &[]).await;
+            candidates.push(Candidate {
+                id: n.id.clone(),
+                zone: n.zone.clone(),
+                rack: n.rack.clone(),
+                free_bytes: usage
+                    .as_ref()
+                    .map(|u| u.capacity.saturating_sub(u.pool_used))
+                    .unwrap_or(0),
+                online: usage.is_some(),
+            });
+        }
+        let replicas = placement::place(&candidates, req.repl, &req.nodes)?;
+
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name_key = self.keys.volume_name(&req.name);
+        // Claim the name; a stale claim (its volume record gone) may be taken over.
+        let claimed = match self.meta.get(&name_key).await? {
+            None => self.meta.put_if(&name_key, &id, 0).await?,
+            Some(kv) => {
+                if self.meta.get(&self.keys.volume(&kv.value)).await?.is_some() {
+                    false
+                } else {
+                    self.meta.put_if(&name_key, &id, kv.rev).await?
+                }
+            }
+        };
+        if !claimed {
+            return Err(Error::AlreadyExists(format!("volume {:?}", req.name)));
+        }
+        let rec = VolumeRecord {
+            v: RECORD_VERSION,
+            id: id.clone(),
+            name: req.name.clone(),
+            size_bytes: req.size_bytes,
+            repl: req.repl,
+            block_size,
+            fs,
+            labels: req.labels.into_iter().collect(),
+            io_priority,
+            shared: req.shared,
+            replicas,
+            attached_node: None,
+            device_path: String::new(),
+            mount_path: String::new(),
+            formatted: false,
+            epoch: 0,
+            created_unix: records::now_unix(),
+        };
+        self.meta
+            .put(&self.keys.volume(&id), &records::encode(&rec))
+            .await?;
+        info!(id = %id, replicas = ?rec.replicas, "volume created");
+        self.describe(&rec).await
+    }
+
+    /// The public view of a volume, with live replica states and space used.
+    pub async fn describe(&self, rec: &VolumeRecord) -> Result<pb::Volume> {
+        let nodes: HashMap<String, NodeRecord> = self
+            .node_records()
+            .await?
+            .into_iter()
+            .map(|n| (n.id.clone(), n))
+            .collect();
+        let mut replicas = Vec::new();
+        let mut used = 0u64;
+        for node_id in &rec.replicas {
+            let usage = match nodes.get(node_id) {
+                Some(n) => self.usage_of(n, std::slice::from_ref(&rec.id)).await,
+                None => None,
+            };
+            let replica_used = usage
+                .as_ref()
+                .and_then(|u| u.volume_used.get(&rec.id).copied())
+                .unwrap_or(0);
+            used = used.max(replica_used);
+            replicas.push(pb::Replica {
+                node: node_id.clone(),
+                state: if usage.is_some() { "in-sync" } else { "offline" }.into(),
+                used_bytes: replica_used,
+            });
+        }
+        Ok(pb::Volume {
+            name: rec.name.clone(),
+            id: rec.id.clone(),
+            size_bytes: rec.size_bytes,
+            used_bytes: used,
+            repl: rec.repl,
+            shared: rec.shared,
+            fs: rec.fs.clone(),
+            state: if rec.attached_node.is_some() { "attached" } else { "detached" }.into(),
+            attached_node: rec.attached_node.clone().unwrap_or_default(),
+            replicas,
+            block_size: rec.block_size,
+            labels: rec.labels.clone().into_iter().collect(),
+            io_priority: rec.io_priority.clone(),
+            device_path: rec.device_path.clone(),
+            mount_path: rec.mount_path.clone(),
+            created_unix: rec.created_unix,
+            epoch: rec.epoch,
+        })
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<pb::Volume>> {
+        let mut recs = self.volume_records().await?;
+        recs.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::with_capacity(recs.len());
+        for r in &recs {
+            out.push(self.describe(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a detached volume and its replicas.
+    #[instrument(skip(self))]
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        let (rec, rev) = self.volume_by_name(name).await?;
+        if let Some(node) = &rec.attached_node {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {name:?} is attached to node {node}; detach it first"
+            )));
+        }
+        if !self.meta.delete_if(&self.keys.volume(&rec.id), rev).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {name:?} changed while deleting; try again"
+            )));
+        }
+        if let Some(kv) = self.meta.get(&self.keys.volume_name(name)).await? {
+            if kv.value == rec.id {
+                self.meta.delete_if(&kv.key, kv.rev).await?;
+            }
+        }
+        // Replica files: removed now where the node answers; the others are collected by
+        // their node's garbage collector when it sees the record gone.
+        for node_id in &rec.replicas {
+            if node_id == &self.id {
+                self.pool.delete(&rec.id)?;
+                continue;
+            }
+            let Ok(n) = self.node_record(node_id).await else { continue };
+            let Ok(mut c) = self.peers.block(&n.address) else { continue };
+            let req = ReplicaRef {
+                volume_id: rec.id.clone(),
+                size_bytes: rec.size_bytes,
+            };
+            if let Err(e) = tokio::time::timeout(USAGE_TIMEOUT, c.delete_replica(req)).await {
+                warn!(node = %node_id, error = %e, "replica delete deferred to its node");
+            }
+        }
+        info!(id = %rec.id, "volume deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! `shoal`: the one binary. `shoal node start` runs a node; every other subcommand is
+//! the admin CLI, talking gRPC to a node's control API (`--endpoint`).
+
+mod node_cmd;
+mod output;
+mod table;
+mod volume_cmd;
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand};
+use shoal_proto::control::control_client::ControlClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Shoal: container-defined storage")]
+struct Cli {
+    /// Node to talk to (host:port or URL).
+    #[arg(long, global = true, env = "SHOAL_ENDPOINT", default_value = shoal_blockd::config::DEFAULT_LISTEN)]
+    endpoint: String,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run or manage the node on this host.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Cluster members, their state and capacity.
+    Status,
+    /// Create, inspect, attach and mount volumes.
+    #[command(subcommand)]
+    Volume(volume_cmd::VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Run a node in the foreground until SIGTERM.
+    Start(node_cmd::StartArgs),
+}
+
+/// How long a CLI call may take; attach and mount may format a filesystem.
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Connects to the node at `endpoint`, failing in seconds (not hanging) if it is down.
+async fn connect(endpoint: &str) -> anyhow::Result<ControlClient<Channel>> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let ep = Endpoint::from_shared(url.clone())
+        .map_err(|e| anyhow!("endpoint {endpoint:?} is not a valid address: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(CALL_TIMEOUT);
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot reach a Shoal node at {endpoint}: {}", source_text(&e)))?;
+    Ok(ControlClient::new(ch)
+        .max_decoding_message_size(64 << 20))
+}
+
+fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s = format!("{s}: {inner}");
+        cur = inner.source();
+    }
+    s
+}
+
+/// Turns a gRPC status into the one-line message the user sees.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.message().is_empty() {
+        anyhow!("{}", s.code())
+    } else {
+        anyhow!("{}", s.message())
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.cmd, Cmd::Node(_)));
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Node(NodeCmd::Start(args)) => node_cmd::start(args),
+        cmd => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async {
+                let mut client = connect(&cli.endpoint).await?;
+                match cmd {
+                    Cmd::Status => output::status(&mut client, cli.json).await,
+                    Cmd::Volume(v) => volume_cmd::run(v, &mut client, cli.json).await,
+                    Cmd::Node(_) => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+/// Logs go to stderr through tracing; `RUST_LOG` (e.g. `info,shoal_blockd=debug`) filters.
+fn init_tracing(node: bool) {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let default = if node { "info" } else { "warn" };
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
+    let filter: Targets = spec
+        .parse()
+        .unwrap_or_else(|_| default.parse().expect("valid default filter"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
+        .with(filter)
+        .init();
+}

@@ -1,0 +1,88 @@
+//! `shoal node start`: runs a node until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use shoal_blockd::{Node, NodeConfig};
+
+/// Flags of `shoal node start`; each has a `SHOAL_*` environment fallback.
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// Cluster id: nodes with the same id and secret form one cluster.
+    #[arg(long, env = "SHOAL_CLUSTER_ID", default_value = "shoal")]
+    cluster_id: String,
+    /// Where the node keeps its id, embedded metadata and (by default) its pool.
+    #[arg(long, env = "SHOAL_DATA_DIR", default_value = "/var/lib/shoal")]
+    data_dir: PathBuf,
+    /// gRPC address to serve and advertise (host:port).
+    #[arg(long, env = "SHOAL_LISTEN", default_value = shoal_blockd::config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// UDP address for SWIM gossip (host:port).
+    #[arg(long, env = "SHOAL_GOSSIP", default_value = shoal_blockd::config::DEFAULT_GOSSIP)]
+    gossip: SocketAddr,
+    /// etcd endpoint URL(s), comma separated; without it the node keeps metadata in an
+    /// embedded store (single-node cluster).
+    #[arg(long, env = "SHOAL_KVDB", value_delimiter = ',')]
+    kvdb: Vec<String>,
+    /// Zone label (placement spreads replicas over zones).
+    #[arg(long, env = "SHOAL_ZONE", default_value = "default")]
+    zone: String,
+    /// Rack label (placement spreads replicas over racks).
+    #[arg(long, env = "SHOAL_RACK", default_value = "default")]
+    rack: String,
+    /// Cluster join secret; every node of a cluster must have the same.
+    #[arg(long, env = "SHOAL_SECRET", default_value = "", hide_env_values = true)]
+    secret: String,
+    /// Directory holding replica data (default: <data-dir>/pool).
+    #[arg(long, env = "SHOAL_POOL")]
+    pool: Option<PathBuf>,
+    /// Bytes the pool may hold, e.g. 100G (default: free space of the pool's filesystem).
+    #[arg(long, env = "SHOAL_CAPACITY", value_parser = parse_size_arg)]
+    capacity: Option<u64>,
+}
+
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    shoal_blockd::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+pub fn start(args: StartArgs) -> anyhow::Result<()> {
+    let cfg = NodeConfig {
+        cluster_id: args.cluster_id,
+        data_dir: args.data_dir,
+        listen: args.listen,
+        gossip: args.gossip,
+        kvdb: args.kvdb,
+        zone: args.zone,
+        rack: args.rack,
+        secret: args.secret,
+        pool: args.pool,
+        capacity: args.capacity,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = Node::bind(cfg.listen).await?;
+        let node = Node::open(cfg).await?;
+        println!("node {} serving", node.id);
+        node.serve(listener, shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // FUSE sessions and gRPC tasks are gone; do not wait for idle background tasks.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("signal received, shutting down");
+}

@@ -1,0 +1,134 @@
+//! `shoal status` and the shared printing of volumes.
+
+use serde_json::{json, Value};
+use shoal_blockd::size::format_size;
+use shoal_proto::control::control_client::ControlClient;
+use shoal_proto::control::{StatusRequest, Volume};
+use tonic::transport::Channel;
+
+use crate::{status_error, table};
+
+pub async fn status(client: &mut ControlClient<Channel>, as_json: bool) -> anyhow::Result<()> {
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        let nodes: Vec<Value> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id, "address": n.address, "gossip_address": n.gossip_address,
+                    "zone": n.zone, "rack": n.rack, "state": n.state,
+                    "capacity_bytes": n.capacity_bytes, "used_bytes": n.used_bytes,
+                })
+            })
+            .collect();
+        let out = json!({
+            "cluster_id": s.cluster_id,
+            "local_node_id": s.local_node_id,
+            "capacity_bytes": s.capacity_bytes,
+            "used_bytes": s.used_bytes,
+            "provisioned_bytes": s.provisioned_bytes,
+            "overcommit": overcommit(s.provisioned_bytes, s.capacity_bytes),
+            "nodes": nodes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let online = s.nodes.iter().filter(|n| n.state == "online").count();
+    println!("Cluster {}  (answered by node {})", s.cluster_id, s.local_node_id);
+    println!(
+        "Nodes: {online} online of {}   Capacity: {}   Used: {}   Provisioned: {} ({:.2}x of capacity)",
+        s.nodes.len(),
+        format_size(s.capacity_bytes),
+        format_size(s.used_bytes),
+        format_size(s.provisioned_bytes),
+        overcommit(s.provisioned_bytes, s.capacity_bytes),
+    );
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.address.clone(),
+                n.zone.clone(),
+                n.rack.clone(),
+                n.state.clone(),
+                format_size(n.capacity_bytes),
+                format_size(n.used_bytes),
+            ]
+        })
+        .collect();
+    table::print(
+        &["ID", "ADDRESS", "ZONE", "RACK", "STATE", "CAPACITY", "USED"],
+        &rows,
+    );
+    Ok(())
+}
+
+fn overcommit(provisioned: u64, capacity: u64) -> f64 {
+    if capacity == 0 {
+        0.0
+    } else {
+        (provisioned as f64 / capacity as f64 * 100.0).round() / 100.0
+    }
+}
+
+/// The scripting view of a volume (names are a contract: see docs/cli.md).
+pub fn volume_json(v: &Volume) -> Value {
+    json!({
+        "name": v.name,
+        "id": v.id,
+        "size_bytes": v.size_bytes,
+        "used_bytes": v.used_bytes,
+        "repl": v.repl,
+        "shared": v.shared,
+        "fs": v.fs,
+        "state": v.state,
+        "attached_node": if v.attached_node.is_empty() { Value::Null } else { json!(v.attached_node) },
+        "device_path": if v.device_path.is_empty() { Value::Null } else { json!(v.device_path) },
+        "mount_path": if v.mount_path.is_empty() { Value::Null } else { json!(v.mount_path) },
+        "block_size": v.block_size,
+        "io_priority": v.io_priority,
+        "labels": v.labels,
+        "epoch": v.epoch,
+        "created_unix": v.created_unix,
+        "replicas": v.replicas.iter().map(|r| json!({
+            "node": r.node, "state": r.state, "used_bytes": r.used_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints one volume for people.
+pub fn volume_text(v: &Volume) {
+    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    println!("Volume      {}", v.name);
+    println!("ID          {}", v.id);
+    println!("Size        {}", format_size(v.size_bytes));
+    println!("Used        {}", format_size(v.used_bytes));
+    println!("Repl        {}", v.repl);
+    println!("Block size  {}", format_size(v.block_size as u64));
+    println!("FS          {}", v.fs);
+    println!("Priority    {}", v.io_priority);
+    println!("State       {}", v.state);
+    println!("Attached    {}", dash(&v.attached_node));
+    println!("Device      {}", dash(&v.device_path));
+    println!("Mounted at  {}", dash(&v.mount_path));
+    if !v.labels.is_empty() {
+        let mut labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        println!("Labels      {}", labels.join(","));
+    }
+    println!("Replicas:");
+    let rows: Vec<Vec<String>> = v
+        .replicas
+        .iter()
+        .map(|r| vec![r.node.clone(), r.state.clone(), format_size(r.used_bytes)])
+        .collect();
+    table::print(&["  NODE", "STATE", "USED"], &rows);
+}
