@@ -2,9 +2,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Block payloads are shared between replica fan-out tasks without copying.
         .bytes(".shoal.block.v1")
-        .compile_protos(
-        &["proto/control.proto", "proto/block.proto"],
-        &["proto"],
-    )?;
+        .compile_protos(&["proto/control.proto", "proto/block.proto"], &["proto"])?;
     Ok(())
 }

@@ -53,7 +53,11 @@ impl Node {
                 .ok_or_else(|| Error::NotFound(format!("volume {id}")))?;
             let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
             change(&mut rec)?;
-            if self.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+            if self
+                .meta
+                .put_if(&key, &records::encode(&rec), kv.rev)
+                .await?
+            {
                 return Ok(rec);
             }
         }
@@ -64,7 +68,9 @@ impl Node {
         if !node_id.is_empty() && node_id != self.id {
             let target = self.node_record(node_id).await?;
             if !self.membership.is_online(node_id) {
-                return Err(Error::FailedPrecondition(format!("node {node_id} is offline")));
+                return Err(Error::FailedPrecondition(format!(
+                    "node {node_id} is offline"
+                )));
             }
             let mut c = self.peers.control(&target.address)?;
             c.attach_volume(AttachRequest {
@@ -168,9 +174,13 @@ impl Node {
                 }
                 return Ok(rec);
             }
-            std::fs::create_dir_all(path)
-                .map_err(|e| Error::InvalidArgument(format!("mount path {}: {e}", path.display())))?;
-            let dev = att.loop_dev.clone().expect("ext4 volumes have a loop device");
+            std::fs::create_dir_all(path).map_err(|e| {
+                Error::InvalidArgument(format!("mount path {}: {e}", path.display()))
+            })?;
+            let dev = att
+                .loop_dev
+                .clone()
+                .expect("ext4 volumes have a loop device");
             host::mount_ext4(&dev, path).await?;
             att.mount_path = Some(path.to_path_buf());
             let shown = path.to_string_lossy().into_owned();
@@ -284,13 +294,18 @@ impl Node {
     pub async fn detach(&self, name: &str) -> Result<()> {
         let (rec, _) = self.volume_by_name(name).await?;
         let Some(node) = rec.attached_node.clone() else {
-            return Err(Error::FailedPrecondition(format!("volume {name:?} is not attached")));
+            return Err(Error::FailedPrecondition(format!(
+                "volume {name:?} is not attached"
+            )));
         };
         if node != self.id {
             if self.membership.is_online(&node) {
                 let target = self.node_record(&node).await?;
                 let mut c = self.peers.control(&target.address)?;
-                c.detach_volume(VolumeRef { name: name.to_string() }).await?;
+                c.detach_volume(VolumeRef {
+                    name: name.to_string(),
+                })
+                .await?;
                 return Ok(());
             }
             warn!(dead = %node, "clearing the attachment of an offline node");
@@ -315,8 +330,8 @@ impl Node {
             .iter_mut()
             .find(|(_, a)| a.mount_path.as_deref() == Some(p.as_path()))
         else {
-            return Err(Error::NotFound(format!(
-                "no Shoal volume mounted at {path} on node {}",
+            return Err(Error::FailedPrecondition(format!(
+                "no Shoal volume is mounted at {path} on node {}",
                 self.id
             )));
         };
@@ -362,7 +377,9 @@ impl Node {
         for p in host::mounts_under(&root) {
             let _ = host::umount(&p, true).await;
         }
-        let Ok(recs) = self.volume_records().await else { return };
+        let Ok(recs) = self.volume_records().await else {
+            return;
+        };
         for rec in recs {
             if rec.attached_node.as_deref() == Some(self.id.as_str()) {
                 let _ = self

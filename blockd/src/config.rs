@@ -60,7 +60,9 @@ impl NodeConfig {
             }
         }
         if self.capacity == Some(0) {
-            return Err(Error::InvalidArgument("--capacity must be greater than zero".into()));
+            return Err(Error::InvalidArgument(
+                "--capacity must be greater than zero".into(),
+            ));
         }
         if let Some(pool) = &self.pool {
             if pool.exists() && !pool.is_dir() {
@@ -75,7 +77,9 @@ impl NodeConfig {
     }
 
     pub fn pool_dir(&self) -> PathBuf {
-        self.pool.clone().unwrap_or_else(|| self.data_dir.join("pool"))
+        self.pool
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pool"))
     }
 }
 

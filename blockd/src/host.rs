@@ -41,7 +41,13 @@ pub async fn loop_detach(dev: &str) -> Result<()> {
 pub async fn mkfs_ext4(dev: &str) -> Result<()> {
     run(
         "mkfs.ext4",
-        &["-F", "-q", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", dev],
+        &[
+            "-F",
+            "-q",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            dev,
+        ],
     )
     .await
     .map(|_| ())
@@ -117,7 +123,10 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v as char);
             i += 4;

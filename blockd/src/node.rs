@@ -104,7 +104,8 @@ impl Node {
         // Another live node must not be registered with this node's addresses.
         for kv in meta.list(&keys.nodes()).await? {
             let other: NodeRecord = records::decode(&kv.key, &kv.value)?;
-            if other.id != id && (other.address == record.address || other.gossip == record.gossip) {
+            if other.id != id && (other.address == record.address || other.gossip == record.gossip)
+            {
                 warn!(other = %other.id, "a node previously registered with this address is replaced");
                 meta.delete_if(&kv.key, kv.rev).await?;
             }
@@ -210,7 +211,10 @@ async fn join_cluster(meta: &MetaStore, keys: &Keys, cfg: &NodeConfig) -> Result
             secret_hash: want.clone(),
             created_unix: records::now_unix(),
         };
-        if meta.put_if(&keys.cluster(), &records::encode(&rec), 0).await? {
+        if meta
+            .put_if(&keys.cluster(), &records::encode(&rec), 0)
+            .await?
+        {
             info!(cluster = %cfg.cluster_id, "created cluster");
             return Ok(());
         }

@@ -23,12 +23,16 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Token a node presents to its peers.
 pub fn cluster_token(cluster_id: &str, secret: &str) -> String {
-    hex::encode(Sha256::digest(format!("shoal-token\0{cluster_id}\0{secret}")))
+    hex::encode(Sha256::digest(format!(
+        "shoal-token\0{cluster_id}\0{secret}"
+    )))
 }
 
 /// What the cluster record keeps to check a joining node's secret.
 pub fn secret_hash(cluster_id: &str, secret: &str) -> String {
-    hex::encode(Sha256::digest(format!("shoal-secret\0{cluster_id}\0{secret}")))
+    hex::encode(Sha256::digest(format!(
+        "shoal-secret\0{cluster_id}\0{secret}"
+    )))
 }
 
 /// Adds the cluster token to every outgoing request.
@@ -77,9 +81,11 @@ impl Peers {
 
     /// A block API client for the node at `address`.
     pub fn block(&self, address: &str) -> Result<PeerBlockClient> {
-        Ok(BlockClient::with_interceptor(self.channel(address)?, self.token.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            BlockClient::with_interceptor(self.channel(address)?, self.token.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// A control API client for the node at `address` (forwarded CLI requests).

@@ -77,9 +77,7 @@ pub fn place(candidates: &[Candidate], repl: u32, pinned: &[String]) -> Result<V
 
 fn score(c: &Candidate, chosen: &[&Candidate]) -> (bool, bool, u64) {
     let new_zone = !chosen.iter().any(|p| p.zone == c.zone);
-    let new_rack = !chosen
-        .iter()
-        .any(|p| p.zone == c.zone && p.rack == c.rack);
+    let new_rack = !chosen.iter().any(|p| p.zone == c.zone && p.rack == c.rack);
     (new_zone, new_rack, c.free_bytes)
 }
 
@@ -99,7 +97,11 @@ mod tests {
 
     #[test]
     fn distinct_nodes_most_free_first() {
-        let c = [cand("a", "z", "r", 10), cand("b", "z", "r", 30), cand("c", "z", "r", 20)];
+        let c = [
+            cand("a", "z", "r", 10),
+            cand("b", "z", "r", 30),
+            cand("c", "z", "r", 20),
+        ];
         assert_eq!(place(&c, 2, &[]).unwrap(), vec!["b", "c"]);
         assert_eq!(place(&c, 3, &[]).unwrap(), vec!["b", "c", "a"]);
     }
@@ -119,10 +121,16 @@ mod tests {
     #[test]
     fn refuses_too_many_and_offline() {
         let mut c = vec![cand("a", "z", "r", 1), cand("b", "z", "r", 1)];
-        assert!(place(&c, 3, &[]).unwrap_err().to_string().contains("more than"));
+        assert!(place(&c, 3, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
         assert!(place(&c, 0, &[]).is_err());
         c[1].online = false;
-        assert!(place(&c, 2, &[]).unwrap_err().to_string().contains("online"));
+        assert!(place(&c, 2, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("online"));
         assert_eq!(place(&c, 1, &[]).unwrap(), vec!["a"]);
     }
 

@@ -88,14 +88,25 @@ impl Pool {
     }
 
     /// Opens a replica file; `create` makes it (sparse, `size` bytes) when missing.
-    fn replica(&self, volume_id: &str, size: u64, create: bool) -> Result<Option<Arc<ReplicaFile>>> {
+    fn replica(
+        &self,
+        volume_id: &str,
+        size: u64,
+        create: bool,
+    ) -> Result<Option<Arc<ReplicaFile>>> {
         Self::check_id(volume_id)?;
         let mut open = self.open.lock().expect("pool lock poisoned");
         if let Some(r) = open.get(volume_id) {
             return Ok(Some(r.clone()));
         }
         let path = self.path(volume_id);
-        let file = match OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path) {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -153,7 +164,14 @@ impl Pool {
     }
 
     /// Writes `data` at `offset`; with `fua` the write is durable before this returns.
-    pub fn write(&self, volume_id: &str, size: u64, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+    pub fn write(
+        &self,
+        volume_id: &str,
+        size: u64,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<()> {
         Self::check_range(size, offset, data.len() as u64)?;
         let r = self
             .replica(volume_id, size, true)?
@@ -224,7 +242,11 @@ impl Pool {
     /// Deletes a replica and returns its space.
     pub fn delete(&self, volume_id: &str) -> Result<()> {
         Self::check_id(volume_id)?;
-        let held = self.open.lock().expect("pool lock poisoned").remove(volume_id);
+        let held = self
+            .open
+            .lock()
+            .expect("pool lock poisoned")
+            .remove(volume_id);
         let path = self.path(volume_id);
         let blocks = match fs::metadata(&path) {
             Ok(m) => m.blocks() * 512,
@@ -233,7 +255,8 @@ impl Pool {
         };
         drop(held);
         fs::remove_file(&path)?;
-        self.used.fetch_sub(blocks.min(self.used()), Ordering::Relaxed);
+        self.used
+            .fetch_sub(blocks.min(self.used()), Ordering::Relaxed);
         Ok(())
     }
 
@@ -297,8 +320,13 @@ mod tests {
         let size = 1 << 40;
         assert_eq!(pool.read("v1", size, 0, 4096).unwrap(), vec![0u8; 4096]);
         assert_eq!(pool.used(), 0);
-        pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false).unwrap();
-        assert!(pool.used() >= MIB && pool.used() < 2 * MIB, "used {}", pool.used());
+        pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false)
+            .unwrap();
+        assert!(
+            pool.used() >= MIB && pool.used() < 2 * MIB,
+            "used {}",
+            pool.used()
+        );
         assert_eq!(pool.replica_used("v1").unwrap(), pool.used());
         assert_eq!(pool.read("v1", size, 10 * MIB, 4).unwrap(), vec![7u8; 4]);
         pool.discard("v1", size, 10 * MIB, MIB).unwrap();
@@ -317,7 +345,8 @@ mod tests {
         let err = pool.write("v", size, 2 * MIB, &block, false).unwrap_err();
         assert_eq!(err.errno(), libc::ENOSPC, "{err}");
         // Overwriting allocated space is still fine on a full pool.
-        pool.write("v", size, 0, &vec![2u8; MIB as usize], true).unwrap();
+        pool.write("v", size, 0, &vec![2u8; MIB as usize], true)
+            .unwrap();
         assert_eq!(pool.read("v", size, 0, 2).unwrap(), vec![2, 2]);
         assert_eq!(pool.read("v", size, MIB, 2).unwrap(), vec![1, 1]);
     }
@@ -336,7 +365,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
-            pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true).unwrap();
+            pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true)
+                .unwrap();
         }
         let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
         assert!(pool.used() >= MIB);

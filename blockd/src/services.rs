@@ -66,10 +66,7 @@ impl Control for ControlService {
         }))
     }
 
-    async fn unmount_volume(
-        &self,
-        req: Request<cpb::UnmountRequest>,
-    ) -> Reply<cpb::UnmountReply> {
+    async fn unmount_volume(&self, req: Request<cpb::UnmountRequest>) -> Reply<cpb::UnmountReply> {
         self.0.unmount(&req.into_inner().path).await?;
         Ok(Response::new(cpb::UnmountReply {}))
     }
@@ -121,7 +118,10 @@ impl Block for BlockService {
             return Err(Status::invalid_argument("read length over 16 MiB"));
         }
         let data = self
-            .blocking(move |n| n.pool.read(&rep.volume_id, rep.size_bytes, r.offset, r.length))
+            .blocking(move |n| {
+                n.pool
+                    .read(&rep.volume_id, rep.size_bytes, r.offset, r.length)
+            })
             .await?;
         Ok(Response::new(bpb::ReadReply { data: data.into() }))
     }
@@ -150,8 +150,11 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
-        self.blocking(move |n| n.pool.discard(&rep.volume_id, rep.size_bytes, r.offset, r.length))
-            .await?;
+        self.blocking(move |n| {
+            n.pool
+                .discard(&rep.volume_id, rep.size_bytes, r.offset, r.length)
+        })
+        .await?;
         Ok(Response::new(bpb::DiscardReply {}))
     }
 
@@ -169,7 +172,8 @@ impl Block for BlockService {
                 rep.volume_id
             )));
         }
-        self.blocking(move |n| n.pool.delete(&rep.volume_id)).await?;
+        self.blocking(move |n| n.pool.delete(&rep.volume_id))
+            .await?;
         Ok(Response::new(bpb::DeleteReplicaReply {}))
     }
 

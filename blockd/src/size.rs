@@ -101,7 +101,17 @@ mod tests {
 
     #[test]
     fn refuses_bad_sizes() {
-        for bad in ["", "0", "0G", "10X", "G", "1..5G", "-1G", "1.G", "99999999E"] {
+        for bad in [
+            "",
+            "0",
+            "0G",
+            "10X",
+            "G",
+            "1..5G",
+            "-1G",
+            "1.G",
+            "99999999E",
+        ] {
             let err = parse_size(bad).unwrap_err().to_string();
             assert!(err.contains("size"), "{bad:?}: {err}");
         }

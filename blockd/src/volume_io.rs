@@ -81,7 +81,8 @@ impl VolumeIo {
             .iter()
             .map(|r| {
                 let fut = call(r.client.clone());
-                (r.node.clone(), self.rt.spawn(tokio::time::timeout(REPLICA_TIMEOUT, fut)))
+                let timed = async move { tokio::time::timeout(REPLICA_TIMEOUT, fut).await };
+                (r.node.clone(), self.rt.spawn(timed))
             })
             .collect();
         let local_result = if self.local { local() } else { Ok(()) };
@@ -121,7 +122,10 @@ impl VolumeIo {
                 };
                 async move { c.write(req).await.map(|_| ()) }
             },
-            || self.pool.write(&self.volume_id, self.size, offset, data, fua),
+            || {
+                self.pool
+                    .write(&self.volume_id, self.size, offset, data, fua)
+            },
         )
     }
 

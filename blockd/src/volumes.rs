@@ -40,7 +40,9 @@ pub fn check_volume_name(name: &str) -> Result<()> {
 fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
     check_volume_name(&req.name)?;
     if req.size_bytes == 0 {
-        return Err(Error::InvalidArgument("size must be greater than zero".into()));
+        return Err(Error::InvalidArgument(
+            "size must be greater than zero".into(),
+        ));
     }
     if req.repl == 0 || req.repl > MAX_REPL {
         return Err(Error::InvalidArgument(format!(
@@ -48,7 +50,11 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
             req.repl
         )));
     }
-    let block = if req.block_size == 0 { 4096 } else { req.block_size };
+    let block = if req.block_size == 0 {
+        4096
+    } else {
+        req.block_size
+    };
     if !(4096..=1 << 20).contains(&block) || !block.is_power_of_two() {
         return Err(Error::InvalidArgument(format!(
             "block size {block} must be a power of two from 4K to 1M"
@@ -70,7 +76,9 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
         }
     };
     if fs == "ext4" && req.size_bytes < 8 << 20 {
-        return Err(Error::InvalidArgument("an ext4 volume needs at least 8M".into()));
+        return Err(Error::InvalidArgument(
+            "an ext4 volume needs at least 8M".into(),
+        ));
     }
     let prio = match req.io_priority.as_str() {
         "" | "medium" => "medium",
@@ -85,7 +93,9 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
     for (k, v) in &req.labels {
         check_label("label key", k)?;
         if v.len() > 256 {
-            return Err(Error::InvalidArgument(format!("label {k} value is over 256 bytes")));
+            return Err(Error::InvalidArgument(format!(
+                "label {k} value is over 256 bytes"
+            )));
         }
     }
     if req.shared {
@@ -239,7 +249,12 @@ impl Node {
             used = used.max(replica_used);
             replicas.push(pb::Replica {
                 node: node_id.clone(),
-                state: if usage.is_some() { "in-sync" } else { "offline" }.into(),
+                state: if usage.is_some() {
+                    "in-sync"
+                } else {
+                    "offline"
+                }
+                .into(),
                 used_bytes: replica_used,
             });
         }
@@ -251,7 +266,12 @@ impl Node {
             repl: rec.repl,
             shared: rec.shared,
             fs: rec.fs.clone(),
-            state: if rec.attached_node.is_some() { "attached" } else { "detached" }.into(),
+            state: if rec.attached_node.is_some() {
+                "attached"
+            } else {
+                "detached"
+            }
+            .into(),
             attached_node: rec.attached_node.clone().unwrap_or_default(),
             replicas,
             block_size: rec.block_size,
@@ -300,8 +320,12 @@ impl Node {
                 self.pool.delete(&rec.id)?;
                 continue;
             }
-            let Ok(n) = self.node_record(node_id).await else { continue };
-            let Ok(mut c) = self.peers.block(&n.address) else { continue };
+            let Ok(n) = self.node_record(node_id).await else {
+                continue;
+            };
+            let Ok(mut c) = self.peers.block(&n.address) else {
+                continue;
+            };
             let req = ReplicaRef {
                 volume_id: rec.id.clone(),
                 size_bytes: rec.size_bytes,

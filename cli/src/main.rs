@@ -58,12 +58,13 @@ async fn connect(endpoint: &str) -> anyhow::Result<ControlClient<Channel>> {
         .map_err(|e| anyhow!("endpoint {endpoint:?} is not a valid address: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(CALL_TIMEOUT);
-    let ch = ep
-        .connect()
-        .await
-        .map_err(|e| anyhow!("cannot reach a Shoal node at {endpoint}: {}", source_text(&e)))?;
-    Ok(ControlClient::new(ch)
-        .max_decoding_message_size(64 << 20))
+    let ch = ep.connect().await.map_err(|e| {
+        anyhow!(
+            "cannot reach a Shoal node at {endpoint}: {}",
+            source_text(&e)
+        )
+    })?;
+    Ok(ControlClient::new(ch).max_decoding_message_size(64 << 20))
 }
 
 fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
@@ -86,7 +87,26 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line that names the problem; the usage hint follows on stderr.
+            let text = e.render().to_string();
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            eprintln!("{}", lines.next().unwrap_or("error: invalid arguments"));
+            eprintln!("(see 'shoal --help')");
+            std::process::exit(2);
+        }
+    };
     init_tracing(matches!(cli.cmd, Cmd::Node(_)));
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

@@ -39,7 +39,10 @@ pub async fn status(client: &mut ControlClient<Channel>, as_json: bool) -> anyho
         return Ok(());
     }
     let online = s.nodes.iter().filter(|n| n.state == "online").count();
-    println!("Cluster {}  (answered by node {})", s.cluster_id, s.local_node_id);
+    println!(
+        "Cluster {}  (answered by node {})",
+        s.cluster_id, s.local_node_id
+    );
     println!(
         "Nodes: {online} online of {}   Capacity: {}   Used: {}   Provisioned: {} ({:.2}x of capacity)",
         s.nodes.len(),
@@ -106,7 +109,13 @@ pub fn volume_json(v: &Volume) -> Value {
 
 /// Prints one volume for people.
 pub fn volume_text(v: &Volume) {
-    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     println!("Volume      {}", v.name);
     println!("ID          {}", v.id);
     println!("Size        {}", format_size(v.size_bytes));
@@ -130,5 +139,5 @@ pub fn volume_text(v: &Volume) {
         .iter()
         .map(|r| vec![r.node.clone(), r.state.clone(), format_size(r.used_bytes)])
         .collect();
-    table::print(&["  NODE", "STATE", "USED"], &rows);
+    table::print(&["NODE", "STATE", "USED"], &rows);
 }

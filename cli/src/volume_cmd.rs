@@ -7,8 +7,8 @@ use clap::Subcommand;
 use shoal_blockd::size::format_size;
 use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::{
-    AttachRequest, CreateVolumeRequest, ListVolumesRequest, MountRequest, UnmountRequest,
-    Volume, VolumeRef,
+    AttachRequest, CreateVolumeRequest, ListVolumesRequest, MountRequest, UnmountRequest, Volume,
+    VolumeRef,
 };
 use tonic::transport::Channel;
 
@@ -83,7 +83,11 @@ fn print_volume(v: &Volume, as_json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(cmd: VolumeCmd, c: &mut ControlClient<Channel>, as_json: bool) -> anyhow::Result<()> {
+pub async fn run(
+    cmd: VolumeCmd,
+    c: &mut ControlClient<Channel>,
+    as_json: bool,
+) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -142,7 +146,11 @@ pub async fn run(cmd: VolumeCmd, c: &mut ControlClient<Channel>, as_json: bool) 
                             v.repl.to_string(),
                             v.fs.clone(),
                             v.state.clone(),
-                            if v.attached_node.is_empty() { "-".into() } else { v.attached_node.clone() },
+                            if v.attached_node.is_empty() {
+                                "-".into()
+                            } else {
+                                v.attached_node.clone()
+                            },
                         ]
                     })
                     .collect();
@@ -184,7 +192,10 @@ pub async fn run(cmd: VolumeCmd, c: &mut ControlClient<Channel>, as_json: bool) 
             if as_json {
                 print_volume(&v, true)?;
             } else {
-                println!("volume {} attached on node {} at {}", v.name, v.attached_node, v.device_path);
+                println!(
+                    "volume {} attached on node {} at {}",
+                    v.name, v.attached_node, v.device_path
+                );
             }
         }
         VolumeCmd::Detach { name } => {
@@ -208,7 +219,10 @@ pub async fn run(cmd: VolumeCmd, c: &mut ControlClient<Channel>, as_json: bool) 
             if as_json {
                 print_volume(&v, true)?;
             } else {
-                println!("volume {} mounted at {} on node {}", v.name, v.mount_path, v.attached_node);
+                println!(
+                    "volume {} mounted at {} on node {}",
+                    v.name, v.mount_path, v.attached_node
+                );
             }
         }
         VolumeCmd::Unmount { path } => {

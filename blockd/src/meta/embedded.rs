@@ -40,10 +40,11 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
         let state = match fs::read(path) {
             Ok(bytes) => {
-                let st: State = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptRecord {
-                    key: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                let st: State =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::CorruptRecord {
+                        key: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
                 if st.v > FORMAT_VERSION {
                     return Err(Error::CorruptRecord {
                         key: path.display().to_string(),
