@@ -101,8 +101,12 @@ fn main() {
             }
             // One line that names the problem; the usage hint follows on stderr.
             let text = e.render().to_string();
-            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-            eprintln!("{}", lines.next().unwrap_or("error: invalid arguments"));
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            eprintln!("{}", first.join(" "));
             eprintln!("(see 'shoal --help')");
             std::process::exit(2);
         }

@@ -1,1 +1,552 @@
+//! Test harness: real etcd, real `shoal node` processes on loopback addresses, and
+//! clean-up that runs even when a test fails.
+//!
+//! A [`Cluster`] owns a temporary directory. Everything it starts lives below it: etcd's
+//! data, each node's data dir, every mount point a test asks for. Dropping the cluster
+//! kills the processes and then releases, in order, every mount below the directory
+//! (ext4 mounts, loop devices whose backing file is below it, FUSE mounts), so a failed
+//! test leaves nothing mounted behind.
+//!
+//! Each cluster takes its own `127.A.B.0/24` block of loopback addresses at random, so
+//! tests can run in parallel; node `i` listens on `127.A.B.(i+2)`.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `shoal` binary under test.
+pub fn shoal_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SHOAL_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = root.join("target/debug/shoal");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p shoal) or set SHOAL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether this process may mount (FUSE, loop devices). Integration tests need root.
+pub fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/dev/fuse").exists()
+}
+
+/// Skips the calling test (returns early) with a clear message when not root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::can_mount() {
+            eprintln!("SKIPPED: this test needs root and /dev/fuse (real mounts)");
+            return;
+        }
+    };
+}
+
+/// What a CLI call returned.
+#[derive(Debug)]
+pub struct CmdOut {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOut {
+    fn from(o: Output) -> Self {
+        Self {
+            ok: o.status.success(),
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the output unless the call succeeded.
+    pub fn expect_ok(self, what: &str) -> Self {
+        assert!(self.ok, "{what} failed: {}\n{}", self.stderr, self.stdout);
+        self
+    }
+
+    /// Panics unless the call failed with a one-line error containing `needle`.
+    pub fn expect_err(self, needle: &str) -> Self {
+        assert!(
+            !self.ok,
+            "expected failure with {needle:?}, got success: {}",
+            self.stdout
+        );
+        let first = self.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error:") && first.contains(needle),
+            "expected one-line error containing {needle:?}, got: {}",
+            self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// An etcd server on a free loopback port.
+pub struct Etcd {
+    child: Option<Child>,
+    pub url: String,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    pub fn start(dir: &Path) -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            url: String::new(),
+            dir: dir.join("etcd"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.url = format!("http://127.0.0.1:{}", e.client_port);
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &self.url])
+            .args(["--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd binary (apt-get install etcd-server)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.client_port);
+        wait_until(Duration::from_secs(20), "etcd to listen", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    /// Stops etcd (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Options for starting a cluster.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// Use etcd (true) or each node's embedded store (false; one node only).
+    pub etcd: bool,
+    pub secret: String,
+    /// Pool capacity per node (`--capacity`).
+    pub capacity: String,
+    /// (zone, rack) per node; default all "default".
+    pub labels: Vec<(String, String)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            etcd: true,
+            secret: "test-secret".into(),
+            capacity: "4G".into(),
+            labels: Vec::new(),
+        }
+    }
+}
+
+/// One `shoal node` process.
+pub struct NodeProc {
+    child: Option<Child>,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl NodeProc {
+    pub fn endpoint(&self) -> String {
+        format!("{}:9710", self.ip)
+    }
+
+    /// The node's id, pinned in its data dir.
+    pub fn id(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node-id"))
+            .expect("node id file")
+            .trim()
+            .to_string()
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+}
+
+/// A cluster of real node processes. See the module doc.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub etcd: Option<Etcd>,
+    pub nodes: Vec<NodeProc>,
+    pub opts: Opts,
+    net: String,
+}
+
+impl Cluster {
+    /// Starts etcd (per `opts`) and `n` nodes, and waits until every node sees all as online.
+    pub fn start(n: usize, opts: Opts) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-test-")
+            .tempdir()
+            .unwrap();
+        let etcd = opts.etcd.then(|| Etcd::start(dir.path()));
+        let a = 1 + rand::random::<u8>() % 250;
+        let b = 1 + rand::random::<u8>() % 250;
+        let mut c = Cluster {
+            dir,
+            etcd,
+            nodes: Vec::new(),
+            opts,
+            net: format!("127.{a}.{b}"),
+        };
+        for _ in 0..n {
+            c.add_node();
+        }
+        c.wait_all_online();
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The node start arguments for node number `i`.
+    pub fn node_args(&self, i: usize) -> Vec<String> {
+        let ip = format!("{}.{}", self.net, i + 2);
+        let data = self.path().join(format!("node{i}"));
+        let (zone, rack) = self
+            .opts
+            .labels
+            .get(i)
+            .cloned()
+            .unwrap_or(("default".into(), "default".into()));
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "start".into(),
+            "--cluster-id".into(),
+            "test".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            format!("{ip}:9710"),
+            "--gossip".into(),
+            format!("{ip}:9711"),
+            "--secret".into(),
+            self.opts.secret.clone(),
+            "--capacity".into(),
+            self.opts.capacity.clone(),
+            "--zone".into(),
+            zone,
+            "--rack".into(),
+            rack,
+        ];
+        if let Some(e) = &self.etcd {
+            args.push("--kvdb".into());
+            args.push(e.url.clone());
+        }
+        args
+    }
+
+    /// Starts one more node and waits until it answers.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let args = self.node_args(i);
+        let ip = format!("{}.{}", self.net, i + 2);
+        let data_dir = self.path().join(format!("node{i}"));
+        self.nodes.push(NodeProc {
+            child: None,
+            ip,
+            data_dir,
+            args,
+        });
+        self.spawn(i);
+        i
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log_path = self.path().join(format!("node{i}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let node = &mut self.nodes[i];
+        let child = Command::new(shoal_bin())
+            .args(&node.args)
+            .env("RUST_LOG", "info")
+            .env_remove("SHOAL_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shoal node");
+        node.child = Some(child);
+        let ep = node.endpoint();
+        let mut waited = Duration::ZERO;
+        while std::net::TcpStream::connect(&ep).is_err() {
+            if let Some(st) = self.nodes[i].child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node {i} exited with {st} during start:\n{}", self.log(i));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            waited += Duration::from_millis(50);
+            assert!(
+                waited < Duration::from_secs(30),
+                "node {i} did not start:\n{}",
+                self.log(i)
+            );
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.path().join(format!("node{i}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `shoal ARGS` against node `i`.
+    pub fn shoal(&self, i: usize, args: &[&str]) -> CmdOut {
+        let out = Command::new(shoal_bin())
+            .args(args)
+            .env("SHOAL_ENDPOINT", self.nodes[i].endpoint())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run shoal");
+        CmdOut::from(out)
+    }
+
+    /// Runs `shoal ARGS --json` against node `i` and parses the output.
+    pub fn json(&self, i: usize, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        self.shoal(i, &a).expect_ok(&args.join(" ")).json()
+    }
+
+    /// Node states as node `i` reports them: id → "online" | "offline".
+    pub fn states(&self, i: usize) -> Vec<(String, String)> {
+        let s = self.json(i, &["status"]);
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the first running node reports every node online.
+    pub fn wait_all_online(&mut self) {
+        let n = self.nodes.len();
+        let asker = (0..n)
+            .find(|&i| self.nodes[i].running())
+            .expect("a running node");
+        wait_until(Duration::from_secs(30), "all nodes online", || {
+            let st = self.states(asker);
+            st.len() == n && st.iter().all(|(_, s)| s == "online")
+        });
+    }
+
+    pub fn signal(&self, i: usize, sig: i32) {
+        let pid = self.nodes[i].pid().expect("node is running");
+        // SAFETY: kill(2) on a child pid we own.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// `kill -9` node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.signal(i, libc::SIGKILL);
+        let _ = self.nodes[i].child.take().unwrap().wait();
+    }
+
+    /// SIGTERM node `i` and return its exit code.
+    pub fn stop(&mut self, i: usize) -> Option<i32> {
+        self.signal(i, libc::SIGTERM);
+        let st = self.nodes[i].child.take().unwrap().wait().unwrap();
+        st.code()
+    }
+
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    /// Starts a stopped or killed node again with the same arguments.
+    pub fn restart(&mut self, i: usize) {
+        if self.nodes[i].running() {
+            self.kill(i);
+        }
+        self.spawn(i);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                // SAFETY: kill(2) on a child pid we own; SIGCONT first so a paused node dies.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGCONT);
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        cleanup_mounts(self.dir.path());
+        if let Some(e) = &mut self.etcd {
+            e.stop();
+        }
+    }
+}
+
+/// Releases every mount and loop device below `dir`, deepest first.
+pub fn cleanup_mounts(dir: &Path) {
+    // ext4 (and any other) mounts of loop devices backed by files below dir.
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+                continue;
+            };
+            if !Path::new(b.trim().trim_end_matches(" (deleted)")).starts_with(dir) {
+                continue;
+            }
+            let dev = format!("/dev/{name}");
+            for m in mounts().into_iter().filter(|(src, _)| *src == dev) {
+                let _ = Command::new("umount").arg("-l").arg(&m.1).status();
+            }
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
+    }
+    let mut below: Vec<PathBuf> = mounts()
+        .into_iter()
+        .map(|(_, p)| PathBuf::from(p))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in below {
+        let _ = Command::new("umount").arg("-l").arg(&p).status();
+    }
+}
+
+/// (source, mount point) of every mount.
+pub fn mounts() -> Vec<(String, String)> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.replace("\\040", " ")))
+        })
+        .collect()
+}
+
+/// Polls `f` until it holds, panicking with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Writes `mib` MiB of random data to `path` with fsync, returning its SHA-256.
+pub fn write_random_file(path: &Path, mib: usize) -> String {
+    use rand::RngExt;
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut h = Sha256::new();
+    let mut rng = rand::rng();
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        rng.fill(&mut buf[..]);
+        f.write_all(&buf).unwrap();
+        h.update(&buf);
+    }
+    f.sync_all().unwrap();
+    hex::encode(h.finalize())
+}

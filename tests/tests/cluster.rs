@@ -1,0 +1,170 @@
+//! Membership and node life cycle: three real nodes on etcd, gossip liveness, restarts,
+//! clean shutdown, and nodes that must be refused.
+
+use std::time::Duration;
+
+use shoal_tests::{require_root, wait_until, Cluster, Opts};
+
+#[test]
+fn status_lists_every_node_with_the_scripting_fields() {
+    require_root!();
+    let c = Cluster::start(
+        3,
+        Opts {
+            labels: vec![
+                ("z1".into(), "r1".into()),
+                ("z1".into(), "r2".into()),
+                ("z2".into(), "r1".into()),
+            ],
+            ..Opts::default()
+        },
+    );
+    let s = c.json(1, &["status"]);
+    assert_eq!(s["cluster_id"], "test");
+    assert_eq!(s["local_node_id"], c.nodes[1].id());
+    let nodes = s["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let mut cap_sum = 0;
+    for (i, n) in c.nodes.iter().enumerate() {
+        let row = nodes
+            .iter()
+            .find(|r| r["id"] == n.id())
+            .expect("node listed");
+        assert_eq!(row["address"], n.endpoint());
+        assert_eq!(row["state"], "online");
+        assert_eq!(row["zone"], c.opts.labels[i].0);
+        assert_eq!(row["rack"], c.opts.labels[i].1);
+        assert_eq!(row["capacity_bytes"], 4u64 << 30);
+        assert_eq!(row["used_bytes"], 0);
+        cap_sum += row["capacity_bytes"].as_u64().unwrap();
+    }
+    assert_eq!(s["capacity_bytes"].as_u64().unwrap(), cap_sum);
+    assert_eq!(s["used_bytes"], 0);
+    // The table for people names every node too.
+    let text = c.shoal(0, &["status"]).expect_ok("status").stdout;
+    for n in &c.nodes {
+        assert!(text.contains(&n.id()), "{text}");
+    }
+}
+
+#[test]
+fn killed_node_goes_offline_and_comes_back_with_the_same_id() {
+    require_root!();
+    let mut c = Cluster::start(3, Opts::default());
+    let victim = c.nodes[2].id();
+    c.kill(2);
+    let took = wait_until(Duration::from_secs(10), "killed node shown offline", || {
+        c.states(0)
+            .iter()
+            .any(|(id, s)| *id == victim && s == "offline")
+    });
+    eprintln!("offline after {took:?}");
+    // Gossip agrees, not only a failed usage call: the other survivor sees it too.
+    assert!(c
+        .states(1)
+        .iter()
+        .any(|(id, s)| *id == victim && s == "offline"));
+    c.restart(2);
+    assert_eq!(c.nodes[2].id(), victim, "a restart is the same node");
+    wait_until(Duration::from_secs(10), "restarted node online", || {
+        c.states(0).iter().all(|(_, s)| s == "online")
+    });
+    assert_eq!(
+        c.states(0).len(),
+        3,
+        "no duplicate registration after restart"
+    );
+}
+
+#[test]
+fn sigterm_shuts_a_node_down_cleanly() {
+    require_root!();
+    let mut c = Cluster::start(2, Opts::default());
+    let id = c.nodes[1].id();
+    assert_eq!(c.stop(1), Some(0), "SIGTERM exit status:\n{}", c.log(1));
+    wait_until(Duration::from_secs(10), "stopped node offline", || {
+        c.states(0).iter().any(|(n, s)| *n == id && s == "offline")
+    });
+}
+
+#[test]
+fn wrong_secret_and_wrong_cluster_are_refused() {
+    require_root!();
+    let mut c = Cluster::start(1, Opts::default());
+    // A node with the wrong secret.
+    let mut args = c.node_args(1);
+    let pos = args.iter().position(|a| a == "--secret").unwrap();
+    args[pos + 1] = "not-the-secret".into();
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong secret"), "{err}");
+    // An existing data dir started with another cluster id.
+    c.stop(0);
+    let mut args = c.node_args(0);
+    let pos = args.iter().position(|a| a == "--cluster-id").unwrap();
+    args[pos + 1] = "another".into();
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to cluster \"test\""), "{err}");
+    // The refused nodes changed nothing: the original restarts and is alone.
+    c.restart(0);
+    assert_eq!(c.states(0).len(), 1);
+}
+
+#[test]
+fn single_node_runs_on_the_embedded_store() {
+    require_root!();
+    let mut c = Cluster::start(
+        1,
+        Opts {
+            etcd: false,
+            ..Opts::default()
+        },
+    );
+    c.shoal(0, &["volume", "create", "solo", "--size", "1G"])
+        .expect_ok("create");
+    c.restart(0);
+    // Metadata survived the restart in the data dir.
+    let v = c.json(0, &["volume", "inspect", "solo"]);
+    assert_eq!(v["size_bytes"], 1u64 << 30);
+    assert!(c.nodes[0].data_dir.join("meta.json").exists());
+}
+
+#[test]
+fn etcd_down_is_reported_not_hung() {
+    require_root!();
+    let mut c = Cluster::start(1, Opts::default());
+    c.etcd.as_mut().unwrap().stop();
+    let start = std::time::Instant::now();
+    c.shoal(0, &["volume", "list"])
+        .expect_err("metadata store unavailable");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    c.etcd.as_mut().unwrap().restart();
+    wait_until(
+        Duration::from_secs(30),
+        "node serves again after etcd returns",
+        || c.shoal(0, &["volume", "list"]).ok,
+    );
+}
+
+#[test]
+fn cli_without_a_node_fails_fast() {
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(["status", "--endpoint", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: cannot reach a Shoal node at 127.0.0.1:1"),
+        "{err}"
+    );
+}
