@@ -13,8 +13,10 @@ impl Node {
         let mut records = self.node_records().await?;
         records.sort_by(|a, b| a.address.cmp(&b.address));
         for rec in records {
+            // Online means gossip has not declared the node dead: the same rule that
+            // decides whether its volumes may be taken over.
+            let online = self.membership.is_online(&rec.id);
             let usage = self.usage_of(&rec, &[]).await;
-            let online = usage.is_some();
             let (cap, u) = usage
                 .map(|u| (u.capacity, u.pool_used))
                 .unwrap_or((rec.capacity_bytes, 0));
