@@ -113,9 +113,10 @@ impl Filesystem for DeviceFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // A device has a fixed size: only a no-op truncate (O_TRUNC of the same size) is fine.
-        if size.is_some_and(|s| s != self.io.size()) {
-            reply.error(Errno::EPERM);
+        // A device has a fixed size. open(O_TRUNC) arrives as a resize to 0 and is
+        // ignored, as a block device ignores it; any other resize is refused.
+        if size.is_some_and(|s| s != 0 && s != self.io.size()) {
+            reply.error(Errno::EINVAL);
             return;
         }
         reply.attr(&TTL, &self.attr(ino));

@@ -72,22 +72,27 @@ impl Node {
         let id = pinned(&cfg.data_dir, "node-id", || {
             uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
         })?;
-        let owner = pinned(&cfg.data_dir, "cluster-id", || cfg.cluster_id.clone())?;
-        if owner != cfg.cluster_id {
-            return Err(Error::PermissionDenied(format!(
-                "data dir {} belongs to cluster {owner:?}, not {:?}",
-                cfg.data_dir.display(),
-                cfg.cluster_id
-            )));
+        // The data dir belongs to one cluster; it is pinned only once the join succeeded,
+        // so a refused first start leaves it free.
+        if let Ok(owner) = fs::read_to_string(cfg.data_dir.join("cluster-id")) {
+            if owner.trim() != cfg.cluster_id {
+                return Err(Error::PermissionDenied(format!(
+                    "data dir {} belongs to cluster {:?}, not {:?}",
+                    cfg.data_dir.display(),
+                    owner.trim(),
+                    cfg.cluster_id
+                )));
+            }
         }
 
         let meta = if cfg.kvdb.is_empty() {
             MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
         } else {
-            MetaStore::Etcd(EtcdStore::connect(&cfg.kvdb).await?)
+            MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
         };
         let keys = Keys::new(&cfg.cluster_id);
         join_cluster(&meta, &keys, &cfg).await?;
+        pinned(&cfg.data_dir, "cluster-id", || cfg.cluster_id.clone())?;
 
         let pool = Arc::new(Pool::open(&cfg.pool_dir(), cfg.capacity)?);
         let token = cluster_token(&cfg.cluster_id, &cfg.secret);

@@ -75,7 +75,7 @@ pub fn format_size(bytes: u64) -> String {
         }
     }
     let v = bytes as f64 / div as f64;
-    if bytes % div == 0 {
+    if bytes.is_multiple_of(div) {
         format!("{} {unit}iB", bytes / div)
     } else {
         format!("{v:.1} {unit}iB")

@@ -60,7 +60,7 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
             "block size {block} must be a power of two from 4K to 1M"
         )));
     }
-    if req.size_bytes % block as u64 != 0 {
+    if !req.size_bytes.is_multiple_of(block as u64) {
         return Err(Error::InvalidArgument(format!(
             "size {} is not a multiple of the block size {block}",
             req.size_bytes

@@ -29,7 +29,7 @@ pub struct KeyValue {
 /// The cluster metadata store.
 #[derive(Clone)]
 pub enum MetaStore {
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
     Embedded(EmbeddedStore),
 }
 

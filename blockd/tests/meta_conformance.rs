@@ -1,0 +1,197 @@
+//! One conformance suite over both metadata stores: the embedded store and a real etcd
+//! (started from the `etcd` binary on a free loopback port; skipped with a message when
+//! the binary is missing).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_blockd::meta::{EmbeddedStore, EtcdStore, MetaStore};
+
+async fn conformance(store: &MetaStore) {
+    let p = format!("/conf/{}/", rand_suffix());
+    let k = |s: &str| format!("{p}{s}");
+
+    // Absent keys.
+    assert!(store.get(&k("a")).await.unwrap().is_none());
+    assert!(store.list(&p).await.unwrap().is_empty());
+
+    // put_if with 0 creates only when absent.
+    assert!(store.put_if(&k("a"), "one", 0).await.unwrap());
+    assert!(!store.put_if(&k("a"), "two", 0).await.unwrap());
+    let a = store.get(&k("a")).await.unwrap().unwrap();
+    assert_eq!(a.value, "one");
+    assert!(a.rev > 0);
+
+    // Compare-and-swap on the revision.
+    assert!(!store.put_if(&k("a"), "stale", a.rev + 1000).await.unwrap());
+    assert!(store.put_if(&k("a"), "two", a.rev).await.unwrap());
+    let a2 = store.get(&k("a")).await.unwrap().unwrap();
+    assert_eq!(a2.value, "two");
+    assert!(a2.rev > a.rev, "revisions grow");
+    assert!(
+        !store.put_if(&k("a"), "three", a.rev).await.unwrap(),
+        "old revision refused"
+    );
+
+    // Unconditional put and prefix listing in key order, not leaking other prefixes.
+    store.put(&k("c"), "C").await.unwrap();
+    store.put(&k("b"), "B").await.unwrap();
+    store.put(&format!("{p}x/nested"), "N").await.unwrap();
+    store
+        .put(&format!("{}zz", p.trim_end_matches('/')), "outside")
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .list(&p)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [k("a"), k("b"), k("c"), k("x/nested")]);
+
+    // Conditional delete.
+    let b = store.get(&k("b")).await.unwrap().unwrap();
+    assert!(!store.delete_if(&k("b"), b.rev + 1).await.unwrap());
+    assert!(store.delete_if(&k("b"), b.rev).await.unwrap());
+    assert!(store.get(&k("b")).await.unwrap().is_none());
+    assert!(
+        !store.delete_if(&k("b"), b.rev).await.unwrap(),
+        "absent key"
+    );
+    assert!(!store.delete_if(&k("nothing"), 0).await.unwrap());
+
+    // Concurrent compare-and-swap increments lose no update.
+    store.put(&k("counter"), "0").await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let s = store.clone();
+        let key = k("counter");
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                loop {
+                    let cur = s.get(&key).await.unwrap().unwrap();
+                    let n: u64 = cur.value.parse().unwrap();
+                    if s.put_if(&key, &(n + 1).to_string(), cur.rev).await.unwrap() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.get(&k("counter")).await.unwrap().unwrap().value, "40");
+}
+
+fn rand_suffix() -> String {
+    format!("{:x}", rand::random::<u64>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_conforms_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.json");
+    let store = MetaStore::Embedded(EmbeddedStore::open(&path).unwrap());
+    conformance(&store).await;
+    store.put("/persist/me", "yes").await.unwrap();
+    let rev = store.get("/persist/me").await.unwrap().unwrap().rev;
+    drop(store);
+    let reopened = MetaStore::Embedded(EmbeddedStore::open(&path).unwrap());
+    let kv = reopened.get("/persist/me").await.unwrap().unwrap();
+    assert_eq!(kv.value, "yes");
+    assert_eq!(kv.rev, rev, "revisions survive a reopen");
+    // New revisions stay above old ones after reopen.
+    reopened.put("/persist/other", "x").await.unwrap();
+    assert!(reopened.get("/persist/other").await.unwrap().unwrap().rev > rev);
+}
+
+#[test]
+fn embedded_store_refuses_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.json");
+    std::fs::write(&path, b"{not json").unwrap();
+    let err = EmbeddedStore::open(&path)
+        .err()
+        .expect("corrupt file refused");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+/// The etcd process and its data dir (removed when dropped, after the process).
+struct EtcdProc(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl Drop for EtcdProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_etcd() -> Option<(EtcdProc, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, pp) = (free_port(), free_port());
+    let client = format!("http://127.0.0.1:{cp}");
+    let peer = format!("http://127.0.0.1:{pp}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("default={peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let proc = EtcdProc(child, dir);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", cp)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "etcd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((proc, client))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_conforms() {
+    let Some((_etcd, url)) = start_etcd() else {
+        eprintln!("SKIPPED: no etcd binary (apt-get install etcd-server)");
+        return;
+    };
+    let store = MetaStore::Etcd(Box::new(EtcdStore::connect(&[url]).await.unwrap()));
+    conformance(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_down_fails_fast_with_a_clear_error() {
+    let port = free_port();
+    let start = Instant::now();
+    let err = EtcdStore::connect(&[format!("http://127.0.0.1:{port}")])
+        .await
+        .err()
+        .expect("no etcd there");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
