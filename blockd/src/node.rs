@@ -146,7 +146,9 @@ impl Node {
         let block = BlockServer::new(BlockService(self.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small block requests must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         info!(address = %self.cfg.listen, "serving");
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
