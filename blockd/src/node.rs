@@ -21,7 +21,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::membership::Membership;
 use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
-use crate::peers::{cluster_token, secret_hash, Peers, MAX_MESSAGE_BYTES};
+use crate::peers::{cluster_token, secret_hash, Peers, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::pool::Pool;
 use crate::records::{self, ClusterRecord, Keys, NodeRecord, VolumeRecord, RECORD_VERSION};
 use crate::services::{BlockService, ControlService};
@@ -152,6 +152,8 @@ impl Node {
         info!(address = %self.cfg.listen, "serving");
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(WINDOW_BYTES)
+            .initial_connection_window_size(WINDOW_BYTES * 4)
             .add_service(control)
             .add_service(block)
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -21,6 +21,9 @@ use crate::error::{Error, Result};
 /// Largest gRPC message a node sends or accepts: a 1 MiB block write plus headroom.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// HTTP/2 flow-control window per stream between nodes.
+pub const WINDOW_BYTES: u32 = 8 << 20;
+
 /// Token a node presents to its peers.
 pub fn cluster_token(cluster_id: &str, secret: &str) -> String {
     hex::encode(Sha256::digest(format!(
@@ -72,6 +75,9 @@ impl Peers {
             .map_err(|e| Error::InvalidArgument(format!("node address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            // A 1 MiB block must not crawl through HTTP/2's default 64 KiB window.
+            .initial_stream_window_size(WINDOW_BYTES)
+            .initial_connection_window_size(WINDOW_BYTES * 4)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let ch = ep.connect_lazy();
