@@ -65,22 +65,48 @@ impl NodeConfig {
             ));
         }
         if let Some(pool) = &self.pool {
-            if pool.exists() && !pool.is_dir() {
-                return Err(Error::InvalidArgument(format!(
-                    "--pool {}: only a directory pool is supported in this version \
-                     (file and block-device pools are not built yet)",
-                    pool.display()
-                )));
+            if let Ok(meta) = std::fs::metadata(pool) {
+                use std::os::unix::fs::FileTypeExt;
+                let t = meta.file_type();
+                if !(t.is_dir() || t.is_file() || t.is_block_device()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "--pool {}: expected a directory, a file or a block device",
+                        pool.display()
+                    )));
+                }
             }
         }
         Ok(())
     }
 
-    pub fn pool_dir(&self) -> PathBuf {
-        self.pool
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("pool"))
+    /// What the pool is made of.
+    pub fn pool_kind(&self) -> PoolKind {
+        match &self.pool {
+            None => PoolKind::Directory(self.data_dir.join("pool")),
+            Some(p) if p.is_file() || is_block_device(p) => PoolKind::Device {
+                device: p.clone(),
+                mountpoint: self.data_dir.join("pool-mnt"),
+            },
+            Some(p) => PoolKind::Directory(p.clone()),
+        }
     }
+}
+
+/// Where replica data lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolKind {
+    /// A directory on an existing filesystem.
+    Directory(PathBuf),
+    /// A file or block device that the node formats (once) and mounts at `mountpoint`.
+    Device {
+        device: PathBuf,
+        mountpoint: PathBuf,
+    },
+}
+
+fn is_block_device(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Ids and labels: 1–64 bytes of letters, digits, `-`, `_`, `.`.

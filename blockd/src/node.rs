@@ -17,8 +17,9 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::attach::Attachment;
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, PoolKind};
 use crate::error::{Error, Result};
+use crate::host;
 use crate::membership::Membership;
 use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
 use crate::peers::{cluster_token, secret_hash, Peers, MAX_MESSAGE_BYTES, WINDOW_BYTES};
@@ -94,7 +95,15 @@ impl Node {
         join_cluster(&meta, &keys, &cfg).await?;
         pinned(&cfg.data_dir, "cluster-id", || cfg.cluster_id.clone())?;
 
-        let pool = Arc::new(Pool::open(&cfg.pool_dir(), cfg.capacity)?);
+        let pool_dir = match cfg.pool_kind() {
+            PoolKind::Directory(dir) => dir,
+            PoolKind::Device { device, mountpoint } => {
+                host::prepare_device_pool(&device, &mountpoint).await?;
+                info!(device = %device.display(), "pool on a device");
+                mountpoint
+            }
+        };
+        let pool = Arc::new(Pool::open(&pool_dir, cfg.capacity)?);
         let token = cluster_token(&cfg.cluster_id, &cfg.secret);
         let record = NodeRecord {
             v: RECORD_VERSION,

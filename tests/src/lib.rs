@@ -181,6 +181,8 @@ pub struct Opts {
     pub capacity: String,
     /// (zone, rack) per node; default all "default".
     pub labels: Vec<(String, String)>,
+    /// More `shoal node start` arguments, for every node.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for Opts {
@@ -190,6 +192,7 @@ impl Default for Opts {
             secret: "test-secret".into(),
             capacity: "4G".into(),
             labels: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -287,17 +290,20 @@ impl Cluster {
             format!("{ip}:9711"),
             "--secret".into(),
             self.opts.secret.clone(),
-            "--capacity".into(),
-            self.opts.capacity.clone(),
             "--zone".into(),
             zone,
             "--rack".into(),
             rack,
         ];
+        if !self.opts.capacity.is_empty() {
+            args.push("--capacity".into());
+            args.push(self.opts.capacity.clone());
+        }
         if let Some(e) = &self.etcd {
             args.push("--kvdb".into());
             args.push(e.url.clone());
         }
+        args.extend(self.opts.extra_args.iter().cloned());
         args
     }
 
