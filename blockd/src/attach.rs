@@ -6,7 +6,9 @@
 //! device filesystem (one raw file), and for ext4 volumes puts a loop device on it,
 //! formats it on first attach, and mounts it where asked.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use shoal_proto::control::{AttachRequest, VolumeRef};
@@ -17,13 +19,16 @@ use crate::error::{Error, Result};
 use crate::host;
 use crate::node::Node;
 use crate::records::{self, VolumeRecord};
-use crate::volume_io::{RemoteReplica, VolumeIo};
+use crate::resync;
+use crate::volume_io::{self, VolumeIo};
 
 /// FUSE session threads per attached volume: enough for the loop device's parallel I/O.
 const FUSE_THREADS: usize = 4;
 
 /// A volume attached on this node.
 pub struct Attachment {
+    /// Tells the volume's resync worker to end.
+    stop: Arc<AtomicBool>,
     pub name: String,
     /// The FUSE session serving the device file (unmounted on drop).
     session: Option<fuser::BackgroundSession>,
@@ -198,22 +203,28 @@ impl Node {
     /// Mounts the device filesystem and, for ext4, the loop device (formatting it on
     /// first attach). Returns the attachment and the device path users see.
     async fn expose(&self, rec: &VolumeRecord) -> Result<(Attachment, String)> {
-        let mut remotes = Vec::new();
+        let mut clients = HashMap::new();
         for node_id in rec.replicas.iter().filter(|n| **n != self.id) {
             let n = self.node_record(node_id).await?;
-            remotes.push(RemoteReplica {
-                node: node_id.clone(),
-                client: self.peers.block(&n.address)?,
-            });
+            clients.insert(node_id.clone(), self.peers.block(&n.address)?);
         }
         let io = Arc::new(VolumeIo::new(
-            rec.id.clone(),
-            rec.size_bytes,
-            rec.replicas.contains(&self.id),
+            rec,
+            self.id.clone(),
             self.pool.clone(),
-            remotes,
+            volume_io::targets(rec, &self.id, &clients),
+            self.meta.clone(),
+            self.keys.clone(),
+            self.cfg.replica_timeout,
             tokio::runtime::Handle::current(),
         ));
+        // Fence every in-sync replica at the new epoch before serving a single request.
+        let opener = io.clone();
+        tokio::task::spawn_blocking(move || opener.open())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        let stop = Arc::new(AtomicBool::new(false));
+        resync::spawn(io.clone(), self.membership.clone(), stop.clone());
         let fuse_dir = self.attach_root().join(&rec.name);
         for stale in host::mounts_under(&fuse_dir) {
             let _ = host::umount(&stale, true).await;
@@ -234,6 +245,7 @@ impl Node {
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
         let mut att = Attachment {
+            stop,
             name: rec.name.clone(),
             session: Some(session),
             fuse_dir: fuse_dir.clone(),
@@ -265,6 +277,7 @@ impl Node {
 
     /// Unmounts and releases everything of one attachment, best effort, in order.
     async fn teardown(&self, mut att: Attachment) {
+        att.stop.store(true, Ordering::Relaxed);
         if let Some(p) = att.mount_path.take() {
             if let Err(e) = host::umount(&p, false).await {
                 warn!(path = %p.display(), error = %e, "busy; detaching the mount lazily");

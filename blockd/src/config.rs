@@ -33,7 +33,13 @@ pub struct NodeConfig {
     pub pool: Option<PathBuf>,
     /// Bytes the pool may hand out (default: the free space where the pool lives).
     pub capacity: Option<u64>,
+    /// How long a replica may take to answer a write before it leaves the in-sync set.
+    pub replica_timeout: std::time::Duration,
 }
+
+/// Default of [`NodeConfig::replica_timeout`]: long enough for a busy disk, short enough
+/// that a hung node costs writers a few seconds at most.
+pub const DEFAULT_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl NodeConfig {
     /// Fails fast, with a message naming the setting, on anything that cannot work.
@@ -58,6 +64,11 @@ impl NodeConfig {
                     "--kvdb {url:?}: expected an etcd URL such as http://127.0.0.1:2379"
                 )));
             }
+        }
+        if self.replica_timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "--replica-timeout must be greater than zero".into(),
+            ));
         }
         if self.capacity == Some(0) {
             return Err(Error::InvalidArgument(

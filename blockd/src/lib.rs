@@ -26,9 +26,12 @@ pub mod peers;
 pub mod placement;
 pub mod pool;
 pub mod records;
+pub mod replication;
+pub mod resync;
 pub mod services;
 pub mod size;
 pub mod status;
+pub mod versions;
 pub mod volume_io;
 pub mod volumes;
 

@@ -5,6 +5,10 @@
 //! allocated bytes (from `st_blocks`) and refuses a write that would allocate past the
 //! pool's capacity with [`Error::NoSpace`] before touching the file, so a full pool
 //! means ENOSPC for the writer, never a half-written block.
+//!
+//! Beside each replica's data lives its [`RegionVersions`]: the version of every region
+//! and the replica's fencing epoch. Every change carries the coordinator's epoch and is
+//! refused when it is older than the replica's, so a deposed coordinator cannot write.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -12,15 +16,40 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
+use crate::versions::{regions_of, RegionVersions, REGION_BYTES};
+
+/// Region lock stripes per replica: a write holds the stripes of the regions it touches
+/// while it changes data and versions, so the two never disagree.
+const STRIPES: usize = 64;
+
+/// Who writes, and which version the write is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub epoch: u64,
+    pub version: u64,
+}
 
 /// One replica file.
 struct ReplicaFile {
     file: File,
+    versions: RegionVersions,
+    stripes: Vec<Mutex<()>>,
     /// Allocated bytes last seen for this file (`st_blocks * 512`).
     allocated: AtomicI64,
+}
+
+impl ReplicaFile {
+    fn lock(&self, regions: std::ops::Range<u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = regions.map(|r| (r % STRIPES as u64) as usize).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().expect("stripe lock"))
+            .collect()
+    }
 }
 
 /// See the module doc.
@@ -73,6 +102,10 @@ impl Pool {
         self.dir.join(format!("{volume_id}.img"))
     }
 
+    fn versions_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.ver"))
+    }
+
     fn check_id(volume_id: &str) -> Result<()> {
         if volume_id.is_empty()
             || volume_id.len() > 64
@@ -117,6 +150,8 @@ impl Pool {
         }
         let r = Arc::new(ReplicaFile {
             allocated: AtomicI64::new((meta.blocks() * 512) as i64),
+            versions: RegionVersions::open(&self.versions_path(volume_id))?,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             file,
         });
         open.insert(volume_id.to_string(), r.clone());
@@ -163,7 +198,8 @@ impl Pool {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset`; with `fua` the write is durable before this returns.
+    /// Writes `data` at `offset` as `stamp`; with `fua` the write is durable before this
+    /// returns.
     pub fn write(
         &self,
         volume_id: &str,
@@ -171,15 +207,33 @@ impl Pool {
         offset: u64,
         data: &[u8],
         fua: bool,
+        stamp: Stamp,
     ) -> Result<()> {
         Self::check_range(size, offset, data.len() as u64)?;
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
-        let need = data.len() as u64;
-        if self.used() + need > self.capacity {
+        r.versions.admit(stamp.epoch)?;
+        let regions = regions_of(offset, data.len() as u64);
+        let guards = r.lock(regions.clone());
+        self.reserve(&r, offset, data.len() as u64)?;
+        let res = r.file.write_all_at(data, offset);
+        self.account(&r)?;
+        res.map_err(|e| self.io_error(e))?;
+        r.versions.set(regions, stamp.version, true)?;
+        drop(guards);
+        if fua {
+            r.file.sync_data()?;
+            r.versions.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a write that would allocate past the pool's capacity.
+    fn reserve(&self, r: &ReplicaFile, offset: u64, len: u64) -> Result<()> {
+        if self.used() + len > self.capacity {
             // Slow path near full: only the holes in the range take new space.
-            let new_bytes = hole_bytes(&r.file, offset, need)?;
+            let new_bytes = hole_bytes(&r.file, offset, len)?;
             if self.used() + new_bytes > self.capacity {
                 return Err(Error::NoSpace(format!(
                     "pool {} is full ({} of {} bytes used)",
@@ -189,43 +243,124 @@ impl Pool {
                 )));
             }
         }
-        let res = r.file.write_all_at(data, offset);
-        self.account(&r)?;
-        res.map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                Error::NoSpace(format!("pool {} filesystem is full", self.dir.display()))
-            } else {
-                Error::Io(e)
-            }
-        })?;
-        if fua {
-            r.file.sync_data()?;
-        }
         Ok(())
     }
 
-    /// Makes every write to the replica durable.
-    pub fn flush(&self, volume_id: &str, size: u64) -> Result<()> {
+    fn io_error(&self, e: std::io::Error) -> Error {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            Error::NoSpace(format!("pool {} filesystem is full", self.dir.display()))
+        } else {
+            Error::Io(e)
+        }
+    }
+
+    /// Fences the replica at `epoch` (refusing older coordinators from now on) and
+    /// returns the epoch it follows. Creates the (empty, sparse) replica if missing.
+    pub fn open_replica(&self, volume_id: &str, size: u64, epoch: u64) -> Result<u64> {
+        let r = self
+            .replica(volume_id, size, true)?
+            .expect("create=true always opens");
+        r.versions.admit(epoch)?;
+        Ok(r.versions.epoch())
+    }
+
+    /// Regions whose version is above `after`, with their versions.
+    pub fn changed_regions(
+        &self,
+        volume_id: &str,
+        size: u64,
+        after: u64,
+    ) -> Result<Vec<(u64, u64)>> {
+        match self.replica(volume_id, size, false)? {
+            Some(r) => r.versions.newer_than(after),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Byte range of a region, clipped to the volume size.
+    fn region_range(size: u64, region: u64) -> Result<(u64, u64)> {
+        let start = region
+            .checked_mul(REGION_BYTES)
+            .filter(|s| *s < size)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("region {region} is beyond the volume"))
+            })?;
+        Ok((start, REGION_BYTES.min(size - start)))
+    }
+
+    /// Reads one whole region with its version, consistently.
+    pub fn read_region(&self, volume_id: &str, size: u64, region: u64) -> Result<(Vec<u8>, u64)> {
+        let (start, len) = Self::region_range(size, region)?;
+        let Some(r) = self.replica(volume_id, size, false)? else {
+            return Ok((vec![0u8; len as usize], 0));
+        };
+        let _g = r.lock(region..region + 1);
+        let data = self.read(volume_id, size, start, len as u32)?;
+        Ok((data, r.versions.get(region)?))
+    }
+
+    /// Replaces one whole region and its version (a resync copy). A region of zeros is
+    /// stored as a hole, so resync keeps a replica thin.
+    pub fn write_region(
+        &self,
+        volume_id: &str,
+        size: u64,
+        region: u64,
+        data: &[u8],
+        stamp: Stamp,
+    ) -> Result<()> {
+        let (start, len) = Self::region_range(size, region)?;
+        if data.len() as u64 != len {
+            return Err(Error::InvalidArgument(format!(
+                "region {region} needs {len} bytes, got {}",
+                data.len()
+            )));
+        }
+        let r = self
+            .replica(volume_id, size, true)?
+            .expect("create=true always opens");
+        r.versions.admit(stamp.epoch)?;
+        let _g = r.lock(region..region + 1);
+        if data.iter().all(|b| *b == 0) {
+            punch(&r.file, start, len)?;
+        } else {
+            self.reserve(&r, start, len)?;
+            let res = r.file.write_all_at(data, start);
+            res.map_err(|e| self.io_error(e))?;
+        }
+        self.account(&r)?;
+        r.versions.set(region..region + 1, stamp.version, false)?;
+        Ok(())
+    }
+
+    /// Makes every write to the replica (data and versions) durable.
+    pub fn flush(&self, volume_id: &str, size: u64, epoch: u64) -> Result<()> {
         if let Some(r) = self.replica(volume_id, size, false)? {
+            r.versions.admit(epoch)?;
             r.file.sync_data()?;
+            r.versions.sync()?;
         }
         Ok(())
     }
 
     /// Gives a range's space back to the pool; it reads as zeros afterwards.
-    pub fn discard(&self, volume_id: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    pub fn discard(
+        &self,
+        volume_id: &str,
+        size: u64,
+        offset: u64,
+        len: u64,
+        stamp: Stamp,
+    ) -> Result<()> {
         Self::check_range(size, offset, len)?;
-        let Some(r) = self.replica(volume_id, size, false)? else {
-            return Ok(());
-        };
-        nix::fcntl::fallocate(
-            &r.file,
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        )
-        .map_err(|e| Error::Io(e.into()))?;
+        let r = self
+            .replica(volume_id, size, true)?
+            .expect("create=true always opens");
+        r.versions.admit(stamp.epoch)?;
+        let regions = regions_of(offset, len);
+        let _g = r.lock(regions.clone());
+        punch(&r.file, offset, len)?;
+        r.versions.set(regions, stamp.version, true)?;
         self.account(&r)
     }
 
@@ -255,6 +390,7 @@ impl Pool {
         };
         drop(held);
         fs::remove_file(&path)?;
+        let _ = fs::remove_file(self.versions_path(volume_id));
         self.used
             .fetch_sub(blocks.min(self.used()), Ordering::Relaxed);
         Ok(())
@@ -273,6 +409,18 @@ impl Pool {
         }
         Ok(out)
     }
+}
+
+/// Punches a hole: the range reads as zeros and takes no space.
+fn punch(file: &File, offset: u64, len: u64) -> Result<()> {
+    nix::fcntl::fallocate(
+        file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(|e| Error::Io(e.into()))
 }
 
 /// Bytes of `[offset, offset+len)` that are holes in `file` (would take new space).
@@ -311,6 +459,10 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    const S: Stamp = Stamp {
+        epoch: 1,
+        version: 5,
+    };
 
     #[test]
     fn thin_allocation_grows_with_writes_and_discard_gives_back() {
@@ -320,7 +472,7 @@ mod tests {
         let size = 1 << 40;
         assert_eq!(pool.read("v1", size, 0, 4096).unwrap(), vec![0u8; 4096]);
         assert_eq!(pool.used(), 0);
-        pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false)
+        pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false, S)
             .unwrap();
         assert!(
             pool.used() >= MIB && pool.used() < 2 * MIB,
@@ -329,7 +481,7 @@ mod tests {
         );
         assert_eq!(pool.replica_used("v1").unwrap(), pool.used());
         assert_eq!(pool.read("v1", size, 10 * MIB, 4).unwrap(), vec![7u8; 4]);
-        pool.discard("v1", size, 10 * MIB, MIB).unwrap();
+        pool.discard("v1", size, 10 * MIB, MIB, S).unwrap();
         assert_eq!(pool.used(), 0);
         assert_eq!(pool.read("v1", size, 10 * MIB, 4).unwrap(), vec![0u8; 4]);
     }
@@ -340,12 +492,14 @@ mod tests {
         let pool = Pool::open(dir.path(), Some(2 * MIB)).unwrap();
         let size = 1 << 30;
         let block = vec![1u8; MIB as usize];
-        pool.write("v", size, 0, &block, false).unwrap();
-        pool.write("v", size, MIB, &block, false).unwrap();
-        let err = pool.write("v", size, 2 * MIB, &block, false).unwrap_err();
+        pool.write("v", size, 0, &block, false, S).unwrap();
+        pool.write("v", size, MIB, &block, false, S).unwrap();
+        let err = pool
+            .write("v", size, 2 * MIB, &block, false, S)
+            .unwrap_err();
         assert_eq!(err.errno(), libc::ENOSPC, "{err}");
         // Overwriting allocated space is still fine on a full pool.
-        pool.write("v", size, 0, &vec![2u8; MIB as usize], true)
+        pool.write("v", size, 0, &vec![2u8; MIB as usize], true, S)
             .unwrap();
         assert_eq!(pool.read("v", size, 0, 2).unwrap(), vec![2, 2]);
         assert_eq!(pool.read("v", size, MIB, 2).unwrap(), vec![1, 1]);
@@ -355,7 +509,7 @@ mod tests {
     fn refuses_io_beyond_volume_and_bad_ids() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path(), Some(MIB)).unwrap();
-        assert!(pool.write("v", 4096, 4000, &[0u8; 200], false).is_err());
+        assert!(pool.write("v", 4096, 4000, &[0u8; 200], false, S).is_err());
         assert!(pool.read("v", 4096, u64::MAX, 2).is_err());
         assert!(pool.read("../etc", 4096, 0, 2).is_err());
     }
@@ -365,7 +519,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
-            pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true)
+            pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true, S)
                 .unwrap();
         }
         let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
@@ -373,5 +527,60 @@ mod tests {
         assert!(pool.replica_ids().unwrap().contains("a"));
         pool.delete("a").unwrap();
         assert_eq!(pool.used(), 0);
+    }
+
+    #[test]
+    fn versions_follow_writes_and_old_epochs_are_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let size = 16 * MIB;
+        let st = |epoch, version| Stamp { epoch, version };
+        pool.write("v", size, 3 * MIB + 10, b"abc", false, st(1, 7))
+            .unwrap();
+        pool.write(
+            "v",
+            size,
+            5 * MIB,
+            &vec![1u8; 2 * MIB as usize],
+            false,
+            st(1, 8),
+        )
+        .unwrap();
+        assert_eq!(
+            pool.changed_regions("v", size, 0).unwrap(),
+            vec![(3, 7), (5, 8), (6, 8)]
+        );
+        assert_eq!(
+            pool.changed_regions("v", size, 7).unwrap(),
+            vec![(5, 8), (6, 8)]
+        );
+        // A new coordinator fences the replica; the old one is refused everywhere.
+        assert_eq!(pool.open_replica("v", size, 2).unwrap(), 2);
+        let err = pool.write("v", size, 0, b"x", false, st(1, 9)).unwrap_err();
+        assert!(err.to_string().contains("stale epoch"), "{err}");
+        assert!(pool.flush("v", size, 1).is_err());
+        assert!(pool.discard("v", size, 0, MIB, st(1, 9)).is_err());
+        assert!(pool
+            .write_region("v", size, 0, &vec![0u8; MIB as usize], st(1, 9))
+            .is_err());
+        // Region copies: data and version together; zeros become a hole.
+        let (data, ver) = pool.read_region("v", size, 3).unwrap();
+        assert_eq!(ver, 7);
+        assert_eq!(&data[10..13], b"abc");
+        let other = Pool::open(&dir.path().join("b"), Some(64 * MIB)).unwrap();
+        other.write_region("v", size, 3, &data, st(2, ver)).unwrap();
+        other
+            .write_region("v", size, 4, &vec![0u8; MIB as usize], st(2, 0))
+            .unwrap();
+        assert_eq!(other.read_region("v", size, 3).unwrap(), (data, 7));
+        assert!(
+            other.used() <= MIB + 4096,
+            "zeros stay thin: {}",
+            other.used()
+        );
+        assert!(
+            other.write_region("v", size, 16, &[], st(2, 1)).is_err(),
+            "beyond the volume"
+        );
     }
 }

@@ -105,6 +105,40 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub epoch: u64,
     pub created_unix: u64,
+    /// Replicas known to hold every acknowledged write (None: all of `replicas`, as
+    /// written by records from before the in-sync set existed).
+    #[serde(default)]
+    pub in_sync: Option<Vec<String>>,
+    /// For a replica out of the in-sync set: every version up to this one is on it.
+    #[serde(default)]
+    pub left_at: BTreeMap<String, u64>,
+    /// Resyncs under way, by node.
+    #[serde(default)]
+    pub resync: BTreeMap<String, ResyncProgress>,
+    /// Bytes the last finished resync of each node copied.
+    #[serde(default)]
+    pub resync_bytes: BTreeMap<String, u64>,
+}
+
+/// Progress of one replica's resync, kept so a restarted resync resumes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ResyncProgress {
+    /// Regions below this index were copied.
+    pub cursor: u64,
+    /// The coordinator's next version when copying began: regions below the cursor need
+    /// copying again on resume only if written after it.
+    pub started_at: u64,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl VolumeRecord {
+    /// The in-sync set.
+    pub fn in_sync(&self) -> Vec<String> {
+        self.in_sync
+            .clone()
+            .unwrap_or_else(|| self.replicas.clone())
+    }
 }
 
 /// Serializes a record.

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::pool::Stamp;
 
 /// The control API (CLI to node).
 pub struct ControlService(pub Arc<Node>);
@@ -130,9 +131,19 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
+        let stamp = Stamp {
+            epoch: r.epoch,
+            version: r.version,
+        };
         self.blocking(move |n| {
-            n.pool
-                .write(&rep.volume_id, rep.size_bytes, r.offset, &r.data, r.fua)
+            n.pool.write(
+                &rep.volume_id,
+                rep.size_bytes,
+                r.offset,
+                &r.data,
+                r.fua,
+                stamp,
+            )
         })
         .await?;
         Ok(Response::new(bpb::WriteReply {}))
@@ -140,8 +151,9 @@ impl Block for BlockService {
 
     async fn flush(&self, req: Request<bpb::FlushRequest>) -> Reply<bpb::FlushReply> {
         self.check(&req)?;
-        let rep = replica(req.into_inner().replica)?;
-        self.blocking(move |n| n.pool.flush(&rep.volume_id, rep.size_bytes))
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        self.blocking(move |n| n.pool.flush(&rep.volume_id, rep.size_bytes, r.epoch))
             .await?;
         Ok(Response::new(bpb::FlushReply {}))
     }
@@ -150,12 +162,69 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
+        let stamp = Stamp {
+            epoch: r.epoch,
+            version: r.version,
+        };
         self.blocking(move |n| {
             n.pool
-                .discard(&rep.volume_id, rep.size_bytes, r.offset, r.length)
+                .discard(&rep.volume_id, rep.size_bytes, r.offset, r.length, stamp)
         })
         .await?;
         Ok(Response::new(bpb::DiscardReply {}))
+    }
+
+    async fn open(&self, req: Request<bpb::OpenRequest>) -> Reply<bpb::OpenReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        let epoch = self
+            .blocking(move |n| n.pool.open_replica(&rep.volume_id, rep.size_bytes, r.epoch))
+            .await?;
+        Ok(Response::new(bpb::OpenReply { epoch }))
+    }
+
+    async fn changed_regions(&self, req: Request<bpb::ChangedRequest>) -> Reply<bpb::ChangedReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        let changed = self
+            .blocking(move |n| {
+                n.pool
+                    .changed_regions(&rep.volume_id, rep.size_bytes, r.after)
+            })
+            .await?;
+        let (regions, versions) = changed.into_iter().unzip();
+        Ok(Response::new(bpb::ChangedReply { regions, versions }))
+    }
+
+    async fn read_region(&self, req: Request<bpb::RegionRequest>) -> Reply<bpb::RegionData> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        let (data, version) = self
+            .blocking(move |n| n.pool.read_region(&rep.volume_id, rep.size_bytes, r.region))
+            .await?;
+        Ok(Response::new(bpb::RegionData {
+            data: data.into(),
+            version,
+        }))
+    }
+
+    async fn write_region(&self, req: Request<bpb::WriteRegionRequest>) -> Reply<bpb::WriteReply> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let rep = replica(r.replica)?;
+        let stamp = Stamp {
+            epoch: r.epoch,
+            version: r.version,
+        };
+        self.blocking(move |n| {
+            n.pool
+                .write_region(&rep.volume_id, rep.size_bytes, r.region, &r.data, stamp)
+        })
+        .await?;
+        Ok(Response::new(bpb::WriteReply {}))
     }
 
     async fn delete_replica(

@@ -1,59 +1,121 @@
-//! Replicated I/O for one attached volume: what the coordinator does with each request.
+//! The coordinator's replicated I/O for one attached volume.
 //!
-//! A write goes to every replica in parallel (the local pool directly, remote replicas
-//! over the block API) and succeeds only when all of them have it; with FUA or a flush
-//! it is durable on each. A read is served by the local replica when this node holds
-//! one, otherwise by the first remote replica that answers (remote data access).
+//! Every write gets a version (the epoch in its high bits) and goes to every in-sync
+//! replica in parallel — the local pool directly, remote replicas over the block API —
+//! and to replicas being caught up. It is acknowledged when every in-sync replica has
+//! it. A replica that fails or times out is removed from the in-sync set in the
+//! metadata store *before* the acknowledgement, with the version watermark it is known
+//! to hold; if that update cannot be made (store down, or this coordinator was
+//! replaced: the epoch moved on), the write fails instead. Reads are served by the local
+//! replica when it is in sync, otherwise by another in-sync replica.
 //!
-//! The methods are synchronous: they run on FUSE session threads and drive the async
-//! gRPC calls on the node's runtime through a handle.
+//! Resync lives in [`crate::resync`]; it uses [`VolumeIo::catch_up`] and
+//! [`VolumeIo::rejoin`] to let a returning replica receive new writes while old regions
+//! are copied, and to return it to the in-sync set under a write barrier.
+//!
+//! The methods are synchronous: they run on FUSE session threads and drive async gRPC
+//! and metadata calls on the node's runtime through a handle.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_proto::block::{DiscardRequest, FlushRequest, ReadRequest, ReplicaRef, WriteRequest};
-use tracing::warn;
+use shoal_proto::block::{
+    DiscardRequest, FlushRequest, OpenRequest, ReadRequest, ReplicaRef, WriteRequest,
+};
+use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::meta::MetaStore;
 use crate::peers::PeerBlockClient;
-use crate::pool::Pool;
+use crate::pool::{Pool, Stamp};
+use crate::records::{self, Keys, VolumeRecord};
+use crate::replication::{self, Outcome};
+use crate::versions::{first_version, regions_of};
 
-/// How long one replica may take to answer a block request.
-const REPLICA_TIMEOUT: Duration = Duration::from_secs(15);
+/// Coordinator-side region lock stripes: writes to one region are ordered the same way
+/// on every replica, and a resync copy of a region never races a write to it.
+const REGION_STRIPES: usize = 256;
 
-/// A replica on another node.
-pub struct RemoteReplica {
+/// Where one replica lives.
+#[derive(Clone)]
+pub enum Target {
+    Local,
+    Remote(Box<PeerBlockClient>),
+}
+
+/// One replica of the volume.
+#[derive(Clone)]
+pub struct Replica {
     pub node: String,
-    pub client: PeerBlockClient,
+    pub target: Target,
+}
+
+/// Which replicas receive writes.
+#[derive(Debug, Clone, Default)]
+struct Sets {
+    in_sync: BTreeSet<String>,
+    /// Being caught up by a resync: they get every new write, but their failure only
+    /// stops their resync.
+    catching_up: BTreeSet<String>,
 }
 
 /// See the module doc.
 pub struct VolumeIo {
-    volume_id: String,
+    pub volume_id: String,
     size: u64,
-    /// Whether this node holds a replica in its own pool.
-    local: bool,
+    pub epoch: u64,
+    pub local_node: String,
     pool: Arc<Pool>,
-    remotes: Vec<RemoteReplica>,
-    rt: tokio::runtime::Handle,
+    pub replicas: Vec<Replica>,
+    sets: RwLock<Sets>,
+    next_version: AtomicU64,
+    /// Versions handed out and not yet completed.
+    inflight: Mutex<BTreeSet<u64>>,
+    stripes: Vec<Mutex<()>>,
+    /// Writes hold it shared; changing who is in sync holds it exclusively.
+    barrier: RwLock<()>,
+    pub meta: MetaStore,
+    pub keys: Keys,
+    pub timeout: Duration,
+    pub rt: tokio::runtime::Handle,
 }
 
+/// How one replica answered.
+type Answer = (String, Result<(), Error>);
+
 impl VolumeIo {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        volume_id: String,
-        size: u64,
-        local: bool,
+        rec: &VolumeRecord,
+        local_node: String,
         pool: Arc<Pool>,
-        remotes: Vec<RemoteReplica>,
+        replicas: Vec<Replica>,
+        meta: MetaStore,
+        keys: Keys,
+        timeout: Duration,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Self {
-            volume_id,
-            size,
-            local,
+            volume_id: rec.id.clone(),
+            size: rec.size_bytes,
+            epoch: rec.epoch,
+            local_node,
             pool,
-            remotes,
+            replicas,
+            sets: RwLock::new(Sets {
+                in_sync: rec.in_sync().into_iter().collect(),
+                catching_up: BTreeSet::new(),
+            }),
+            next_version: AtomicU64::new(first_version(rec.epoch)),
+            inflight: Mutex::new(BTreeSet::new()),
+            stripes: (0..REGION_STRIPES).map(|_| Mutex::new(())).collect(),
+            barrier: RwLock::new(()),
+            meta,
+            keys,
+            timeout,
             rt,
         }
     }
@@ -62,133 +124,356 @@ impl VolumeIo {
         self.size
     }
 
-    fn replica_ref(&self) -> Option<ReplicaRef> {
+    pub fn replica_ref(&self) -> Option<ReplicaRef> {
         Some(ReplicaRef {
             volume_id: self.volume_id.clone(),
             size_bytes: self.size,
         })
     }
 
-    /// Runs `call` against every remote replica in parallel and `local` on this thread,
-    /// then waits for all. Any failure fails the whole operation.
-    fn fan_out<F, Fut>(&self, what: &str, call: F, local: impl FnOnce() -> Result<()>) -> Result<()>
+    pub fn in_sync(&self) -> BTreeSet<String> {
+        self.sets.read().expect("sets lock").in_sync.clone()
+    }
+
+    pub fn is_catching_up(&self, node: &str) -> bool {
+        self.sets
+            .read()
+            .expect("sets lock")
+            .catching_up
+            .contains(node)
+    }
+
+    /// The next version this coordinator will hand out.
+    pub fn next_version(&self) -> u64 {
+        self.next_version.load(Ordering::SeqCst)
+    }
+
+    /// Locks the coordinator stripes of `regions` in a fixed order.
+    pub fn lock_regions(&self, regions: std::ops::Range<u64>) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = regions
+            .map(|r| (r % REGION_STRIPES as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().expect("stripe lock"))
+            .collect()
+    }
+
+    /// Fences every in-sync replica at this coordinator's epoch. Replicas that do not
+    /// answer leave the in-sync set; at least one must answer.
+    pub fn open(&self) -> Result<()> {
+        let replica = self.replica_ref();
+        let epoch = self.epoch;
+        let answers = self.fan_out(
+            &self.in_sync(),
+            |mut c| {
+                let req = OpenRequest {
+                    replica: replica.clone(),
+                    epoch,
+                };
+                async move { c.open(req).await.map(|_| ()) }
+            },
+            || {
+                self.pool
+                    .open_replica(&self.volume_id, self.size, epoch)
+                    .map(|_| ())
+            },
+        );
+        // Writes of the previous coordinator that were not acknowledged may have reached
+        // only some replicas: a replica that left now is resynced from the start of the
+        // previous epoch, which covers them.
+        let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
+        self.settle(answers, Some(watermark))
+    }
+
+    /// Runs `call` against every remote replica among `nodes` in parallel, and `local`
+    /// on this thread when the local replica is among them; returns every answer.
+    fn fan_out<F, Fut>(
+        &self,
+        nodes: &BTreeSet<String>,
+        call: F,
+        local: impl FnOnce() -> Result<()>,
+    ) -> Vec<Answer>
     where
         F: Fn(PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
-        let pending: Vec<_> = self
-            .remotes
-            .iter()
-            .map(|r| {
-                let fut = call(r.client.clone());
-                let timed = async move { tokio::time::timeout(REPLICA_TIMEOUT, fut).await };
-                (r.node.clone(), self.rt.spawn(timed))
-            })
-            .collect();
-        let local_result = if self.local { local() } else { Ok(()) };
-        let mut first_err = local_result.err();
+        let timeout = self.timeout;
+        let mut pending = Vec::new();
+        let mut local_wanted = false;
+        for r in self.replicas.iter().filter(|r| nodes.contains(&r.node)) {
+            match &r.target {
+                Target::Local => local_wanted = true,
+                Target::Remote(client) => {
+                    let fut = call((**client).clone());
+                    let timed = async move { tokio::time::timeout(timeout, fut).await };
+                    pending.push((r.node.clone(), self.rt.spawn(timed)));
+                }
+            }
+        }
+        let mut answers = Vec::with_capacity(pending.len() + 1);
+        if local_wanted {
+            answers.push((self.local_node.clone(), local()));
+        }
         for (node, handle) in pending {
-            let outcome = self.rt.block_on(handle);
-            let err = match outcome {
-                Ok(Ok(Ok(()))) => continue,
-                Ok(Ok(Err(status))) => Error::from(status),
-                Ok(Err(_)) => Error::NodeUnreachable {
+            let res = match self.rt.block_on(handle) {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(status))) => Err(Error::from(status)),
+                Ok(Err(_)) => Err(Error::NodeUnreachable {
                     node: node.clone(),
-                    reason: format!("{what} timed out"),
-                },
-                Err(e) => Error::Internal(e.to_string()),
+                    reason: format!("no answer within {timeout:?}"),
+                }),
+                Err(e) => Err(Error::Internal(e.to_string())),
             };
-            warn!(volume = %self.volume_id, %node, error = %err, "replica {what} failed");
-            first_err.get_or_insert(err);
+            answers.push((node, res));
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        answers
+    }
+
+    /// Acts on the answers of the in-sync replicas (and of those catching up): a
+    /// degraded outcome removes the failed replicas from the in-sync set in the
+    /// metadata store before returning Ok. `watermark` overrides the version recorded
+    /// as held by the replicas that left.
+    fn settle(&self, answers: Vec<Answer>, watermark: Option<u64>) -> Result<()> {
+        let sets = self.sets.read().expect("sets lock").clone();
+        let mut in_sync_answers = Vec::new();
+        for (node, res) in answers {
+            if sets.in_sync.contains(&node) {
+                in_sync_answers.push((node, res));
+            } else if let Err(e) = res {
+                // A replica being caught up failed: its resync stops and starts over later.
+                warn!(volume = %self.volume_id, %node, error = %e, "catch-up write failed");
+                self.sets
+                    .write()
+                    .expect("sets lock")
+                    .catching_up
+                    .remove(&node);
+            }
         }
+        let summary: Vec<(String, Result<(), String>)> = in_sync_answers
+            .iter()
+            .map(|(n, r)| (n.clone(), r.as_ref().map(|_| ()).map_err(|e| e.to_string())))
+            .collect();
+        match replication::outcome(&summary) {
+            Outcome::Complete => Ok(()),
+            Outcome::Degraded { failed } => {
+                for (n, r) in &in_sync_answers {
+                    if let Err(e) = r {
+                        warn!(volume = %self.volume_id, node = %n, error = %e, "replica failed; leaving the in-sync set");
+                    }
+                }
+                let at = watermark.unwrap_or_else(|| {
+                    let min = self.inflight.lock().expect("inflight").first().copied();
+                    replication::left_at(min, self.next_version())
+                });
+                self.remove_from_in_sync(&failed, at)
+            }
+            Outcome::Failed { errors } => {
+                warn!(volume = %self.volume_id, ?errors, "every in-sync replica failed");
+                // The first replica's own error, so ENOSPC stays ENOSPC for the writer.
+                let first = in_sync_answers.into_iter().find_map(|(_, r)| r.err());
+                Err(first.unwrap_or_else(|| Error::Internal("no in-sync replica".into())))
+            }
+        }
+    }
+
+    /// Records in the metadata store that `failed` left the in-sync set, holding every
+    /// version up to `at`. Refuses if this coordinator is no longer the volume's.
+    fn remove_from_in_sync(&self, failed: &[String], at: u64) -> Result<()> {
+        let key = self.keys.volume(&self.volume_id);
+        let epoch = self.epoch;
+        let me = self.local_node.clone();
+        let meta = self.meta.clone();
+        let failed_owned = failed.to_vec();
+        let result: Result<()> = self.rt.block_on(async move {
+            loop {
+                let kv = meta
+                    .get(&key)
+                    .await?
+                    .ok_or_else(|| Error::NotFound("volume record".into()))?;
+                let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+                if rec.epoch != epoch || rec.attached_node.as_deref() != Some(me.as_str()) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "this node is no longer the coordinator (epoch {} now, ours {epoch})",
+                        rec.epoch
+                    )));
+                }
+                let mut in_sync = rec.in_sync();
+                in_sync.retain(|n| !failed_owned.contains(n));
+                if in_sync.is_empty() {
+                    return Err(Error::Internal("no in-sync replica would remain".into()));
+                }
+                for n in &failed_owned {
+                    let e = rec.left_at.entry(n.clone()).or_insert(at);
+                    *e = (*e).min(at);
+                    rec.resync.remove(n);
+                }
+                rec.in_sync = Some(in_sync);
+                if meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+                    return Ok(());
+                }
+            }
+        });
+        match result {
+            Ok(()) => {
+                let mut sets = self.sets.write().expect("sets lock");
+                for n in failed {
+                    sets.in_sync.remove(n);
+                }
+                info!(volume = %self.volume_id, failed = ?failed, left_at = at, "volume degraded");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(volume = %self.volume_id, error = %e, "cannot record a failed replica; failing the write");
+                Err(Error::Internal(format!(
+                    "a replica failed and its removal from the in-sync set could not be recorded: {e}"
+                )))
+            }
+        }
+    }
+
+    /// The replicas a write goes to: in sync, and those being caught up.
+    fn write_set(&self) -> BTreeSet<String> {
+        let s = self.sets.read().expect("sets lock");
+        s.in_sync.union(&s.catching_up).cloned().collect()
+    }
+
+    /// Runs one versioned change under the barrier and region locks.
+    fn versioned<F, Fut>(
+        &self,
+        offset: u64,
+        len: u64,
+        call: impl Fn(u64) -> F,
+        local: impl FnOnce(Stamp) -> Result<()>,
+    ) -> Result<()>
+    where
+        F: Fn(PeerBlockClient) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
+    {
+        let _barrier = self.barrier.read().expect("barrier");
+        let _regions = self.lock_regions(regions_of(offset, len));
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst);
+        self.inflight.lock().expect("inflight").insert(version);
+        let stamp = Stamp {
+            epoch: self.epoch,
+            version,
+        };
+        let answers = self.fan_out(&self.write_set(), call(version), || local(stamp));
+        let result = self.settle(answers, None);
+        self.inflight.lock().expect("inflight").remove(&version);
+        result
     }
 
     /// Writes `data` at `offset` on every replica.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let payload = Bytes::copy_from_slice(data);
         let replica = self.replica_ref();
-        self.fan_out(
-            "write",
-            |mut c| {
-                let req = WriteRequest {
-                    replica: replica.clone(),
-                    offset,
-                    data: payload.clone(),
-                    fua,
-                };
-                async move { c.write(req).await.map(|_| ()) }
+        let epoch = self.epoch;
+        self.versioned(
+            offset,
+            data.len() as u64,
+            |version| {
+                let payload = payload.clone();
+                let replica = replica.clone();
+                move |mut c: PeerBlockClient| {
+                    let req = WriteRequest {
+                        replica: replica.clone(),
+                        offset,
+                        data: payload.clone(),
+                        fua,
+                        epoch,
+                        version,
+                    };
+                    async move { c.write(req).await.map(|_| ()) }
+                }
             },
-            || {
+            |stamp| {
                 self.pool
-                    .write(&self.volume_id, self.size, offset, data, fua)
+                    .write(&self.volume_id, self.size, offset, data, fua, stamp)
             },
-        )
-    }
-
-    /// Makes every acknowledged write durable on every replica.
-    pub fn flush(&self) -> Result<()> {
-        let replica = self.replica_ref();
-        self.fan_out(
-            "flush",
-            |mut c| {
-                let req = FlushRequest {
-                    replica: replica.clone(),
-                };
-                async move { c.flush(req).await.map(|_| ()) }
-            },
-            || self.pool.flush(&self.volume_id, self.size),
         )
     }
 
     /// Frees a range on every replica.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let replica = self.replica_ref();
-        self.fan_out(
-            "discard",
-            |mut c| {
-                let req = DiscardRequest {
-                    replica: replica.clone(),
-                    offset,
-                    length: len,
-                };
-                async move { c.discard(req).await.map(|_| ()) }
+        let epoch = self.epoch;
+        self.versioned(
+            offset,
+            len,
+            |version| {
+                let replica = replica.clone();
+                move |mut c: PeerBlockClient| {
+                    let req = DiscardRequest {
+                        replica: replica.clone(),
+                        offset,
+                        length: len,
+                        epoch,
+                        version,
+                    };
+                    async move { c.discard(req).await.map(|_| ()) }
+                }
             },
-            || self.pool.discard(&self.volume_id, self.size, offset, len),
+            |stamp| {
+                self.pool
+                    .discard(&self.volume_id, self.size, offset, len, stamp)
+            },
         )
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Makes every acknowledged write durable on every in-sync replica.
+    pub fn flush(&self) -> Result<()> {
+        let replica = self.replica_ref();
+        let epoch = self.epoch;
+        let answers = self.fan_out(
+            &self.write_set(),
+            |mut c| {
+                let req = FlushRequest {
+                    replica: replica.clone(),
+                    epoch,
+                };
+                async move { c.flush(req).await.map(|_| ()) }
+            },
+            || self.pool.flush(&self.volume_id, self.size, epoch),
+        );
+        self.settle(answers, None)
+    }
+
+    /// Reads `len` bytes at `offset` from an in-sync replica.
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
-        if self.local {
+        let in_sync = self.in_sync();
+        if in_sync.contains(&self.local_node)
+            && self.replicas.iter().any(|r| r.node == self.local_node)
+        {
             return self.pool.read(&self.volume_id, self.size, offset, len);
         }
         let mut last_err = None;
-        for r in &self.remotes {
-            let mut c = r.client.clone();
+        for r in self.replicas.iter().filter(|r| in_sync.contains(&r.node)) {
+            let Target::Remote(client) = &r.target else {
+                continue;
+            };
+            let mut c = (**client).clone();
             let req = ReadRequest {
                 replica: self.replica_ref(),
                 offset,
                 length: len,
             };
+            let timeout = self.timeout;
             let res = self
                 .rt
-                .block_on(async move { tokio::time::timeout(REPLICA_TIMEOUT, c.read(req)).await });
+                .block_on(async move { tokio::time::timeout(timeout, c.read(req)).await });
             match res {
                 Ok(Ok(reply)) => {
                     let data = reply.into_inner().data;
-                    if data.len() != len as usize {
-                        last_err = Some(Error::Internal(format!(
-                            "replica on {} returned {} bytes, asked {len}",
-                            r.node,
-                            data.len()
-                        )));
-                        continue;
+                    if data.len() == len as usize {
+                        return Ok(data.to_vec());
                     }
-                    return Ok(data.to_vec());
+                    last_err = Some(Error::Internal(format!(
+                        "replica on {} returned {} bytes, asked {len}",
+                        r.node,
+                        data.len()
+                    )));
                 }
                 Ok(Err(status)) => last_err = Some(status.into()),
                 Err(_) => {
@@ -200,6 +485,111 @@ impl VolumeIo {
             }
             warn!(volume = %self.volume_id, node = %r.node, "replica read failed, trying next");
         }
-        Err(last_err.unwrap_or_else(|| Error::Internal("volume has no replica".into())))
+        Err(last_err.unwrap_or_else(|| Error::Internal("no in-sync replica to read".into())))
     }
+
+    /// Starts sending every new write to `node` too (a resync begins). Returns the
+    /// version from which on it receives writes: waits for writes in flight to finish,
+    /// so every earlier version is already on the source replicas.
+    pub fn catch_up(&self, node: &str) -> u64 {
+        let _b = self.barrier.write().expect("barrier");
+        self.sets
+            .write()
+            .expect("sets lock")
+            .catching_up
+            .insert(node.to_string());
+        self.next_version()
+    }
+
+    /// Stops sending writes to a replica whose resync gave up.
+    pub fn stop_catch_up(&self, node: &str) {
+        self.sets
+            .write()
+            .expect("sets lock")
+            .catching_up
+            .remove(node);
+    }
+
+    /// Returns a caught-up replica to the in-sync set: the metadata store first (through
+    /// a conditional update that checks this coordinator's epoch), then the local sets,
+    /// with no write in flight in between. `bytes` is what its resync copied.
+    pub fn rejoin(&self, node: &str, bytes: u64) -> Result<()> {
+        let _b = self.barrier.write().expect("barrier");
+        if !self.is_catching_up(node) {
+            return Err(Error::FailedPrecondition(format!(
+                "replica on {node} missed a write during its resync"
+            )));
+        }
+        let key = self.keys.volume(&self.volume_id);
+        let (meta, epoch, node_s) = (self.meta.clone(), self.epoch, node.to_string());
+        self.rt.block_on(async move {
+            loop {
+                let kv = meta
+                    .get(&key)
+                    .await?
+                    .ok_or_else(|| Error::NotFound("volume record".into()))?;
+                let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+                if rec.epoch != epoch {
+                    return Err(Error::FailedPrecondition("coordinator replaced".into()));
+                }
+                let mut in_sync = rec.in_sync();
+                if !in_sync.contains(&node_s) {
+                    in_sync.push(node_s.clone());
+                }
+                rec.in_sync = Some(in_sync);
+                rec.left_at.remove(&node_s);
+                rec.resync.remove(&node_s);
+                rec.resync_bytes.insert(node_s.clone(), bytes);
+                if meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+                    return Ok(());
+                }
+            }
+        })?;
+        let mut sets = self.sets.write().expect("sets lock");
+        sets.catching_up.remove(node);
+        sets.in_sync.insert(node.to_string());
+        info!(volume = %self.volume_id, %node, bytes, "replica back in sync");
+        Ok(())
+    }
+
+    /// The client of a remote replica, by node.
+    pub fn remote(&self, node: &str) -> Option<PeerBlockClient> {
+        self.replicas.iter().find_map(|r| match &r.target {
+            Target::Remote(c) if r.node == node => Some((**c).clone()),
+            _ => None,
+        })
+    }
+
+    /// Whether `node`'s replica is this node's own pool.
+    pub fn is_local(&self, node: &str) -> bool {
+        node == self.local_node && self.replicas.iter().any(|r| r.node == node)
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+/// Replica targets for a volume as seen from `local_node`.
+pub fn targets(
+    rec: &VolumeRecord,
+    local_node: &str,
+    clients: &HashMap<String, PeerBlockClient>,
+) -> Vec<Replica> {
+    rec.replicas
+        .iter()
+        .filter_map(|n| {
+            if n == local_node {
+                Some(Replica {
+                    node: n.clone(),
+                    target: Target::Local,
+                })
+            } else {
+                clients.get(n).map(|c| Replica {
+                    node: n.clone(),
+                    target: Target::Remote(Box::new(c.clone())),
+                })
+            }
+        })
+        .collect()
 }

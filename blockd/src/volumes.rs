@@ -212,13 +212,17 @@ impl Node {
             labels: req.labels.into_iter().collect(),
             io_priority,
             shared: req.shared,
-            replicas,
+            replicas: replicas.clone(),
             attached_node: None,
             device_path: String::new(),
             mount_path: String::new(),
             formatted: false,
             epoch: 0,
             created_unix: records::now_unix(),
+            in_sync: Some(replicas.clone()),
+            left_at: Default::default(),
+            resync: Default::default(),
+            resync_bytes: Default::default(),
         };
         self.meta
             .put(&self.keys.volume(&id), &records::encode(&rec))
@@ -237,6 +241,8 @@ impl Node {
             .collect();
         let mut replicas = Vec::new();
         let mut used = 0u64;
+        let in_sync = rec.in_sync();
+        let mut degraded = false;
         for node_id in &rec.replicas {
             let usage = match nodes.get(node_id) {
                 Some(n) => self.usage_of(n, std::slice::from_ref(&rec.id)).await,
@@ -247,15 +253,24 @@ impl Node {
                 .and_then(|u| u.volume_used.get(&rec.id).copied())
                 .unwrap_or(0);
             used = used.max(replica_used);
+            let progress = rec.resync.get(node_id);
+            let state = if !self.membership.is_online(node_id) {
+                "offline"
+            } else if in_sync.contains(node_id) {
+                "in-sync"
+            } else if progress.is_some() {
+                "resyncing"
+            } else {
+                "out-of-sync"
+            };
+            degraded |= state != "in-sync";
             replicas.push(pb::Replica {
                 node: node_id.clone(),
-                state: if usage.is_some() {
-                    "in-sync"
-                } else {
-                    "offline"
-                }
-                .into(),
+                state: state.into(),
                 used_bytes: replica_used,
+                resync_done_bytes: progress.map(|p| p.done_bytes).unwrap_or(0),
+                resync_total_bytes: progress.map(|p| p.total_bytes).unwrap_or(0),
+                last_resync_bytes: rec.resync_bytes.get(node_id).copied().unwrap_or(0),
             });
         }
         Ok(pb::Volume {
@@ -281,6 +296,7 @@ impl Node {
             mount_path: rec.mount_path.clone(),
             created_unix: rec.created_unix,
             epoch: rec.epoch,
+            degraded,
         })
     }
 

@@ -41,6 +41,10 @@ pub struct StartArgs {
     /// Bytes the pool may hold, e.g. 100G (default: free space of the pool's filesystem).
     #[arg(long, env = "SHOAL_CAPACITY", value_parser = parse_size_arg)]
     capacity: Option<u64>,
+    /// Seconds a replica may take to answer a write before it leaves the in-sync set
+    /// (writes stall at most this long when a replica node hangs).
+    #[arg(long, env = "SHOAL_REPLICA_TIMEOUT", default_value_t = shoal_blockd::config::DEFAULT_REPLICA_TIMEOUT.as_secs_f64())]
+    replica_timeout: f64,
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -59,6 +63,14 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         secret: args.secret,
         pool: args.pool,
         capacity: args.capacity,
+        replica_timeout: std::time::Duration::try_from_secs_f64(args.replica_timeout).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "--replica-timeout {} is not a duration in seconds",
+                    args.replica_timeout
+                )
+            },
+        )?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -100,10 +100,23 @@ pub fn volume_json(v: &Volume) -> Value {
         "io_priority": v.io_priority,
         "labels": v.labels,
         "epoch": v.epoch,
+        "coordinator": if v.attached_node.is_empty() { Value::Null } else { json!(v.attached_node) },
+        "degraded": v.degraded,
         "created_unix": v.created_unix,
-        "replicas": v.replicas.iter().map(|r| json!({
-            "node": r.node, "state": r.state, "used_bytes": r.used_bytes,
-        })).collect::<Vec<_>>(),
+        "replicas": v.replicas.iter().map(|r| {
+            let mut o = json!({
+                "node": r.node, "state": r.state, "used_bytes": r.used_bytes,
+                "last_resync_bytes": r.last_resync_bytes,
+            });
+            if r.state == "resyncing" {
+                o["resync_done_bytes"] = json!(r.resync_done_bytes);
+                o["resync_total_bytes"] = json!(r.resync_total_bytes);
+                o["resync_left_bytes"] =
+                    json!(r.resync_total_bytes.saturating_sub(r.resync_done_bytes));
+                o["resync_percent"] = json!(percent(r.resync_done_bytes, r.resync_total_bytes));
+            }
+            o
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -124,7 +137,9 @@ pub fn volume_text(v: &Volume) {
     println!("Block size  {}", format_size(v.block_size as u64));
     println!("FS          {}", v.fs);
     println!("Priority    {}", v.io_priority);
-    println!("State       {}", v.state);
+    let degraded = if v.degraded { " (degraded)" } else { "" };
+    println!("State       {}{degraded}", v.state);
+    println!("Epoch       {}", v.epoch);
     println!("Attached    {}", dash(&v.attached_node));
     println!("Device      {}", dash(&v.device_path));
     println!("Mounted at  {}", dash(&v.mount_path));
@@ -137,7 +152,26 @@ pub fn volume_text(v: &Volume) {
     let rows: Vec<Vec<String>> = v
         .replicas
         .iter()
-        .map(|r| vec![r.node.clone(), r.state.clone(), format_size(r.used_bytes)])
+        .map(|r| {
+            let state = if r.state == "resyncing" {
+                format!(
+                    "resyncing {:.0}% ({} left)",
+                    percent(r.resync_done_bytes, r.resync_total_bytes),
+                    format_size(r.resync_total_bytes.saturating_sub(r.resync_done_bytes))
+                )
+            } else {
+                r.state.clone()
+            };
+            vec![r.node.clone(), state, format_size(r.used_bytes)]
+        })
         .collect();
     table::print(&["NODE", "STATE", "USED"], &rows);
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        (done as f64 * 1000.0 / total as f64).round() / 10.0
+    }
 }

@@ -27,6 +27,7 @@ fn garbage_and_unauthenticated_requests_are_refused() {
                 offset: 0,
                 data: vec![1u8; 16].into(),
                 fua: false,
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -1,0 +1,115 @@
+//! Replication decisions as plain data: what a write's completions mean, and which
+//! regions a returning replica must be sent. No I/O here; the coordinator
+//! ([`crate::volume_io`]) acts on these answers, and the unit tests drive them directly.
+
+use std::collections::BTreeMap;
+
+/// What one replicated write (or flush) amounts to, from its completions on the
+/// in-sync replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every in-sync replica has it.
+    Complete,
+    /// Some in-sync replicas failed and others have it: the failed ones must leave the
+    /// in-sync set (durably, in the metadata store) before the write is acknowledged.
+    Degraded { failed: Vec<String> },
+    /// No in-sync replica has it: the write fails.
+    Failed { errors: Vec<(String, String)> },
+}
+
+/// Counts completions. `results` holds one entry per in-sync replica.
+pub fn outcome(results: &[(String, Result<(), String>)]) -> Outcome {
+    let failed: Vec<(String, String)> = results
+        .iter()
+        .filter_map(|(n, r)| r.as_ref().err().map(|e| (n.clone(), e.clone())))
+        .collect();
+    if failed.is_empty() {
+        Outcome::Complete
+    } else if failed.len() == results.len() {
+        Outcome::Failed { errors: failed }
+    } else {
+        Outcome::Degraded {
+            failed: failed.into_iter().map(|(n, _)| n).collect(),
+        }
+    }
+}
+
+/// The watermark recorded when replicas leave the in-sync set: every version up to it
+/// completed on them. `inflight` holds the versions not yet completed on all replicas.
+pub fn left_at(inflight_min: Option<u64>, next_version: u64) -> u64 {
+    inflight_min.unwrap_or(next_version).saturating_sub(1)
+}
+
+/// Where a resync starts: the regions to copy, ascending.
+///
+/// A region is copied when the source's version or the target's own version of it is
+/// above `since` (the target may hold writes that were never acknowledged). On a resumed
+/// resync, regions below `cursor` were copied already and are copied again only when
+/// written after the earlier copy began (`resumed_after`).
+pub fn plan(
+    source: &[(u64, u64)],
+    target: &[(u64, u64)],
+    since: u64,
+    cursor: u64,
+    resumed_after: u64,
+) -> Vec<u64> {
+    let mut want: BTreeMap<u64, ()> = BTreeMap::new();
+    for &(region, version) in source.iter().chain(target) {
+        let bar = if region < cursor {
+            since.max(resumed_after)
+        } else {
+            since
+        };
+        if version > bar {
+            want.insert(region, ());
+        }
+    }
+    want.into_keys().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(n: &str) -> (String, Result<(), String>) {
+        (n.into(), Ok(()))
+    }
+    fn bad(n: &str) -> (String, Result<(), String>) {
+        (n.into(), Err("boom".into()))
+    }
+
+    #[test]
+    fn completions_decide_the_outcome() {
+        assert_eq!(outcome(&[ok("a"), ok("b")]), Outcome::Complete);
+        assert_eq!(
+            outcome(&[ok("a"), bad("b"), bad("c")]),
+            Outcome::Degraded {
+                failed: vec!["b".into(), "c".into()]
+            }
+        );
+        assert!(
+            matches!(outcome(&[bad("a"), bad("b")]), Outcome::Failed { errors } if errors.len() == 2)
+        );
+        assert!(matches!(outcome(&[bad("a")]), Outcome::Failed { .. }));
+        assert_eq!(outcome(&[ok("a")]), Outcome::Complete);
+    }
+
+    #[test]
+    fn left_at_is_below_every_unfinished_write() {
+        assert_eq!(left_at(Some(10), 15), 9);
+        assert_eq!(left_at(None, 15), 14);
+        assert_eq!(left_at(Some(0), 1), 0);
+    }
+
+    #[test]
+    fn plan_copies_newer_regions_of_either_side() {
+        let source = [(1, 5), (2, 9), (7, 12)];
+        let target = [(3, 11), (2, 4)];
+        assert_eq!(plan(&source, &target, 8, 0, 0), vec![2, 3, 7]);
+        // Full copy for a new replica: every written region.
+        assert_eq!(plan(&source, &[], 0, 0, 0), vec![1, 2, 7]);
+        // Resume at cursor 3: regions below it only if written after the first pass began.
+        assert_eq!(plan(&source, &target, 0, 3, 10), vec![3, 7]);
+        assert_eq!(plan(&source, &target, 0, 3, 8), vec![2, 3, 7]);
+    }
+}

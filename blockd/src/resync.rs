@@ -1,0 +1,281 @@
+//! Resync: bringing a replica that missed writes back into the in-sync set.
+//!
+//! One worker per attached volume runs on the coordinator. Every second it looks for
+//! replicas outside the in-sync set whose node is alive, and catches each up in turn:
+//!
+//! 1. fence the replica at the coordinator's epoch;
+//! 2. start sending it every new write ([`VolumeIo::catch_up`]);
+//! 3. copy the regions written since it left — by the versions on an in-sync source
+//!    and on the replica itself ([`crate::replication::plan`]) — each under the
+//!    coordinator's region lock, so no write races the copy;
+//! 4. return it to the in-sync set through a conditional update of the volume record
+//!    ([`VolumeIo::rejoin`]).
+//!
+//! A replica on a new node, or one that never held data, has nothing recorded and gets
+//! every written region: a full copy, still thin. Progress (cursor, bytes done and left)
+//! is kept in the volume record about once a second, so `inspect` shows it from any node
+//! and a resync that stops (target lost again, coordinator restarted) resumes from its
+//! cursor instead of starting over.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_proto::block::{ChangedRequest, OpenRequest, RegionRequest, WriteRegionRequest};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::membership::Membership;
+use crate::pool::Stamp;
+use crate::records::{self, ResyncProgress, VolumeRecord};
+use crate::replication;
+use crate::versions::REGION_BYTES;
+use crate::volume_io::VolumeIo;
+
+/// How often the worker looks for replicas to catch up.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often progress is written to the volume record.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the resync worker of an attached volume; it ends when `stop` is set.
+pub fn spawn(io: Arc<VolumeIo>, membership: Membership, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(SCAN_EVERY).await;
+            let in_sync = io.in_sync();
+            let behind: Vec<String> = io
+                .replicas
+                .iter()
+                .map(|r| r.node.clone())
+                .filter(|n| !in_sync.contains(n) && membership.is_online(n))
+                .collect();
+            for node in behind {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (io2, stop2, n2) = (io.clone(), stop.clone(), node.clone());
+                let res = tokio::task::spawn_blocking(move || resync_one(&io2, &n2, &stop2)).await;
+                match res {
+                    Ok(Ok(bytes)) => info!(volume = %io.volume_id, %node, bytes, "resync finished"),
+                    Ok(Err(e)) => {
+                        io.stop_catch_up(&node);
+                        warn!(volume = %io.volume_id, %node, error = %e, "resync stopped; will retry");
+                    }
+                    Err(e) => {
+                        io.stop_catch_up(&node);
+                        warn!(volume = %io.volume_id, %node, error = %e, "resync task failed");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A replica, seen from the resync: this node's pool or a remote node.
+struct Side<'a> {
+    io: &'a VolumeIo,
+    node: String,
+}
+
+impl Side<'_> {
+    fn open(&self) -> Result<()> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            io.pool().open_replica(&io.volume_id, io.size(), io.epoch)?;
+            return Ok(());
+        }
+        let mut c = self.client()?;
+        let req = OpenRequest {
+            replica: io.replica_ref(),
+            epoch: io.epoch,
+        };
+        self.call(async move { c.open(req).await.map(|_| ()) })
+    }
+
+    fn changed(&self, after: u64) -> Result<Vec<(u64, u64)>> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().changed_regions(&io.volume_id, io.size(), after);
+        }
+        let mut c = self.client()?;
+        let req = ChangedRequest {
+            replica: io.replica_ref(),
+            after,
+        };
+        self.call(async move {
+            let r = c.changed_regions(req).await?.into_inner();
+            Ok(r.regions.into_iter().zip(r.versions).collect())
+        })
+    }
+
+    fn read_region(&self, region: u64) -> Result<(Vec<u8>, u64)> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().read_region(&io.volume_id, io.size(), region);
+        }
+        let mut c = self.client()?;
+        let req = RegionRequest {
+            replica: io.replica_ref(),
+            region,
+        };
+        self.call(async move {
+            let r = c.read_region(req).await?.into_inner();
+            Ok((r.data.to_vec(), r.version))
+        })
+    }
+
+    fn write_region(&self, region: u64, data: Vec<u8>, version: u64) -> Result<()> {
+        let io = self.io;
+        let stamp = Stamp {
+            epoch: io.epoch,
+            version,
+        };
+        if io.is_local(&self.node) {
+            return io
+                .pool()
+                .write_region(&io.volume_id, io.size(), region, &data, stamp);
+        }
+        let mut c = self.client()?;
+        let req = WriteRegionRequest {
+            replica: io.replica_ref(),
+            region,
+            data: data.into(),
+            epoch: stamp.epoch,
+            version: stamp.version,
+        };
+        self.call(async move { c.write_region(req).await.map(|_| ()) })
+    }
+
+    fn client(&self) -> Result<crate::peers::PeerBlockClient> {
+        self.io
+            .remote(&self.node)
+            .ok_or_else(|| Error::Internal(format!("no client for replica on {}", self.node)))
+    }
+
+    fn call<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T> {
+        let timeout = self.io.timeout;
+        match self
+            .io
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, fut).await })
+        {
+            Ok(r) => r.map_err(Error::from),
+            Err(_) => Err(Error::NodeUnreachable {
+                node: self.node.clone(),
+                reason: "no answer in time".into(),
+            }),
+        }
+    }
+}
+
+fn record(io: &VolumeIo) -> Result<VolumeRecord> {
+    let key = io.keys.volume(&io.volume_id);
+    let kv = io
+        .rt
+        .block_on(io.meta.get(&key))?
+        .ok_or_else(|| Error::NotFound(format!("volume {}", io.volume_id)))?;
+    records::decode(&kv.key, &kv.value)
+}
+
+fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
+    let key = io.keys.volume(&io.volume_id);
+    io.rt.block_on(async {
+        loop {
+            let kv = io
+                .meta
+                .get(&key)
+                .await?
+                .ok_or_else(|| Error::NotFound("volume record".into()))?;
+            let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+            if rec.epoch != io.epoch {
+                return Err(Error::FailedPrecondition("coordinator replaced".into()));
+            }
+            rec.resync.insert(node.to_string(), p.clone());
+            if io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+                return Ok(());
+            }
+        }
+    })
+}
+
+/// Catches one replica up; returns the bytes copied.
+fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
+    let rec = record(io)?;
+    let since = rec.left_at.get(node).copied().unwrap_or(0);
+    let previous = rec.resync.get(node).cloned();
+    let target = Side {
+        io,
+        node: node.to_string(),
+    };
+    let in_sync = io.in_sync();
+    let source_node = if in_sync.contains(&io.local_node) && io.is_local(&io.local_node) {
+        io.local_node.clone()
+    } else {
+        in_sync
+            .iter()
+            .next()
+            .cloned()
+            .ok_or_else(|| Error::Internal("no in-sync replica to copy from".into()))?
+    };
+    let source = Side {
+        io,
+        node: source_node,
+    };
+    target.open()?;
+    let started_at = io.catch_up(node);
+    let (cursor, resumed_after) = previous
+        .as_ref()
+        .map(|p| (p.cursor, p.started_at))
+        .unwrap_or((0, 0));
+    let plan = replication::plan(
+        &source.changed(since)?,
+        &target.changed(since)?,
+        since,
+        cursor,
+        resumed_after,
+    );
+    let total = plan.len() as u64 * REGION_BYTES;
+    info!(volume = %io.volume_id, %node, since, regions = plan.len(), resumed = previous.is_some(), "resync started");
+    let mut progress = ResyncProgress {
+        cursor: 0,
+        started_at,
+        done_bytes: 0,
+        total_bytes: total,
+    };
+    save_progress(io, node, &progress)?;
+    let mut last_save = Instant::now();
+    let mut last_log = 0u64;
+    for region in plan {
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::FailedPrecondition("volume detached".into()));
+        }
+        if !io.is_catching_up(node) {
+            return Err(Error::FailedPrecondition(
+                "the replica missed a write".into(),
+            ));
+        }
+        let copied = {
+            let _lock = io.lock_regions(region..region + 1);
+            let (data, version) = source.read_region(region)?;
+            let len = data.len() as u64;
+            target.write_region(region, data, version)?;
+            len
+        };
+        progress.done_bytes += copied;
+        progress.cursor = region + 1;
+        if last_save.elapsed() >= PROGRESS_EVERY {
+            save_progress(io, node, &progress)?;
+            last_save = Instant::now();
+        }
+        let pct = progress.done_bytes * 100 / total.max(1);
+        if pct >= last_log + 10 {
+            last_log = pct;
+            info!(volume = %io.volume_id, %node, pct, bytes_left = total.saturating_sub(progress.done_bytes), "resync progress");
+        }
+    }
+    io.rejoin(node, progress.done_bytes)?;
+    Ok(progress.done_bytes)
+}
