@@ -4,6 +4,9 @@
 //! writes, fsync and hole punching go straight to the coordinator's [`VolumeIo`]. It is
 //! opened with direct I/O so the kernel keeps no page cache of it: the node is the one
 //! place that decides what the bytes are, and a loop device on top adds its own cache.
+//!
+//! `flush` (sent on every close) is deliberately not implemented: the kernel then stops
+//! sending it, so closing the device never waits for the node.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -184,17 +187,6 @@ impl Filesystem for DeviceFs {
                 reply.error(errno(&e));
             }
         }
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
     }
 
     fn fsync(

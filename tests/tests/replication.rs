@@ -250,3 +250,88 @@ fn writes_fail_rather_than_ack_when_the_failure_cannot_be_recorded() {
     );
     c.etcd.as_mut().unwrap().restart();
 }
+
+#[test]
+fn a_replaced_coordinator_can_no_longer_write() {
+    require_root!();
+    let c = Cluster::start(
+        3,
+        Opts {
+            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            ..Opts::default()
+        },
+    );
+    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "raw", "--size", "64M", "--repl", "2", "--nodes", &pin,
+        ],
+    )
+    .expect_ok("create");
+    // Node 0 coordinates; it writes A.
+    let v = c.json(0, &["volume", "attach", "raw"]);
+    let old_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    let mut old = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&old_dev)
+        .unwrap();
+    old.write_all(&vec![b'A'; MIB]).unwrap();
+    old.sync_all().unwrap();
+    // Closed before the node hangs: closing a FUSE file waits for its daemon, and every
+    // process this test spawns would close an inherited copy.
+    drop(old);
+
+    // Node 0 hangs; once the cluster declares it dead, node 2 takes the volume over.
+    c.pause(0);
+    let dead = c.nodes[0].id();
+    wait_until(
+        Duration::from_secs(20),
+        "hung coordinator declared dead",
+        || {
+            c.states(1)
+                .iter()
+                .any(|(n, s)| *n == dead && s == "offline")
+        },
+    );
+    let v = c.json(2, &["volume", "attach", "raw"]);
+    assert_eq!(v["coordinator"], c.nodes[2].id());
+    assert!(v["epoch"].as_u64().unwrap() >= 2);
+    let new_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&new_dev)
+            .unwrap();
+        f.write_all(&vec![b'B'; MIB]).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    // The old coordinator wakes up and tries to write: refused, never acknowledged.
+    c.resume(0);
+    let res = (|| -> std::io::Result<()> {
+        let mut old = std::fs::OpenOptions::new().write(true).open(&old_dev)?;
+        old.write_all(&vec![b'C'; MIB])?;
+        old.sync_all()
+    })();
+    assert!(
+        res.is_err(),
+        "a deposed coordinator's write was acknowledged"
+    );
+
+    // What the new coordinator wrote is what every in-sync replica has.
+    let data = std::fs::read(&new_dev).unwrap();
+    assert!(
+        data[..MIB].iter().all(|&b| b == b'B'),
+        "new coordinator's data intact"
+    );
+    let img = c.nodes[1]
+        .data_dir
+        .join("pool/replicas")
+        .join(format!("{}.img", v["id"].as_str().unwrap()));
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(
+        on_disk[..MIB].iter().all(|&b| b == b'B'),
+        "in-sync replica holds B, not C"
+    );
+}
