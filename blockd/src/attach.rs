@@ -224,7 +224,15 @@ impl Node {
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         let stop = Arc::new(AtomicBool::new(false));
-        resync::spawn(io.clone(), self.membership.clone(), stop.clone());
+        resync::spawn(
+            io.clone(),
+            resync::WorkerCtx {
+                membership: self.membership.clone(),
+                peers: self.peers.clone(),
+                rebuild_after: self.cfg.rebuild_after,
+                stop: stop.clone(),
+            },
+        );
         let fuse_dir = self.attach_root().join(&rec.name);
         for stale in host::mounts_under(&fuse_dir) {
             let _ = host::umount(&stale, true).await;

@@ -35,7 +35,13 @@ pub struct NodeConfig {
     pub capacity: Option<u64>,
     /// How long a replica may take to answer a write before it leaves the in-sync set.
     pub replica_timeout: std::time::Duration,
+    /// How long a replica's node may stay offline before the replica is rebuilt on
+    /// another node (by the volume's coordinator).
+    pub rebuild_after: std::time::Duration,
 }
+
+/// Default of [`NodeConfig::rebuild_after`].
+pub const DEFAULT_REBUILD_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Default of [`NodeConfig::replica_timeout`]: long enough for a busy disk, short enough
 /// that a hung node costs writers a few seconds at most.

@@ -40,7 +40,7 @@ pub struct Node {
     pub keys: Keys,
     pub pool: Arc<Pool>,
     pub membership: Membership,
-    pub peers: Peers,
+    pub peers: Arc<Peers>,
     pub token: String,
     /// Volumes attached on this node, by volume id.
     pub attachments: tokio::sync::Mutex<HashMap<String, Attachment>>,
@@ -128,7 +128,7 @@ impl Node {
         let membership = Membership::start(&id, cfg.gossip, &token).await?;
         info!(node = %id, cluster = %cfg.cluster_id, store = meta.kind(), "node joined");
         Ok(Arc::new(Self {
-            peers: Peers::new(&token),
+            peers: Arc::new(Peers::new(&token)),
             cfg,
             id,
             meta,
@@ -274,15 +274,17 @@ async fn gc_once(node: &Node) -> Result<()> {
     // Replica files first, records second: a replica file only appears after its volume
     // record exists, so a live volume seen here as a file is also seen as a record.
     let files = node.pool.replica_ids()?;
+    // Live: volumes that exist and still have their replica on this node.
     let live: HashSet<String> = node
         .volume_records()
         .await?
         .into_iter()
+        .filter(|v| v.replicas.contains(&node.id))
         .map(|v| v.id)
         .collect();
     for id in files {
         if !live.contains(&id) {
-            info!(volume = %id, "deleting replica of a deleted volume");
+            info!(volume = %id, "deleting a replica this node no longer holds");
             node.pool.delete(&id)?;
         }
     }

@@ -75,6 +75,46 @@ pub fn place(candidates: &[Candidate], repl: u32, pinned: &[String]) -> Result<V
     Ok(chosen.into_iter().map(|c| c.id.clone()).collect())
 }
 
+/// Chooses one more node for a volume whose replicas are on `existing`: online, not
+/// holding a replica, spread like [`place`].
+pub fn add_one(
+    candidates: &[Candidate],
+    existing: &[String],
+    pinned: Option<&str>,
+) -> Result<String> {
+    if let Some(id) = pinned {
+        let c = candidates
+            .iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| Error::InvalidArgument(format!("no node {id} in the cluster")))?;
+        if existing.contains(&c.id) {
+            return Err(Error::InvalidArgument(format!(
+                "node {id} already holds a replica"
+            )));
+        }
+        if !c.online {
+            return Err(Error::FailedPrecondition(format!("node {id} is offline")));
+        }
+        return Ok(c.id.clone());
+    }
+    let chosen: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| existing.contains(&c.id))
+        .collect();
+    candidates
+        .iter()
+        .filter(|c| c.online && !existing.contains(&c.id))
+        .max_by(|a, b| {
+            score(a, &chosen)
+                .cmp(&score(b, &chosen))
+                .then_with(|| b.id.cmp(&a.id))
+        })
+        .map(|c| c.id.clone())
+        .ok_or_else(|| {
+            Error::FailedPrecondition("no online node without a replica of this volume".into())
+        })
+}
+
 fn score(c: &Candidate, chosen: &[&Candidate]) -> (bool, bool, u64) {
     let new_zone = !chosen.iter().any(|p| p.zone == c.zone);
     let new_rack = !chosen.iter().any(|p| p.zone == c.zone && p.rack == c.rack);
@@ -132,6 +172,20 @@ mod tests {
             .to_string()
             .contains("online"));
         assert_eq!(place(&c, 1, &[]).unwrap(), vec!["a"]);
+    }
+
+    #[test]
+    fn add_one_prefers_a_new_zone_and_skips_holders() {
+        let c = [
+            cand("a", "z1", "r1", 100),
+            cand("b", "z1", "r2", 90),
+            cand("c", "z2", "r1", 10),
+        ];
+        assert_eq!(add_one(&c, &["a".into()], None).unwrap(), "c");
+        assert_eq!(add_one(&c, &["a".into(), "c".into()], None).unwrap(), "b");
+        assert!(add_one(&c, &["a".into(), "b".into(), "c".into()], None).is_err());
+        assert!(add_one(&c, &["a".into()], Some("a")).is_err());
+        assert_eq!(add_one(&c, &["a".into()], Some("b")).unwrap(), "b");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! and a resync that stops (target lost again, coordinator restarted) resumes from its
 //! cursor instead of starting over.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,34 +27,48 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::membership::Membership;
+use crate::peers::Peers;
 use crate::pool::Stamp;
-use crate::records::{self, ResyncProgress, VolumeRecord};
+use crate::records::{self, NodeRecord, ResyncProgress, VolumeRecord};
 use crate::replication;
 use crate::versions::REGION_BYTES;
-use crate::volume_io::VolumeIo;
+use crate::volume_io::{targets, VolumeIo};
 
 /// How often the worker looks for replicas to catch up.
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// How often progress is written to the volume record.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Starts the resync worker of an attached volume; it ends when `stop` is set.
-pub fn spawn(io: Arc<VolumeIo>, membership: Membership, stop: Arc<AtomicBool>) {
+/// What the resync worker needs besides the volume.
+pub struct WorkerCtx {
+    pub membership: Membership,
+    pub peers: Arc<Peers>,
+    /// Rebuild a replica elsewhere once its node has been offline this long.
+    pub rebuild_after: Duration,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Starts the resync worker of an attached volume; it ends when `ctx.stop` is set.
+pub fn spawn(io: Arc<VolumeIo>, ctx: WorkerCtx) {
     tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
+        let mut down_since: HashMap<String, Instant> = HashMap::new();
+        while !ctx.stop.load(Ordering::Relaxed) {
             tokio::time::sleep(SCAN_EVERY).await;
+            if let Err(e) = follow_record(&io, &ctx, &mut down_since).await {
+                warn!(volume = %io.volume_id, error = %e, "cannot refresh the replica list");
+                continue;
+            }
             let in_sync = io.in_sync();
             let behind: Vec<String> = io
-                .replicas
-                .iter()
-                .map(|r| r.node.clone())
-                .filter(|n| !in_sync.contains(n) && membership.is_online(n))
+                .replica_nodes()
+                .into_iter()
+                .filter(|n| !in_sync.contains(n) && ctx.membership.is_online(n))
                 .collect();
             for node in behind {
-                if stop.load(Ordering::Relaxed) {
+                if ctx.stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let (io2, stop2, n2) = (io.clone(), stop.clone(), node.clone());
+                let (io2, stop2, n2) = (io.clone(), ctx.stop.clone(), node.clone());
                 let res = tokio::task::spawn_blocking(move || resync_one(&io2, &n2, &stop2)).await;
                 match res {
                     Ok(Ok(bytes)) => info!(volume = %io.volume_id, %node, bytes, "resync finished"),
@@ -69,6 +84,89 @@ pub fn spawn(io: Arc<VolumeIo>, membership: Membership, stop: Arc<AtomicBool>) {
             }
         }
     });
+}
+
+/// Adopts replica list changes from the volume record (ha-update), and replaces a
+/// replica whose node has been offline longer than `rebuild_after` (when a spare node
+/// is online): the new replica starts empty and the resync gives it a full copy.
+async fn follow_record(
+    io: &VolumeIo,
+    ctx: &WorkerCtx,
+    down_since: &mut HashMap<String, Instant>,
+) -> Result<()> {
+    let key = io.keys.volume(&io.volume_id);
+    let kv = io
+        .meta
+        .get(&key)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("volume {}", io.volume_id)))?;
+    let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+    if rec.epoch != io.epoch {
+        return Err(Error::FailedPrecondition("coordinator replaced".into()));
+    }
+    // Rebuild: a replica node offline for too long is swapped for a spare.
+    let now = Instant::now();
+    down_since.retain(|n, _| rec.replicas.contains(n) && !ctx.membership.is_online(n));
+    for n in &rec.replicas {
+        if !ctx.membership.is_online(n) {
+            down_since.entry(n.clone()).or_insert(now);
+        }
+    }
+    let overdue: Vec<String> = down_since
+        .iter()
+        .filter(|(_, t)| now.duration_since(**t) >= ctx.rebuild_after)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !overdue.is_empty() {
+        let mut nodes = Vec::new();
+        for kv in io.meta.list(&io.keys.nodes()).await? {
+            let n: NodeRecord = records::decode(&kv.key, &kv.value)?;
+            nodes.push(n);
+        }
+        let mut changed = false;
+        for dead in overdue {
+            let spare = nodes
+                .iter()
+                .find(|n| !rec.replicas.contains(&n.id) && ctx.membership.is_online(&n.id));
+            let Some(spare) = spare else { break };
+            if rec.in_sync().len() <= 1 && rec.in_sync().contains(&dead) {
+                continue; // the only in-sync copy: never give it up
+            }
+            info!(volume = %io.volume_id, %dead, new = %spare.id, "node offline too long: rebuilding its replica elsewhere");
+            for r in rec.replicas.iter_mut() {
+                if *r == dead {
+                    *r = spare.id.clone();
+                }
+            }
+            let mut in_sync = rec.in_sync();
+            in_sync.retain(|n| *n != dead);
+            rec.in_sync = Some(in_sync);
+            rec.left_at.remove(&dead);
+            rec.resync.remove(&dead);
+            rec.left_at.insert(spare.id.clone(), 0);
+            down_since.remove(&dead);
+            changed = true;
+        }
+        if changed && !io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+            return Ok(()); // raced with another change: next round
+        }
+    }
+    // Follow the record's replica list.
+    if rec.replicas != io.replica_nodes() {
+        let mut clients = HashMap::new();
+        for n in rec.replicas.iter().filter(|n| **n != io.local_node) {
+            let kv = io
+                .meta
+                .get(&io.keys.node(n))
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("node {n}")))?;
+            let node: NodeRecord = records::decode(&kv.key, &kv.value)?;
+            clients.insert(n.clone(), ctx.peers.block(&node.address)?);
+        }
+        info!(volume = %io.volume_id, replicas = ?rec.replicas, "replica list changed");
+        io.set_replicas(targets(&rec, &io.local_node, &clients));
+    }
+    Ok(())
 }
 
 /// A replica, seen from the resync: this node's pool or a remote node.

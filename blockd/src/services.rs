@@ -67,6 +67,13 @@ impl Control for ControlService {
         }))
     }
 
+    async fn ha_update(&self, req: Request<cpb::HaUpdateRequest>) -> Reply<cpb::Volume> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.0.ha_update(&r.name, r.repl, &r.node_id).await?,
+        ))
+    }
+
     async fn unmount_volume(&self, req: Request<cpb::UnmountRequest>) -> Reply<cpb::UnmountReply> {
         self.0.unmount(&req.into_inner().path).await?;
         Ok(Response::new(cpb::UnmountReply {}))
@@ -233,11 +240,14 @@ impl Block for BlockService {
     ) -> Reply<bpb::DeleteReplicaReply> {
         self.check(&req)?;
         let rep = req.into_inner();
-        // Only replicas of volumes that no longer exist may be deleted this way.
+        // Only a replica this node no longer holds for its volume may be deleted.
         let live = self.0.volume_records().await?;
-        if live.iter().any(|v| v.id == rep.volume_id) {
+        if live
+            .iter()
+            .any(|v| v.id == rep.volume_id && v.replicas.contains(&self.0.id))
+        {
             return Err(Status::failed_precondition(format!(
-                "volume {} still exists",
+                "volume {} still has its replica on this node",
                 rep.volume_id
             )));
         }

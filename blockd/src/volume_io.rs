@@ -69,7 +69,8 @@ pub struct VolumeIo {
     pub epoch: u64,
     pub local_node: String,
     pool: Arc<Pool>,
-    pub replicas: Vec<Replica>,
+    /// Every replica of the volume; changes with `ha-update` and rebuilds.
+    replicas: RwLock<Vec<Replica>>,
     sets: RwLock<Sets>,
     next_version: AtomicU64,
     /// Versions handed out and not yet completed.
@@ -104,7 +105,7 @@ impl VolumeIo {
             epoch: rec.epoch,
             local_node,
             pool,
-            replicas,
+            replicas: RwLock::new(replicas),
             sets: RwLock::new(Sets {
                 in_sync: rec.in_sync().into_iter().collect(),
                 catching_up: BTreeSet::new(),
@@ -202,7 +203,8 @@ impl VolumeIo {
         let timeout = self.timeout;
         let mut pending = Vec::new();
         let mut local_wanted = false;
-        for r in self.replicas.iter().filter(|r| nodes.contains(&r.node)) {
+        let replicas = self.replicas();
+        for r in replicas.iter().filter(|r| nodes.contains(&r.node)) {
             match &r.target {
                 Target::Local => local_wanted = true,
                 Target::Remote(client) => {
@@ -443,13 +445,11 @@ impl VolumeIo {
     /// Reads `len` bytes at `offset` from an in-sync replica.
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
         let in_sync = self.in_sync();
-        if in_sync.contains(&self.local_node)
-            && self.replicas.iter().any(|r| r.node == self.local_node)
-        {
+        if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
             return self.pool.read(&self.volume_id, self.size, offset, len);
         }
         let mut last_err = None;
-        for r in self.replicas.iter().filter(|r| in_sync.contains(&r.node)) {
+        for r in self.replicas().iter().filter(|r| in_sync.contains(&r.node)) {
             let Target::Remote(client) = &r.target else {
                 continue;
             };
@@ -554,7 +554,7 @@ impl VolumeIo {
 
     /// The client of a remote replica, by node.
     pub fn remote(&self, node: &str) -> Option<PeerBlockClient> {
-        self.replicas.iter().find_map(|r| match &r.target {
+        self.replicas().iter().find_map(|r| match &r.target {
             Target::Remote(c) if r.node == node => Some((**c).clone()),
             _ => None,
         })
@@ -562,7 +562,29 @@ impl VolumeIo {
 
     /// Whether `node`'s replica is this node's own pool.
     pub fn is_local(&self, node: &str) -> bool {
-        node == self.local_node && self.replicas.iter().any(|r| r.node == node)
+        node == self.local_node && self.replicas().iter().any(|r| r.node == node)
+    }
+
+    /// The replicas as they are now.
+    pub fn replicas(&self) -> Vec<Replica> {
+        self.replicas.read().expect("replicas lock").clone()
+    }
+
+    /// Node ids of the replicas.
+    pub fn replica_nodes(&self) -> Vec<String> {
+        self.replicas().into_iter().map(|r| r.node).collect()
+    }
+
+    /// Adopts a changed replica list (after `ha-update` or a rebuild), with no write in
+    /// flight. Replicas that left stop receiving writes; new ones start outside the
+    /// in-sync set and are built by the resync worker.
+    pub fn set_replicas(&self, replicas: Vec<Replica>) {
+        let _b = self.barrier.write().expect("barrier");
+        let keep: BTreeSet<String> = replicas.iter().map(|r| r.node.clone()).collect();
+        let mut sets = self.sets.write().expect("sets lock");
+        sets.in_sync.retain(|n| keep.contains(n));
+        sets.catching_up.retain(|n| keep.contains(n));
+        *self.replicas.write().expect("replicas lock") = replicas;
     }
 
     pub fn pool(&self) -> &Arc<Pool> {

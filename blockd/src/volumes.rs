@@ -354,3 +354,127 @@ impl Node {
         Ok(())
     }
 }
+
+impl Node {
+    /// Raises or lowers a volume's replication factor by one, online. A new replica
+    /// starts empty and out of sync; the coordinator's resync worker builds it (a full
+    /// copy of the written regions) while the volume stays in use. A removed replica
+    /// leaves the record first, then its space is freed on its node.
+    #[instrument(skip(self))]
+    pub async fn ha_update(&self, name: &str, repl: u32, node: &str) -> Result<pb::Volume> {
+        let (rec, _) = self.volume_by_name(name).await?;
+        if repl == 0 || repl > MAX_REPL {
+            return Err(Error::InvalidArgument(format!(
+                "repl {repl} is out of range (1-{MAX_REPL})"
+            )));
+        }
+        if repl == rec.repl {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name:?} already has repl {repl}"
+            )));
+        }
+        if repl.abs_diff(rec.repl) != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "repl changes by one at a time (volume {name:?} has repl {})",
+                rec.repl
+            )));
+        }
+        let pinned = (!node.is_empty()).then_some(node);
+        if repl > rec.repl {
+            let mut candidates = Vec::new();
+            for n in self.node_records().await? {
+                let usage = self.usage_of(&n, &[]).await;
+                candidates.push(Candidate {
+                    free_bytes: usage
+                        .as_ref()
+                        .map(|u| u.capacity.saturating_sub(u.pool_used))
+                        .unwrap_or(0),
+                    online: usage.is_some(),
+                    id: n.id,
+                    zone: n.zone,
+                    rack: n.rack,
+                });
+            }
+            let new = placement::add_one(&candidates, &rec.replicas, pinned)?;
+            let rec = self
+                .update_volume(&rec.id, |r| {
+                    if r.replicas.contains(&new) {
+                        return Err(Error::FailedPrecondition(
+                            "replicas changed meanwhile".into(),
+                        ));
+                    }
+                    let in_sync = r.in_sync();
+                    r.in_sync = Some(in_sync);
+                    r.replicas.push(new.clone());
+                    r.repl += 1;
+                    r.left_at.insert(new.clone(), 0);
+                    Ok(())
+                })
+                .await?;
+            info!(node = %new, "replica added; it is built in the background by the coordinator");
+            return self.describe(&rec).await;
+        }
+        // Lowering: the named replica, else one not in sync, else the last; never the
+        // last in-sync replica.
+        let in_sync = rec.in_sync();
+        let victim = match pinned {
+            Some(n) if !rec.replicas.iter().any(|r| r == n) => {
+                return Err(Error::InvalidArgument(format!(
+                    "node {n} holds no replica of volume {name:?}"
+                )))
+            }
+            Some(n) => n.to_string(),
+            None => rec
+                .replicas
+                .iter()
+                .rev()
+                .find(|n| !in_sync.contains(n))
+                .or_else(|| {
+                    rec.replicas
+                        .iter()
+                        .rev()
+                        .find(|n| rec.attached_node.as_ref() != Some(*n))
+                })
+                .or(rec.replicas.last())
+                .cloned()
+                .expect("a volume has replicas"),
+        };
+        if in_sync.len() == 1 && in_sync[0] == victim {
+            return Err(Error::FailedPrecondition(format!(
+                "node {victim} holds the only in-sync replica of volume {name:?}"
+            )));
+        }
+        let rec = self
+            .update_volume(&rec.id, |r| {
+                r.replicas.retain(|n| *n != victim);
+                let mut s = r.in_sync();
+                s.retain(|n| *n != victim);
+                if s.is_empty() {
+                    return Err(Error::FailedPrecondition(
+                        "no in-sync replica would remain".into(),
+                    ));
+                }
+                r.in_sync = Some(s);
+                r.left_at.remove(&victim);
+                r.resync.remove(&victim);
+                r.repl -= 1;
+                Ok(())
+            })
+            .await?;
+        // Free the space now where the node answers; its garbage collector does it
+        // otherwise.
+        if victim == self.id {
+            let _ = self.pool.delete(&rec.id);
+        } else if let Ok(n) = self.node_record(&victim).await {
+            if let Ok(mut c) = self.peers.block(&n.address) {
+                let req = ReplicaRef {
+                    volume_id: rec.id.clone(),
+                    size_bytes: rec.size_bytes,
+                };
+                let _ = tokio::time::timeout(USAGE_TIMEOUT, c.delete_replica(req)).await;
+            }
+        }
+        info!(node = %victim, "replica removed");
+        self.describe(&rec).await
+    }
+}

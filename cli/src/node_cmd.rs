@@ -45,6 +45,10 @@ pub struct StartArgs {
     /// (writes stall at most this long when a replica node hangs).
     #[arg(long, env = "SHOAL_REPLICA_TIMEOUT", default_value_t = shoal_blockd::config::DEFAULT_REPLICA_TIMEOUT.as_secs_f64())]
     replica_timeout: f64,
+    /// Seconds a replica's node may stay offline before its replicas are rebuilt on other
+    /// nodes.
+    #[arg(long, env = "SHOAL_REBUILD_AFTER", default_value_t = shoal_blockd::config::DEFAULT_REBUILD_AFTER.as_secs_f64())]
+    rebuild_after: f64,
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -68,6 +72,14 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 anyhow::anyhow!(
                     "--replica-timeout {} is not a duration in seconds",
                     args.replica_timeout
+                )
+            },
+        )?,
+        rebuild_after: std::time::Duration::try_from_secs_f64(args.rebuild_after).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "--rebuild-after {} is not a duration in seconds",
+                    args.rebuild_after
                 )
             },
         )?,

@@ -7,8 +7,8 @@ use clap::Subcommand;
 use shoal_blockd::size::format_size;
 use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::{
-    AttachRequest, CreateVolumeRequest, ListVolumesRequest, MountRequest, UnmountRequest, Volume,
-    VolumeRef,
+    AttachRequest, CreateVolumeRequest, HaUpdateRequest, ListVolumesRequest, MountRequest,
+    UnmountRequest, Volume, VolumeRef,
 };
 use tonic::transport::Channel;
 
@@ -65,6 +65,16 @@ pub enum VolumeCmd {
     Mount { name: String, path: String },
     /// Unmount the volume filesystem mounted at PATH on the answering node.
     Unmount { path: String },
+    /// Raise or lower the replication factor by one, online.
+    HaUpdate {
+        name: String,
+        /// The new replication factor.
+        #[arg(long)]
+        repl: u32,
+        /// Node to add the replica on, or to remove it from.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -223,6 +233,23 @@ pub async fn run(
                     "volume {} mounted at {} on node {}",
                     v.name, v.mount_path, v.attached_node
                 );
+            }
+        }
+        VolumeCmd::HaUpdate { name, repl, node } => {
+            let v = c
+                .ha_update(HaUpdateRequest {
+                    name,
+                    repl,
+                    node_id: node.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if as_json {
+                print_volume(&v, true)?;
+            } else {
+                println!("volume {} now has repl {}", v.name, v.repl);
+                volume_text(&v);
             }
         }
         VolumeCmd::Unmount { path } => {

@@ -335,3 +335,127 @@ fn a_replaced_coordinator_can_no_longer_write() {
         "in-sync replica holds B, not C"
     );
 }
+
+#[test]
+fn ha_update_adds_a_replica_online_and_removes_one() {
+    require_root!();
+    let c = Cluster::start(3, Opts::default());
+    let v = c.json(
+        0,
+        &["volume", "create", "db", "--size", "256M", "--fs", "ext4"],
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let first = node_index(&c, replica_states(&v)[0].0.as_str());
+    let mnt = c.path().join("mnt");
+    c.shoal(first, &["volume", "mount", "db", mnt.to_str().unwrap()])
+        .expect_ok("mount");
+    let sum = shoal_tests::write_random_file(&mnt.join("data"), 32);
+
+    c.shoal(first, &["volume", "ha-update", "db", "--repl", "3"])
+        .expect_err("one at a time");
+    c.shoal(first, &["volume", "ha-update", "db", "--repl", "1"])
+        .expect_err("already has repl 1");
+    let v = c.json(first, &["volume", "ha-update", "db", "--repl", "2"]);
+    assert_eq!(v["repl"], 2);
+    let added = replica_states(&v)
+        .into_iter()
+        .map(|(n, _)| n)
+        .find(|n| *n != c.nodes[first].id())
+        .unwrap();
+    // Writes go on while the new replica is built.
+    let more = shoal_tests::write_random_file(&mnt.join("more"), 8);
+    wait_until(Duration::from_secs(60), "new replica in sync", || {
+        all_in_sync(&c, first)
+    });
+    let v = c.json(first, &["volume", "inspect", "db"]);
+    let copied = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == added)
+        .unwrap()["last_resync_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        copied >= 32 * MIB as u64,
+        "full copy of the written data: {copied}"
+    );
+    assert!(
+        copied < 256 * MIB as u64,
+        "thin: only written regions: {copied}"
+    );
+    assert_eq!(sha256_file(&mnt.join("data")), sum);
+    assert_eq!(sha256_file(&mnt.join("more")), more);
+    c.shoal(first, &["volume", "unmount", mnt.to_str().unwrap()])
+        .expect_ok("unmount");
+    c.shoal(first, &["volume", "detach", "db"])
+        .expect_ok("detach");
+    let holders: Vec<usize> = vec![first, node_index(&c, &added)];
+    let sums = replica_sums(&c, &id, &holders);
+    assert_eq!(sums[0], sums[1], "the new replica equals the old one");
+
+    // Lower again, naming the node: its replica file goes away.
+    let v = c.json(
+        0,
+        &["volume", "ha-update", "db", "--repl", "1", "--node", &added],
+    );
+    assert_eq!(v["repl"], 1);
+    assert_eq!(replica_states(&v).len(), 1);
+    let img = c.nodes[holders[1]]
+        .data_dir
+        .join("pool/replicas")
+        .join(format!("{id}.img"));
+    wait_until(
+        Duration::from_secs(40),
+        "removed replica's space freed",
+        || !img.exists(),
+    );
+}
+
+#[test]
+fn a_replica_on_a_node_gone_too_long_is_rebuilt_elsewhere() {
+    require_root!();
+    let mut c = Cluster::start(
+        3,
+        Opts {
+            extra_args: vec![
+                "--replica-timeout".into(),
+                "2".into(),
+                "--rebuild-after".into(),
+                "3".into(),
+            ],
+            ..Opts::default()
+        },
+    );
+    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
+    let v = c.json(
+        0,
+        &[
+            "volume", "create", "db", "--size", "128M", "--repl", "2", "--fs", "ext4", "--nodes",
+            &pin,
+        ],
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let mnt = c.path().join("mnt");
+    c.shoal(0, &["volume", "mount", "db", mnt.to_str().unwrap()])
+        .expect_ok("mount");
+    let sum = shoal_tests::write_random_file(&mnt.join("data"), 16);
+    c.kill(1);
+    let spare = c.nodes[2].id();
+    wait_until(
+        Duration::from_secs(60),
+        "replica rebuilt on the spare node",
+        || {
+            let v = c.json(0, &["volume", "inspect", "db"]);
+            let st = replica_states(&v);
+            st.contains(&(spare.clone(), "in-sync".into()))
+                && st.iter().all(|(_, s)| s == "in-sync")
+        },
+    );
+    assert_eq!(sha256_file(&mnt.join("data")), sum);
+    c.shoal(0, &["volume", "unmount", mnt.to_str().unwrap()])
+        .expect_ok("unmount");
+    c.shoal(0, &["volume", "detach", "db"]).expect_ok("detach");
+    let sums = replica_sums(&c, &id, &[0, 2]);
+    assert_eq!(sums[0], sums[1]);
+}
