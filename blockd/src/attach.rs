@@ -223,16 +223,6 @@ impl Node {
         tokio::task::spawn_blocking(move || opener.open())
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-        let stop = Arc::new(AtomicBool::new(false));
-        resync::spawn(
-            io.clone(),
-            resync::WorkerCtx {
-                membership: self.membership.clone(),
-                peers: self.peers.clone(),
-                rebuild_after: self.cfg.rebuild_after,
-                stop: stop.clone(),
-            },
-        );
         let fuse_dir = self.attach_root().join(&rec.name);
         for stale in host::mounts_under(&fuse_dir) {
             let _ = host::umount(&stale, true).await;
@@ -247,11 +237,22 @@ impl Node {
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
         let dir = fuse_dir.clone();
-        let fs = DeviceFs::new(io);
+        let fs = DeviceFs::new(io.clone());
         let session = tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
+        // The resync worker starts once the device is served; teardown stops it.
+        let stop = Arc::new(AtomicBool::new(false));
+        resync::spawn(
+            io,
+            resync::WorkerCtx {
+                membership: self.membership.clone(),
+                peers: self.peers.clone(),
+                rebuild_after: self.cfg.rebuild_after,
+                stop: stop.clone(),
+            },
+        );
         let mut att = Attachment {
             stop,
             name: rec.name.clone(),
@@ -337,6 +338,8 @@ impl Node {
             r.attached_node = None;
             r.device_path.clear();
             r.mount_path.clear();
+            // No coordinator uses removed replicas any more.
+            r.retired.clear();
             Ok(())
         })
         .await?;
@@ -373,11 +376,17 @@ impl Node {
         let drained: Vec<(String, Attachment)> = self.attachments.lock().await.drain().collect();
         for (id, att) in drained {
             self.teardown(att).await;
+            let me = self.id.clone();
             let _ = self
                 .update_volume(&id, |r| {
+                    // A newer coordinator may have taken the volume over: leave it be.
+                    if r.attached_node.as_deref() != Some(me.as_str()) {
+                        return Err(Error::FailedPrecondition("attached elsewhere now".into()));
+                    }
                     r.attached_node = None;
                     r.device_path.clear();
                     r.mount_path.clear();
+                    r.retired.clear();
                     Ok(())
                 })
                 .await;

@@ -28,6 +28,9 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("{0}")]
     Internal(String),
+    /// This node was replaced as the volume's coordinator (a newer epoch exists).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,7 +54,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::Fenced(_) => Code::FailedPrecondition,
             Error::NoSpace(_) => Code::ResourceExhausted,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::MetaUnavailable(_) | Error::NodeUnreachable { .. } => Code::Unavailable,

@@ -279,7 +279,7 @@ async fn gc_once(node: &Node) -> Result<()> {
         .volume_records()
         .await?
         .into_iter()
-        .filter(|v| v.replicas.contains(&node.id))
+        .filter(|v| v.keeps_data_on(&node.id))
         .map(|v| v.id)
         .collect();
     for id in files {

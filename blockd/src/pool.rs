@@ -213,9 +213,12 @@ impl Pool {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
-        r.versions.admit(stamp.epoch)?;
         let regions = regions_of(offset, data.len() as u64);
         let guards = r.lock(regions.clone());
+        // Under the region lock: a fence (Open) or a newer write cannot slip in between
+        // the check and the write.
+        r.versions.admit(stamp.epoch)?;
+        Self::refuse_stale(&r, regions.clone(), stamp)?;
         self.reserve(&r, offset, data.len() as u64)?;
         let res = r.file.write_all_at(data, offset);
         self.account(&r)?;
@@ -225,6 +228,21 @@ impl Pool {
         if fua {
             r.file.sync_data()?;
             r.versions.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a change older than what a region already holds: a write that timed out
+    /// and arrives late must not overwrite newer data.
+    fn refuse_stale(r: &ReplicaFile, regions: std::ops::Range<u64>, stamp: Stamp) -> Result<()> {
+        for region in regions {
+            let have = r.versions.get(region)?;
+            if have > stamp.version {
+                return Err(Error::FailedPrecondition(format!(
+                    "stale write: region {region} holds version {have}, newer than {}",
+                    stamp.version
+                )));
+            }
         }
         Ok(())
     }
@@ -319,8 +337,8 @@ impl Pool {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
-        r.versions.admit(stamp.epoch)?;
         let _g = r.lock(region..region + 1);
+        r.versions.admit(stamp.epoch)?;
         if data.iter().all(|b| *b == 0) {
             punch(&r.file, start, len)?;
         } else {
@@ -356,9 +374,10 @@ impl Pool {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
-        r.versions.admit(stamp.epoch)?;
         let regions = regions_of(offset, len);
         let _g = r.lock(regions.clone());
+        r.versions.admit(stamp.epoch)?;
+        Self::refuse_stale(&r, regions.clone(), stamp)?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
         self.account(&r)

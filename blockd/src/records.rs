@@ -118,6 +118,10 @@ pub struct VolumeRecord {
     /// Bytes the last finished resync of each node copied.
     #[serde(default)]
     pub resync_bytes: BTreeMap<String, u64>,
+    /// Replicas removed from the volume while its coordinator may still use them: their
+    /// files are kept until the coordinator has let go of them.
+    #[serde(default)]
+    pub retired: Vec<String>,
 }
 
 /// Progress of one replica's resync, kept so a restarted resync resumes.
@@ -133,6 +137,11 @@ pub struct ResyncProgress {
 }
 
 impl VolumeRecord {
+    /// Whether `node` keeps files of this volume (a replica, or one being retired).
+    pub fn keeps_data_on(&self, node: &str) -> bool {
+        self.replicas.iter().any(|n| n == node) || self.retired.iter().any(|n| n == node)
+    }
+
     /// The in-sync set.
     pub fn in_sync(&self) -> Vec<String> {
         self.in_sync

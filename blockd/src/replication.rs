@@ -45,7 +45,7 @@ pub fn left_at(inflight_min: Option<u64>, next_version: u64) -> u64 {
 /// A region is copied when the source's version or the target's own version of it is
 /// above `since` (the target may hold writes that were never acknowledged). On a resumed
 /// resync, regions below `cursor` were copied already and are copied again only when
-/// written after the earlier copy began (`resumed_after`).
+/// written at or after the first version the earlier pass sent live (`resumed_after`).
 pub fn plan(
     source: &[(u64, u64)],
     target: &[(u64, u64)],
@@ -55,8 +55,10 @@ pub fn plan(
 ) -> Vec<u64> {
     let mut want: BTreeMap<u64, ()> = BTreeMap::new();
     for &(region, version) in source.iter().chain(target) {
+        // `resumed_after` is the first version the earlier pass sent live, so a write of
+        // exactly that version may be the one that was missed: compare with >=.
         let bar = if region < cursor {
-            since.max(resumed_after)
+            since.max(resumed_after.saturating_sub(1))
         } else {
             since
         };
@@ -111,5 +113,7 @@ mod tests {
         // Resume at cursor 3: regions below it only if written after the first pass began.
         assert_eq!(plan(&source, &target, 0, 3, 10), vec![3, 7]);
         assert_eq!(plan(&source, &target, 0, 3, 8), vec![2, 3, 7]);
+        // A write of exactly the first live version may be the one that was missed.
+        assert_eq!(plan(&source, &target, 0, 3, 9), vec![2, 3, 7]);
     }
 }

@@ -54,9 +54,16 @@ pub fn spawn(io: Arc<VolumeIo>, ctx: WorkerCtx) {
         let mut down_since: HashMap<String, Instant> = HashMap::new();
         while !ctx.stop.load(Ordering::Relaxed) {
             tokio::time::sleep(SCAN_EVERY).await;
-            if let Err(e) = follow_record(&io, &ctx, &mut down_since).await {
-                warn!(volume = %io.volume_id, error = %e, "cannot refresh the replica list");
-                continue;
+            match follow_record(&io, &ctx, &mut down_since).await {
+                Ok(()) => {}
+                Err(Error::Fenced(_)) => {
+                    io.fence();
+                    break;
+                }
+                Err(e) => {
+                    warn!(volume = %io.volume_id, error = %e, "cannot refresh the replica list");
+                    continue;
+                }
             }
             let in_sync = io.in_sync();
             let behind: Vec<String> = io
@@ -102,7 +109,7 @@ async fn follow_record(
         .ok_or_else(|| Error::NotFound(format!("volume {}", io.volume_id)))?;
     let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
     if rec.epoch != io.epoch {
-        return Err(Error::FailedPrecondition("coordinator replaced".into()));
+        return Err(Error::Fenced("coordinator replaced".into()));
     }
     // Rebuild: a replica node offline for too long is swapped for a spare.
     let now = Instant::now();
@@ -165,6 +172,18 @@ async fn follow_record(
         }
         info!(volume = %io.volume_id, replicas = ?rec.replicas, "replica list changed");
         io.set_replicas(targets(&rec, &io.local_node, &clients));
+    }
+    // Removed replicas are no longer used here: their nodes may free them.
+    if !rec.retired.is_empty() {
+        let kv = io
+            .meta
+            .get(&key)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {}", io.volume_id)))?;
+        let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+        let used = io.replica_nodes();
+        rec.retired.retain(|n| used.contains(n));
+        io.meta.put_if(&key, &records::encode(&rec), kv.rev).await?;
     }
     Ok(())
 }
@@ -289,7 +308,7 @@ fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
                 .ok_or_else(|| Error::NotFound("volume record".into()))?;
             let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
             if rec.epoch != io.epoch {
-                return Err(Error::FailedPrecondition("coordinator replaced".into()));
+                return Err(Error::Fenced("coordinator replaced".into()));
             }
             rec.resync.insert(node.to_string(), p.clone());
             if io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {

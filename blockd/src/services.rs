@@ -244,7 +244,7 @@ impl Block for BlockService {
         let live = self.0.volume_records().await?;
         if live
             .iter()
-            .any(|v| v.id == rep.volume_id && v.replicas.contains(&self.0.id))
+            .any(|v| v.id == rep.volume_id && v.keeps_data_on(&self.0.id))
         {
             return Err(Status::failed_precondition(format!(
                 "volume {} still has its replica on this node",

@@ -82,6 +82,8 @@ pub struct VolumeIo {
     pub keys: Keys,
     pub timeout: Duration,
     pub rt: tokio::runtime::Handle,
+    /// Set once this node learns the volume has a newer coordinator: it serves nothing.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 /// How one replica answered.
@@ -118,7 +120,24 @@ impl VolumeIo {
             keys,
             timeout,
             rt,
+            fenced: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops serving: another node coordinates this volume now.
+    pub fn fence(&self) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            warn!(volume = %self.volume_id, epoch = self.epoch, "replaced by a newer coordinator; refusing all I/O");
+        }
+    }
+
+    fn check_fenced(&self) -> Result<()> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(
+                "this node is no longer the volume's coordinator".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn size(&self) -> u64 {
@@ -296,7 +315,7 @@ impl VolumeIo {
                     .ok_or_else(|| Error::NotFound("volume record".into()))?;
                 let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
                 if rec.epoch != epoch || rec.attached_node.as_deref() != Some(me.as_str()) {
-                    return Err(Error::FailedPrecondition(format!(
+                    return Err(Error::Fenced(format!(
                         "this node is no longer the coordinator (epoch {} now, ours {epoch})",
                         rec.epoch
                     )));
@@ -327,6 +346,9 @@ impl VolumeIo {
                 Ok(())
             }
             Err(e) => {
+                if matches!(e, Error::Fenced(_)) {
+                    self.fence();
+                }
                 warn!(volume = %self.volume_id, error = %e, "cannot record a failed replica; failing the write");
                 Err(Error::Internal(format!(
                     "a replica failed and its removal from the in-sync set could not be recorded: {e}"
@@ -353,6 +375,7 @@ impl VolumeIo {
         F: Fn(PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
+        self.check_fenced()?;
         let _barrier = self.barrier.read().expect("barrier");
         let _regions = self.lock_regions(regions_of(offset, len));
         let version = self.next_version.fetch_add(1, Ordering::SeqCst);
@@ -363,7 +386,11 @@ impl VolumeIo {
         };
         let answers = self.fan_out(&self.write_set(), call(version), || local(stamp));
         let result = self.settle(answers, None);
-        self.inflight.lock().expect("inflight").remove(&version);
+        if result.is_ok() {
+            self.inflight.lock().expect("inflight").remove(&version);
+        }
+        // A failed write stays "in flight" for good: whatever replica leaves the in-sync
+        // set later is recorded as holding versions below it, so its region is copied.
         result
     }
 
@@ -426,6 +453,7 @@ impl VolumeIo {
 
     /// Makes every acknowledged write durable on every in-sync replica.
     pub fn flush(&self) -> Result<()> {
+        self.check_fenced()?;
         let replica = self.replica_ref();
         let epoch = self.epoch;
         let answers = self.fan_out(
@@ -444,6 +472,7 @@ impl VolumeIo {
 
     /// Reads `len` bytes at `offset` from an in-sync replica.
     pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
+        self.check_fenced()?;
         let in_sync = self.in_sync();
         if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
             return self.pool.read(&self.volume_id, self.size, offset, len);
@@ -522,7 +551,7 @@ impl VolumeIo {
         }
         let key = self.keys.volume(&self.volume_id);
         let (meta, epoch, node_s) = (self.meta.clone(), self.epoch, node.to_string());
-        self.rt.block_on(async move {
+        let joined: Result<()> = self.rt.block_on(async move {
             loop {
                 let kv = meta
                     .get(&key)
@@ -530,7 +559,12 @@ impl VolumeIo {
                     .ok_or_else(|| Error::NotFound("volume record".into()))?;
                 let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
                 if rec.epoch != epoch {
-                    return Err(Error::FailedPrecondition("coordinator replaced".into()));
+                    return Err(Error::Fenced("coordinator replaced".into()));
+                }
+                if !rec.replicas.contains(&node_s) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "node {node_s} no longer holds a replica"
+                    )));
                 }
                 let mut in_sync = rec.in_sync();
                 if !in_sync.contains(&node_s) {
@@ -544,7 +578,17 @@ impl VolumeIo {
                     return Ok(());
                 }
             }
-        })?;
+        });
+        if let Err(e) = joined {
+            // The update may have been applied even though the answer was lost: make sure
+            // the record does not claim a replica in sync that this coordinator leaves out.
+            if matches!(e, Error::Fenced(_)) {
+                self.fence();
+            } else {
+                let _ = self.remove_from_in_sync(&[node.to_string()], self.next_version() - 1);
+            }
+            return Err(e);
+        }
         let mut sets = self.sets.write().expect("sets lock");
         sets.catching_up.remove(node);
         sets.in_sync.insert(node.to_string());

@@ -223,6 +223,7 @@ impl Node {
             left_at: Default::default(),
             resync: Default::default(),
             resync_bytes: Default::default(),
+            retired: Vec::new(),
         };
         self.meta
             .put(&self.keys.volume(&id), &records::encode(&rec))
@@ -458,20 +459,26 @@ impl Node {
                 r.left_at.remove(&victim);
                 r.resync.remove(&victim);
                 r.repl -= 1;
+                if r.attached_node.is_some() && !r.retired.contains(&victim) {
+                    r.retired.push(victim.clone());
+                }
                 Ok(())
             })
             .await?;
-        // Free the space now where the node answers; its garbage collector does it
-        // otherwise.
-        if victim == self.id {
-            let _ = self.pool.delete(&rec.id);
-        } else if let Ok(n) = self.node_record(&victim).await {
-            if let Ok(mut c) = self.peers.block(&n.address) {
-                let req = ReplicaRef {
-                    volume_id: rec.id.clone(),
-                    size_bytes: rec.size_bytes,
-                };
-                let _ = tokio::time::timeout(USAGE_TIMEOUT, c.delete_replica(req)).await;
+        // While attached, the coordinator may still read or copy from the removed
+        // replica until it adopts the new list: the file stays (retired) and its node's
+        // garbage collector frees it once the coordinator lets go. Detached: free it now.
+        if rec.attached_node.is_none() {
+            if victim == self.id {
+                let _ = self.pool.delete(&rec.id);
+            } else if let Ok(n) = self.node_record(&victim).await {
+                if let Ok(mut c) = self.peers.block(&n.address) {
+                    let req = ReplicaRef {
+                        volume_id: rec.id.clone(),
+                        size_bytes: rec.size_bytes,
+                    };
+                    let _ = tokio::time::timeout(USAGE_TIMEOUT, c.delete_replica(req)).await;
+                }
             }
         }
         info!(node = %victim, "replica removed");

@@ -104,6 +104,7 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    host: String,
 }
 
 fn free_port() -> u16 {
@@ -115,15 +116,17 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    pub fn start(dir: &Path) -> Etcd {
+    /// Starts etcd listening on `host` (an address of this network namespace).
+    pub fn start(dir: &Path, host: &str) -> Etcd {
         let mut e = Etcd {
             child: None,
             url: String::new(),
             dir: dir.join("etcd"),
             client_port: free_port(),
             peer_port: free_port(),
+            host: host.to_string(),
         };
-        e.url = format!("http://127.0.0.1:{}", e.client_port);
+        e.url = format!("http://{host}:{}", e.client_port);
         e.spawn();
         e
     }
@@ -144,7 +147,7 @@ impl Etcd {
             .spawn()
             .expect("etcd binary (apt-get install etcd-server)");
         self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.client_port);
+        let addr = format!("{}:{}", self.host, self.client_port);
         wait_until(Duration::from_secs(20), "etcd to listen", || {
             std::net::TcpStream::connect(&addr).is_ok()
         });
@@ -183,6 +186,9 @@ pub struct Opts {
     pub labels: Vec<(String, String)>,
     /// More `shoal node start` arguments, for every node.
     pub extra_args: Vec<String>,
+    /// Run each node in its own network namespace (a host with its own address on a
+    /// bridge), so a test can cut a node off the network.
+    pub netns: bool,
 }
 
 impl Default for Opts {
@@ -193,6 +199,7 @@ impl Default for Opts {
             capacity: "4G".into(),
             labels: Vec::new(),
             extra_args: Vec::new(),
+            netns: false,
         }
     }
 }
@@ -233,6 +240,8 @@ impl NodeProc {
 /// A cluster of real node processes. See the module doc.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// The bridge and namespaces when `opts.netns`.
+    pub hostnet: Option<HostNet>,
     pub etcd: Option<Etcd>,
     pub nodes: Vec<NodeProc>,
     pub opts: Opts,
@@ -246,15 +255,23 @@ impl Cluster {
             .prefix("shoal-test-")
             .tempdir()
             .unwrap();
-        let etcd = opts.etcd.then(|| Etcd::start(dir.path()));
         let a = 1 + rand::random::<u8>() % 250;
         let b = 1 + rand::random::<u8>() % 250;
+        let (hostnet, net, etcd_host) = if opts.netns {
+            let h = HostNet::create(&format!("10.{a}.{b}"));
+            let host = format!("10.{a}.{b}.1");
+            (Some(h), format!("10.{a}.{b}"), host)
+        } else {
+            (None, format!("127.{a}.{b}"), "127.0.0.1".to_string())
+        };
+        let etcd = opts.etcd.then(|| Etcd::start(dir.path(), &etcd_host));
         let mut c = Cluster {
             dir,
+            hostnet,
             etcd,
             nodes: Vec::new(),
             opts,
-            net: format!("127.{a}.{b}"),
+            net,
         };
         for _ in 0..n {
             c.add_node();
@@ -313,6 +330,9 @@ impl Cluster {
         let args = self.node_args(i);
         let ip = format!("{}.{}", self.net, i + 2);
         let data_dir = self.path().join(format!("node{i}"));
+        if let Some(h) = &mut self.hostnet {
+            h.add_host(i, &ip);
+        }
         self.nodes.push(NodeProc {
             child: None,
             ip,
@@ -330,8 +350,18 @@ impl Cluster {
             .append(true)
             .open(&log_path)
             .unwrap();
+        let mut cmd = match &self.hostnet {
+            // nsenter enters only the network namespace: mounts stay visible to the test.
+            Some(h) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", h.ns_name(i)))
+                    .arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
         let node = &mut self.nodes[i];
-        let child = Command::new(shoal_bin())
+        let child = cmd
             .args(&node.args)
             .env("RUST_LOG", "info")
             .env_remove("SHOAL_ENDPOINT")
@@ -429,6 +459,22 @@ impl Cluster {
         st.code()
     }
 
+    /// Cuts node `i` off the network (its link to the bridge goes down).
+    pub fn cut(&self, i: usize) {
+        self.hostnet
+            .as_ref()
+            .expect("a netns cluster")
+            .set_link(i, false);
+    }
+
+    /// Puts node `i` back on the network.
+    pub fn heal(&self, i: usize) {
+        self.hostnet
+            .as_ref()
+            .expect("a netns cluster")
+            .set_link(i, true);
+    }
+
     pub fn pause(&self, i: usize) {
         self.signal(i, libc::SIGSTOP);
     }
@@ -462,6 +508,102 @@ impl Drop for Cluster {
         if let Some(e) = &mut self.etcd {
             e.stop();
         }
+        if let Some(h) = self.hostnet.take() {
+            h.destroy();
+        }
+    }
+}
+
+/// Hosts with their own addresses: one network namespace per node, each linked by a veth
+/// pair to a bridge in this namespace, which also carries etcd's address (`.1`).
+pub struct HostNet {
+    tag: String,
+    hosts: Vec<usize>,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip (iproute2)");
+    assert!(st.success(), "ip {} failed", args.join(" "));
+}
+
+/// Whether network namespaces can be made here (root with iproute2 and nsenter).
+pub fn can_netns() -> bool {
+    let works = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    can_mount() && works("ip", &["netns", "list"]) && works("nsenter", &["--version"])
+}
+
+impl HostNet {
+    fn create(net: &str) -> HostNet {
+        let h = HostNet {
+            tag: format!("{:04x}", rand::random::<u16>()),
+            hosts: Vec::new(),
+        };
+        let br = h.bridge();
+        ip(&["link", "add", &br, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &br]);
+        ip(&["link", "set", &br, "up"]);
+        h
+    }
+
+    fn bridge(&self) -> String {
+        format!("sbr{}", self.tag)
+    }
+
+    fn ns_name(&self, i: usize) -> String {
+        format!("shoal-{}-{i}", self.tag)
+    }
+
+    fn veth(&self, i: usize) -> String {
+        format!("sv{}{i}", self.tag)
+    }
+
+    fn add_host(&mut self, i: usize, addr: &str) {
+        let (ns, veth, peer) = (self.ns_name(i), self.veth(i), format!("sp{}{i}", self.tag));
+        ip(&["netns", "add", &ns]);
+        self.hosts.push(i);
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns]);
+        ip(&["link", "set", &veth, "master", &self.bridge()]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    }
+
+    fn set_link(&self, i: usize, up: bool) {
+        ip(&["link", "set", &self.veth(i), if up { "up" } else { "down" }]);
+    }
+
+    fn destroy(self) {
+        for i in &self.hosts {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns_name(*i)])
+                .status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.veth(*i)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .status();
     }
 }
 

@@ -459,3 +459,85 @@ fn a_replica_on_a_node_gone_too_long_is_rebuilt_elsewhere() {
     let sums = replica_sums(&c, &id, &[0, 2]);
     assert_eq!(sums[0], sums[1]);
 }
+
+#[test]
+fn a_coordinator_cut_off_the_network_is_replaced_and_fenced() {
+    require_root!();
+    if !shoal_tests::can_netns() {
+        eprintln!("SKIPPED: needs root, iproute2 and nsenter for network namespaces");
+        return;
+    }
+    let c = Cluster::start(
+        3,
+        Opts {
+            netns: true,
+            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            ..Opts::default()
+        },
+    );
+    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
+    let v = c.json(
+        0,
+        &[
+            "volume", "create", "raw", "--size", "64M", "--repl", "2", "--nodes", &pin,
+        ],
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let v = c.json(0, &["volume", "attach", "raw"]);
+    let old_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&old_dev)
+            .unwrap();
+        f.write_all(&vec![b'A'; MIB]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // The coordinator's host drops off the network; the others declare it dead.
+    c.cut(0);
+    let cut = c.nodes[0].id();
+    wait_until(
+        Duration::from_secs(20),
+        "cut-off node declared dead",
+        || c.states(1).iter().any(|(n, s)| *n == cut && s == "offline"),
+    );
+    let v = c.json(2, &["volume", "attach", "raw"]);
+    assert_eq!(v["coordinator"], c.nodes[2].id());
+    let new_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&new_dev)
+            .unwrap();
+        f.write_all(&vec![b'B'; MIB]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // Back on the network, the old coordinator still believes it serves the volume: its
+    // writes are refused, never acknowledged.
+    c.heal(0);
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&old_dev)?;
+        f.write_all(&vec![b'C'; MIB])?;
+        f.sync_all()
+    })();
+    assert!(
+        res.is_err(),
+        "the replaced coordinator's write was acknowledged"
+    );
+    let data = std::fs::read(&new_dev).unwrap();
+    assert!(data[..MIB].iter().all(|&b| b == b'B'));
+    // The returning node's replica is resynced by the new coordinator: replicas converge.
+    wait_until(
+        Duration::from_secs(60),
+        "old coordinator's replica back in sync",
+        || all_in_sync_named(&c, 2, "raw"),
+    );
+    c.shoal(2, &["volume", "detach", "raw"]).expect_ok("detach");
+    let sums = replica_sums(&c, &id, &[0, 1]);
+    assert_eq!(sums[0], sums[1], "replicas converged");
+}
+
+fn all_in_sync_named(c: &Cluster, asker: usize, name: &str) -> bool {
+    let v = c.json(asker, &["volume", "inspect", name]);
+    replica_states(&v).iter().all(|(_, s)| s == "in-sync")
+}
