@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::PeerBlockClient;
 use crate::pool::{Pool, Stamp};
+use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
 use crate::replication::{self, Outcome};
 use crate::versions::{first_version, regions_of};
@@ -84,7 +85,13 @@ pub struct VolumeIo {
     pub rt: tokio::runtime::Handle,
     /// Set once this node learns the volume has a newer coordinator: it serves nothing.
     fenced: std::sync::atomic::AtomicBool,
+    /// Pages read over the network, kept write-through (only when this node held no
+    /// replica at attach: local reads are served by the replica file's page cache).
+    cache: Option<ReadCache>,
 }
+
+/// Bytes of read cache per volume read over the network.
+const READ_CACHE_BYTES: u64 = 64 << 20;
 
 /// How one replica answered.
 type Answer = (String, Result<(), Error>);
@@ -101,7 +108,9 @@ impl VolumeIo {
         timeout: Duration,
         rt: tokio::runtime::Handle,
     ) -> Self {
+        let local = replicas.iter().any(|r| matches!(r.target, Target::Local));
         Self {
+            cache: (!local).then(|| ReadCache::new(READ_CACHE_BYTES)),
             volume_id: rec.id.clone(),
             size: rec.size_bytes,
             epoch: rec.epoch,
@@ -370,6 +379,7 @@ impl VolumeIo {
         len: u64,
         call: impl Fn(u64) -> F,
         local: impl FnOnce(Stamp) -> Result<()>,
+        on_cache: impl FnOnce(&ReadCache, bool),
     ) -> Result<()>
     where
         F: Fn(PeerBlockClient) -> Fut,
@@ -386,6 +396,10 @@ impl VolumeIo {
         };
         let answers = self.fan_out(&self.write_set(), call(version), || local(stamp));
         let result = self.settle(answers, None);
+        if let Some(cache) = &self.cache {
+            // Still under the region locks: no read can refill these pages in between.
+            on_cache(cache, result.is_ok());
+        }
         if result.is_ok() {
             self.inflight.lock().expect("inflight").remove(&version);
         }
@@ -421,6 +435,13 @@ impl VolumeIo {
                 self.pool
                     .write(&self.volume_id, self.size, offset, data, fua, stamp)
             },
+            |cache, ok| {
+                if ok {
+                    cache.put(offset, data)
+                } else {
+                    cache.invalidate(offset, data.len() as u64)
+                }
+            },
         )
     }
 
@@ -448,6 +469,7 @@ impl VolumeIo {
                 self.pool
                     .discard(&self.volume_id, self.size, offset, len, stamp)
             },
+            |cache, _| cache.invalidate(offset, len),
         )
     }
 
@@ -477,6 +499,21 @@ impl VolumeIo {
         if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
             return self.pool.read(&self.volume_id, self.size, offset, len);
         }
+        let Some(cache) = &self.cache else {
+            return self.read_remote(&in_sync, offset, len);
+        };
+        // Region locks keep a write from landing between the remote read and the fill.
+        let _regions = self.lock_regions(regions_of(offset, len as u64));
+        if let Some(hit) = cache.get(offset, len) {
+            return Ok(hit);
+        }
+        let data = self.read_remote(&in_sync, offset, len)?;
+        cache.put(offset, &data);
+        Ok(data)
+    }
+
+    /// Reads from the first in-sync remote replica that answers.
+    fn read_remote(&self, in_sync: &BTreeSet<String>, offset: u64, len: u32) -> Result<Vec<u8>> {
         let mut last_err = None;
         for r in self.replicas().iter().filter(|r| in_sync.contains(&r.node)) {
             let Target::Remote(client) = &r.target else {

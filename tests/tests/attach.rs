@@ -170,3 +170,56 @@ fn volume_of_a_dead_node_can_be_attached_elsewhere() {
         "the live attachment stays"
     );
 }
+
+#[test]
+fn repeat_reads_over_the_network_come_from_the_write_through_cache() {
+    require_root!();
+    let c = Cluster::start(
+        2,
+        Opts {
+            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            ..Opts::default()
+        },
+    );
+    let holder = c.nodes[0].id();
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "rc", "--size", "64M", "--nodes", &holder,
+        ],
+    )
+    .expect_ok("create");
+    // Attached on node 1, which holds no replica: reads cross the network.
+    let v = c.json(1, &["volume", "attach", "rc"]);
+    let dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(&vec![5u8; 256 << 10]).unwrap();
+    f.sync_all().unwrap();
+    let mut first = vec![0u8; 128 << 10];
+    f.seek(SeekFrom::Start(8 << 20)).unwrap();
+    f.read_exact(&mut first).unwrap(); // never written: zeros, read over the network
+                                       // The replica's node hangs: what was written or read before is still served.
+    c.pause(0);
+    let mut buf = vec![0u8; 256 << 10];
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 5),
+        "written pages served from the cache"
+    );
+    let mut again = vec![1u8; 128 << 10];
+    f.seek(SeekFrom::Start(8 << 20)).unwrap();
+    f.read_exact(&mut again).unwrap();
+    assert_eq!(again, first, "read pages served from the cache");
+    // A range never seen needs the replica, which does not answer: an error, not data.
+    let mut cold = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(40 << 20)).unwrap();
+    assert!(f.read_exact(&mut cold).is_err());
+    c.resume(0);
+    drop(f);
+}
