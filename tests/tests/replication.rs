@@ -252,91 +252,6 @@ fn writes_fail_rather_than_ack_when_the_failure_cannot_be_recorded() {
 }
 
 #[test]
-fn a_replaced_coordinator_can_no_longer_write() {
-    require_root!();
-    let c = Cluster::start(
-        3,
-        Opts {
-            extra_args: vec!["--replica-timeout".into(), "2".into()],
-            ..Opts::default()
-        },
-    );
-    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
-    c.shoal(
-        0,
-        &[
-            "volume", "create", "raw", "--size", "64M", "--repl", "2", "--nodes", &pin,
-        ],
-    )
-    .expect_ok("create");
-    // Node 0 coordinates; it writes A.
-    let v = c.json(0, &["volume", "attach", "raw"]);
-    let old_dev = PathBuf::from(v["device_path"].as_str().unwrap());
-    let mut old = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&old_dev)
-        .unwrap();
-    old.write_all(&vec![b'A'; MIB]).unwrap();
-    old.sync_all().unwrap();
-    // Closed before the node hangs: closing a FUSE file waits for its daemon, and every
-    // process this test spawns would close an inherited copy.
-    drop(old);
-
-    // Node 0 hangs; once the cluster declares it dead, node 2 takes the volume over.
-    c.pause(0);
-    let dead = c.nodes[0].id();
-    wait_until(
-        Duration::from_secs(20),
-        "hung coordinator declared dead",
-        || {
-            c.states(1)
-                .iter()
-                .any(|(n, s)| *n == dead && s == "offline")
-        },
-    );
-    let v = c.json(2, &["volume", "attach", "raw"]);
-    assert_eq!(v["coordinator"], c.nodes[2].id());
-    assert!(v["epoch"].as_u64().unwrap() >= 2);
-    let new_dev = PathBuf::from(v["device_path"].as_str().unwrap());
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&new_dev)
-            .unwrap();
-        f.write_all(&vec![b'B'; MIB]).unwrap();
-        f.sync_all().unwrap();
-    }
-
-    // The old coordinator wakes up and tries to write: refused, never acknowledged.
-    c.resume(0);
-    let res = (|| -> std::io::Result<()> {
-        let mut old = std::fs::OpenOptions::new().write(true).open(&old_dev)?;
-        old.write_all(&vec![b'C'; MIB])?;
-        old.sync_all()
-    })();
-    assert!(
-        res.is_err(),
-        "a deposed coordinator's write was acknowledged"
-    );
-
-    // What the new coordinator wrote is what every in-sync replica has.
-    let data = std::fs::read(&new_dev).unwrap();
-    assert!(
-        data[..MIB].iter().all(|&b| b == b'B'),
-        "new coordinator's data intact"
-    );
-    let img = c.nodes[1]
-        .data_dir
-        .join("pool/replicas")
-        .join(format!("{}.img", v["id"].as_str().unwrap()));
-    let on_disk = std::fs::read(&img).unwrap();
-    assert!(
-        on_disk[..MIB].iter().all(|&b| b == b'B'),
-        "in-sync replica holds B, not C"
-    );
-}
-
-#[test]
 fn ha_update_adds_a_replica_online_and_removes_one() {
     require_root!();
     let c = Cluster::start(3, Opts::default());
@@ -460,6 +375,84 @@ fn a_replica_on_a_node_gone_too_long_is_rebuilt_elsewhere() {
     assert_eq!(sums[0], sums[1]);
 }
 
+/// Node 0 coordinates a repl-2 raw volume on nodes 0 and 1 and writes A; `isolate` takes
+/// it away (hung or cut off); once the others declare it dead, node 2 takes the volume over
+/// and writes B; `restore` brings node 0 back, whose write of C must be refused. Returns the
+/// volume id.
+fn replaced_coordinator_is_fenced(c: &Cluster, isolate: impl Fn(), restore: impl Fn()) -> String {
+    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
+    let v = c.json(
+        0,
+        &[
+            "volume", "create", "raw", "--size", "64M", "--repl", "2", "--nodes", &pin,
+        ],
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let v = c.json(0, &["volume", "attach", "raw"]);
+    let old_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    // Each device is closed before its node may hang: closing a FUSE file waits for its
+    // daemon, and every process this test spawns would close an inherited copy.
+    let write_dev = |dev: &Path, byte: u8| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).open(dev)?;
+        f.write_all(&vec![byte; MIB])?;
+        f.sync_all()
+    };
+    write_dev(&old_dev, b'A').unwrap();
+    isolate();
+    let dead = c.nodes[0].id();
+    wait_until(
+        Duration::from_secs(20),
+        "isolated coordinator declared dead",
+        || {
+            c.states(1)
+                .iter()
+                .any(|(n, s)| *n == dead && s == "offline")
+        },
+    );
+    let v = c.json(2, &["volume", "attach", "raw"]);
+    assert_eq!(v["coordinator"], c.nodes[2].id());
+    assert!(
+        v["epoch"].as_u64().unwrap() >= 2,
+        "a takeover bumps the epoch: {v}"
+    );
+    let new_dev = PathBuf::from(v["device_path"].as_str().unwrap());
+    write_dev(&new_dev, b'B').unwrap();
+    // Back, the old coordinator still believes it serves the volume: refused, never acked.
+    restore();
+    assert!(
+        write_dev(&old_dev, b'C').is_err(),
+        "a replaced coordinator's write was acknowledged"
+    );
+    let data = std::fs::read(&new_dev).unwrap();
+    assert!(
+        data[..MIB].iter().all(|&b| b == b'B'),
+        "new coordinator's data intact"
+    );
+    let img = c.nodes[1]
+        .data_dir
+        .join("pool/replicas")
+        .join(format!("{id}.img"));
+    let on_disk = std::fs::read(&img).unwrap();
+    assert!(
+        on_disk[..MIB].iter().all(|&b| b == b'B'),
+        "in-sync replica holds B, not C"
+    );
+    id
+}
+
+#[test]
+fn a_hung_coordinator_is_replaced_and_can_no_longer_write() {
+    require_root!();
+    let c = Cluster::start(
+        3,
+        Opts {
+            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            ..Opts::default()
+        },
+    );
+    replaced_coordinator_is_fenced(&c, || c.pause(0), || c.resume(0));
+}
+
 #[test]
 fn a_coordinator_cut_off_the_network_is_replaced_and_fenced() {
     require_root!();
@@ -475,69 +468,17 @@ fn a_coordinator_cut_off_the_network_is_replaced_and_fenced() {
             ..Opts::default()
         },
     );
-    let pin = format!("{},{}", c.nodes[0].id(), c.nodes[1].id());
-    let v = c.json(
-        0,
-        &[
-            "volume", "create", "raw", "--size", "64M", "--repl", "2", "--nodes", &pin,
-        ],
-    );
-    let id = v["id"].as_str().unwrap().to_string();
-    let v = c.json(0, &["volume", "attach", "raw"]);
-    let old_dev = PathBuf::from(v["device_path"].as_str().unwrap());
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&old_dev)
-            .unwrap();
-        f.write_all(&vec![b'A'; MIB]).unwrap();
-        f.sync_all().unwrap();
-    }
-    // The coordinator's host drops off the network; the others declare it dead.
-    c.cut(0);
-    let cut = c.nodes[0].id();
-    wait_until(
-        Duration::from_secs(20),
-        "cut-off node declared dead",
-        || c.states(1).iter().any(|(n, s)| *n == cut && s == "offline"),
-    );
-    let v = c.json(2, &["volume", "attach", "raw"]);
-    assert_eq!(v["coordinator"], c.nodes[2].id());
-    let new_dev = PathBuf::from(v["device_path"].as_str().unwrap());
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&new_dev)
-            .unwrap();
-        f.write_all(&vec![b'B'; MIB]).unwrap();
-        f.sync_all().unwrap();
-    }
-    // Back on the network, the old coordinator still believes it serves the volume: its
-    // writes are refused, never acknowledged.
-    c.heal(0);
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).open(&old_dev)?;
-        f.write_all(&vec![b'C'; MIB])?;
-        f.sync_all()
-    })();
-    assert!(
-        res.is_err(),
-        "the replaced coordinator's write was acknowledged"
-    );
-    let data = std::fs::read(&new_dev).unwrap();
-    assert!(data[..MIB].iter().all(|&b| b == b'B'));
+    let id = replaced_coordinator_is_fenced(&c, || c.cut(0), || c.heal(0));
     // The returning node's replica is resynced by the new coordinator: replicas converge.
     wait_until(
         Duration::from_secs(60),
         "old coordinator's replica back in sync",
-        || all_in_sync_named(&c, 2, "raw"),
+        || {
+            let v = c.json(2, &["volume", "inspect", "raw"]);
+            replica_states(&v).iter().all(|(_, s)| s == "in-sync")
+        },
     );
     c.shoal(2, &["volume", "detach", "raw"]).expect_ok("detach");
     let sums = replica_sums(&c, &id, &[0, 1]);
     assert_eq!(sums[0], sums[1], "replicas converged");
-}
-
-fn all_in_sync_named(c: &Cluster, asker: usize, name: &str) -> bool {
-    let v = c.json(asker, &["volume", "inspect", name]);
-    replica_states(&v).iter().all(|(_, s)| s == "in-sync")
 }
