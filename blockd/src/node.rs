@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::host;
 use crate::membership::Membership;
 use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
-use crate::peers::{cluster_token, secret_hash, Peers, MAX_MESSAGE_BYTES, WINDOW_BYTES};
+use crate::peers::{
+    cluster_token, secret_hash, Peers, FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES,
+};
 use crate::pool::Pool;
 use crate::records::{self, ClusterRecord, Keys, NodeRecord, VolumeRecord, RECORD_VERSION};
 use crate::services::{BlockService, ControlService};
@@ -163,6 +165,7 @@ impl Node {
             .tcp_nodelay(true)
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES * 4)
+            .max_frame_size(FRAME_BYTES)
             .add_service(control)
             .add_service(block)
             .serve_with_incoming_shutdown(incoming, shutdown)
