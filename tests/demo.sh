@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${SHOAL_DEMO_DIR:-/tmp/shoal-demo}
-SHOAL=$PWD/target/release/shoal
+# SHOAL_BIN runs an already-built binary (the test suite runs this script that way).
+SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 
 stop() {
   pkill -TERM -f "shoal node start --cluster-id demo" 2>/dev/null || true
@@ -24,8 +25,10 @@ stop() {
 if [ "${1:-}" = stop ]; then stop; rm -rf "$DEMO"; echo "demo stopped"; exit 0; fi
 
 bash tests/setup.sh
-echo "== building (release)"
-cargo build --release -p shoal
+if [ -z "${SHOAL_BIN:-}" ]; then
+  echo "== building (release)"
+  cargo build --release -p shoal
+fi
 stop; rm -rf "$DEMO"; mkdir -p "$DEMO"
 
 echo "== starting etcd on 127.0.0.1:23790"
