@@ -1,0 +1,325 @@
+//! The coordinator's write path against controllable replicas: an in-process block
+//! service on loopback whose answers a test sets (answer, fail, hang), and the embedded
+//! metadata store. Checks the outcome rules: a failed or hung replica leaves the in-sync
+//! set in the store before the write is acknowledged; when that cannot be recorded (the
+//! coordinator was replaced) the write fails and the coordinator fences itself; when
+//! every in-sync replica fails the write fails.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shoal_blockd::meta::{EmbeddedStore, MetaStore};
+use shoal_blockd::peers::Peers;
+use shoal_blockd::pool::Pool;
+use shoal_blockd::records::{self, Keys, VolumeRecord, RECORD_VERSION};
+use shoal_blockd::volume_io::{Replica, Target, VolumeIo};
+use shoal_proto::block::block_server::{Block, BlockServer};
+use shoal_proto::block::*;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    Answer,
+    Fail,
+    Hang,
+}
+
+/// A replica whose behaviour the test sets.
+#[derive(Clone)]
+struct FakeReplica {
+    mode: Arc<Mutex<Mode>>,
+    writes: Arc<Mutex<u32>>,
+}
+
+impl FakeReplica {
+    async fn act(&self) -> Result<(), Status> {
+        let mode = *self.mode.lock().unwrap();
+        match mode {
+            Mode::Answer => Ok(()),
+            Mode::Fail => Err(Status::internal("disk on fire")),
+            Mode::Hang => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Block for FakeReplica {
+    async fn read(&self, r: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        self.act().await?;
+        let len = r.into_inner().length as usize;
+        Ok(Response::new(ReadReply {
+            data: vec![0u8; len].into(),
+        }))
+    }
+    async fn write(&self, _r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        self.act().await?;
+        *self.writes.lock().unwrap() += 1;
+        Ok(Response::new(WriteReply {}))
+    }
+    async fn flush(&self, _r: Request<FlushRequest>) -> Result<Response<FlushReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(FlushReply {}))
+    }
+    async fn discard(&self, _r: Request<DiscardRequest>) -> Result<Response<DiscardReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(DiscardReply {}))
+    }
+    async fn delete_replica(
+        &self,
+        _r: Request<ReplicaRef>,
+    ) -> Result<Response<DeleteReplicaReply>, Status> {
+        Ok(Response::new(DeleteReplicaReply {}))
+    }
+    async fn usage(&self, _r: Request<UsageRequest>) -> Result<Response<UsageReply>, Status> {
+        Ok(Response::new(UsageReply::default()))
+    }
+    async fn open(&self, r: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(OpenReply {
+            epoch: r.into_inner().epoch,
+        }))
+    }
+    async fn changed_regions(
+        &self,
+        _r: Request<ChangedRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        Ok(Response::new(ChangedReply::default()))
+    }
+    async fn read_region(
+        &self,
+        _r: Request<RegionRequest>,
+    ) -> Result<Response<RegionData>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn write_region(
+        &self,
+        _r: Request<WriteRegionRequest>,
+    ) -> Result<Response<WriteReply>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    io: Arc<VolumeIo>,
+    meta: MetaStore,
+    keys: Keys,
+    fakes: Vec<FakeReplica>,
+    _dir: tempfile::TempDir,
+}
+
+const VOL: &str = "0123456789abcdef";
+
+/// A volume whose replicas are `local` (this node's pool, if true) and `remotes` fakes.
+fn setup(local: bool, remotes: usize) -> Setup {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let meta = MetaStore::Embedded(EmbeddedStore::open(&dir.path().join("meta.json")).unwrap());
+    let keys = Keys::new("t");
+    let pool = Arc::new(Pool::open(&dir.path().join("pool"), Some(1 << 30)).unwrap());
+    let peers = Peers::new(&"00".repeat(32));
+    let mut replicas = Vec::new();
+    let mut names = Vec::new();
+    if local {
+        replicas.push(Replica {
+            node: "me".into(),
+            target: Target::Local,
+        });
+        names.push("me".to_string());
+    }
+    let mut fakes = Vec::new();
+    for i in 0..remotes {
+        let fake = FakeReplica {
+            mode: Arc::new(Mutex::new(Mode::Answer)),
+            writes: Arc::new(Mutex::new(0)),
+        };
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = BlockServer::new(fake.clone());
+        rt.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        let name = format!("r{i}");
+        let client = {
+            let _g = rt.enter();
+            peers.block(&addr.to_string()).unwrap()
+        };
+        replicas.push(Replica {
+            node: name.clone(),
+            target: Target::Remote(Box::new(client)),
+        });
+        names.push(name);
+        fakes.push(fake);
+    }
+    let rec = VolumeRecord {
+        v: RECORD_VERSION,
+        id: VOL.into(),
+        name: "v".into(),
+        size_bytes: 64 << 20,
+        repl: names.len() as u32,
+        block_size: 4096,
+        fs: "none".into(),
+        labels: Default::default(),
+        io_priority: "medium".into(),
+        shared: false,
+        replicas: names.clone(),
+        attached_node: Some("me".into()),
+        device_path: String::new(),
+        mount_path: String::new(),
+        formatted: false,
+        epoch: 3,
+        created_unix: 0,
+        in_sync: Some(names),
+        left_at: Default::default(),
+        resync: Default::default(),
+        resync_bytes: Default::default(),
+        retired: Vec::new(),
+    };
+    rt.block_on(meta.put(&keys.volume(VOL), &records::encode(&rec)))
+        .unwrap();
+    let io = Arc::new(VolumeIo::new(
+        &rec,
+        "me".into(),
+        pool,
+        replicas,
+        meta.clone(),
+        keys.clone(),
+        Duration::from_millis(300),
+        rt.handle().clone(),
+    ));
+    io.open().unwrap();
+    Setup {
+        rt,
+        io,
+        meta,
+        keys,
+        fakes,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn record(&self) -> VolumeRecord {
+        let kv = self
+            .rt
+            .block_on(self.meta.get(&self.keys.volume(VOL)))
+            .unwrap()
+            .unwrap();
+        records::decode(&kv.key, &kv.value).unwrap()
+    }
+
+    fn set(&self, i: usize, m: Mode) {
+        *self.fakes[i].mode.lock().unwrap() = m;
+    }
+}
+
+#[test]
+fn every_in_sync_replica_gets_the_write() {
+    let s = setup(true, 2);
+    s.io.write(0, &[1u8; 4096], false).unwrap();
+    s.io.flush().unwrap();
+    assert_eq!(*s.fakes[0].writes.lock().unwrap(), 1);
+    assert_eq!(*s.fakes[1].writes.lock().unwrap(), 1);
+    assert_eq!(s.record().in_sync().len(), 3);
+    assert_eq!(
+        s.io.read(0, 4).unwrap(),
+        vec![1u8; 4],
+        "read from the local replica"
+    );
+}
+
+#[test]
+fn a_failed_replica_leaves_the_in_sync_set_before_the_ack() {
+    let s = setup(true, 2);
+    s.io.write(0, &[1u8; 4096], false).unwrap();
+    s.set(1, Mode::Fail);
+    s.io.write(8192, &[2u8; 4096], false).unwrap();
+    // By the time write() returned, the store already says so.
+    let rec = s.record();
+    assert_eq!(rec.in_sync(), vec!["me".to_string(), "r0".to_string()]);
+    let at = rec.left_at["r1"];
+    assert!(
+        at >= shoal_blockd::versions::first_version(3),
+        "left_at {at}"
+    );
+    assert!(!s.io.in_sync().contains("r1"));
+    // Later writes no longer wait for it.
+    s.io.write(0, &[3u8; 4096], false).unwrap();
+    assert_eq!(*s.fakes[1].writes.lock().unwrap(), 1);
+}
+
+#[test]
+fn a_hung_replica_costs_the_writer_one_timeout() {
+    let s = setup(true, 1);
+    s.set(0, Mode::Hang);
+    let t = Instant::now();
+    s.io.write(0, &[1u8; 4096], false).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited for the replica: {took:?}"
+    );
+    assert!(!s.record().in_sync().contains(&"r0".to_string()));
+    let t = Instant::now();
+    s.io.write(0, &[1u8; 4096], false).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300), "no second wait");
+}
+
+#[test]
+fn a_replaced_coordinator_cannot_degrade_and_fences_itself() {
+    let s = setup(true, 1);
+    // Another node attached the volume meanwhile: the record carries a newer epoch.
+    let mut rec = s.record();
+    rec.epoch = 4;
+    rec.attached_node = Some("other".into());
+    s.rt.block_on(s.meta.put(&s.keys.volume(VOL), &records::encode(&rec)))
+        .unwrap();
+    s.set(0, Mode::Fail);
+    let err = s.io.write(0, &[1u8; 4096], false).unwrap_err();
+    assert!(err.to_string().contains("no longer"), "{err}");
+    // The failed replica is still in sync in the store: nothing was acknowledged without it.
+    assert!(s.record().in_sync().contains(&"r0".to_string()));
+    // And this coordinator now refuses everything.
+    s.set(0, Mode::Answer);
+    assert!(s.io.write(0, &[1u8; 4096], false).is_err());
+    assert!(s.io.read(0, 4096).is_err());
+}
+
+#[test]
+fn when_every_in_sync_replica_fails_the_write_fails() {
+    let s = setup(false, 2);
+    s.set(0, Mode::Fail);
+    s.set(1, Mode::Fail);
+    assert!(s.io.write(0, &[1u8; 4096], false).is_err());
+    assert_eq!(
+        s.record().in_sync().len(),
+        2,
+        "nothing recorded for a failed write"
+    );
+}
+
+#[test]
+fn remote_reads_are_cached_and_the_cache_follows_writes() {
+    let s = setup(false, 1);
+    assert_eq!(s.io.read(0, 4096).unwrap(), vec![0u8; 4096]);
+    s.io.write(0, &[9u8; 4096], false).unwrap();
+    s.set(0, Mode::Fail);
+    // Served from the write-through cache although the replica now fails reads.
+    assert_eq!(s.io.read(0, 4096).unwrap(), vec![9u8; 4096]);
+    assert!(
+        s.io.read(1 << 20, 4096).is_err(),
+        "an uncached range needs the replica"
+    );
+}
