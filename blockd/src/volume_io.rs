@@ -410,7 +410,16 @@ impl VolumeIo {
 
     /// Writes `data` at `offset` on every replica.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let payload = Bytes::copy_from_slice(data);
+        // The copy the remote calls share; a volume with only a local replica needs none.
+        let remote = self
+            .replicas()
+            .iter()
+            .any(|r| matches!(r.target, Target::Remote(_)));
+        let payload = if remote {
+            Bytes::copy_from_slice(data)
+        } else {
+            Bytes::new()
+        };
         let replica = self.replica_ref();
         let epoch = self.epoch;
         self.versioned(
