@@ -27,18 +27,8 @@ TARGETS=${TARGETS:-local shoal-r1 shoal-r1-remote shoal-r2 shoal-r3}
 SHOAL=$PWD/target/release/shoal
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
-cleanup() {
-  pkill -TERM -f "shoal node start --cluster-id bench" 2>/dev/null || true
-  sleep 1
-  pkill -KILL -f "shoal node start --cluster-id bench" 2>/dev/null || true
-  [ -f "$B/etcd.pid" ] && kill "$(cat "$B/etcd.pid")" 2>/dev/null || true
-  grep -o " $B[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  for l in /sys/block/loop*/loop/backing_file; do
-    if grep -q "^$B" "$l" 2>/dev/null; then
-      d=$(basename "$(dirname "$(dirname "$l")")"); losetup -d "/dev/$d" || true
-    fi
-  done
-}
+source tests/cluster-lib.sh
+cleanup() { stop_cluster bench "$B"; }
 trap cleanup EXIT
 
 bash tests/setup.sh >/dev/null

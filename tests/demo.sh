@@ -10,18 +10,8 @@ DEMO=${SHOAL_DEMO_DIR:-/tmp/shoal-demo}
 # SHOAL_BIN runs an already-built binary (the test suite runs this script that way).
 SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 
-stop() {
-  pkill -TERM -f "shoal node start --cluster-id demo" 2>/dev/null || true
-  sleep 2
-  pkill -KILL -f "shoal node start --cluster-id demo" 2>/dev/null || true
-  if [ -f "$DEMO/etcd.pid" ]; then kill "$(cat "$DEMO/etcd.pid")" 2>/dev/null || true; fi
-  grep -o " $DEMO[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  for l in /sys/block/loop*/loop/backing_file; do
-    if grep -q "^$DEMO" "$l" 2>/dev/null; then
-      d=$(basename "$(dirname "$(dirname "$l")")"); losetup -d "/dev/$d" || true
-    fi
-  done
-}
+source tests/cluster-lib.sh
+stop() { stop_cluster demo "$DEMO"; }
 if [ "${1:-}" = stop ]; then stop; rm -rf "$DEMO"; echo "demo stopped"; exit 0; fi
 
 bash tests/setup.sh

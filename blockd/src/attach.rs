@@ -159,8 +159,7 @@ impl Node {
                 Err(e) => {
                     let _ = self
                         .update_volume(&rec.id, |r| {
-                            r.attached_node = None;
-                            r.device_path.clear();
+                            r.clear_attachment();
                             Ok(())
                         })
                         .await;
@@ -335,11 +334,7 @@ impl Node {
             self.teardown(att).await;
         }
         self.update_volume(&rec.id, |r| {
-            r.attached_node = None;
-            r.device_path.clear();
-            r.mount_path.clear();
-            // No coordinator uses removed replicas any more.
-            r.retired.clear();
+            r.clear_attachment();
             Ok(())
         })
         .await?;
@@ -383,10 +378,7 @@ impl Node {
                     if r.attached_node.as_deref() != Some(me.as_str()) {
                         return Err(Error::FailedPrecondition("attached elsewhere now".into()));
                     }
-                    r.attached_node = None;
-                    r.device_path.clear();
-                    r.mount_path.clear();
-                    r.retired.clear();
+                    r.clear_attachment();
                     Ok(())
                 })
                 .await;
@@ -414,9 +406,7 @@ impl Node {
             if rec.attached_node.as_deref() == Some(self.id.as_str()) {
                 let _ = self
                     .update_volume(&rec.id, |r| {
-                        r.attached_node = None;
-                        r.device_path.clear();
-                        r.mount_path.clear();
+                        r.clear_attachment();
                         Ok(())
                     })
                     .await;

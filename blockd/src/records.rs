@@ -137,6 +137,15 @@ pub struct ResyncProgress {
 }
 
 impl VolumeRecord {
+    /// Marks the volume detached. With no coordinator, nothing uses retired replicas any
+    /// more, so their nodes may free them.
+    pub fn clear_attachment(&mut self) {
+        self.attached_node = None;
+        self.device_path.clear();
+        self.mount_path.clear();
+        self.retired.clear();
+    }
+
     /// Whether `node` keeps files of this volume (a replica, or one being retired).
     pub fn keeps_data_on(&self, node: &str) -> bool {
         self.replicas.iter().any(|n| n == node) || self.retired.iter().any(|n| n == node)

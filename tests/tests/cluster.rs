@@ -87,32 +87,29 @@ fn sigterm_shuts_a_node_down_cleanly() {
     });
 }
 
+/// Starts node `i` with `flag` set to `value`; it must refuse to start. Returns stderr.
+fn refused_start(c: &Cluster, i: usize, flag: &str, value: &str) -> String {
+    let mut args = c.node_args(i);
+    let pos = args.iter().position(|a| a == flag).unwrap();
+    args[pos + 1] = value.into();
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "node started with {flag} {value}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn wrong_secret_and_wrong_cluster_are_refused() {
     require_root!();
     let mut c = Cluster::start(1, Opts::default());
     // A node with the wrong secret.
-    let mut args = c.node_args(1);
-    let pos = args.iter().position(|a| a == "--secret").unwrap();
-    args[pos + 1] = "not-the-secret".into();
-    let out = std::process::Command::new(shoal_tests::shoal_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&c, 1, "--secret", "not-the-secret");
     assert!(err.contains("wrong secret"), "{err}");
     // An existing data dir started with another cluster id.
     c.stop(0);
-    let mut args = c.node_args(0);
-    let pos = args.iter().position(|a| a == "--cluster-id").unwrap();
-    args[pos + 1] = "another".into();
-    let out = std::process::Command::new(shoal_tests::shoal_bin())
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&c, 0, "--cluster-id", "another");
     assert!(err.contains("belongs to cluster \"test\""), "{err}");
     // The refused nodes changed nothing: the original restarts and is alone.
     c.restart(0);

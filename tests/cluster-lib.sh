@@ -1,0 +1,17 @@
+# Shared by tests/demo.sh and tests/bench.sh. Source this file.
+
+# stop_cluster CLUSTER_ID DIR: stops the nodes of a cluster started by these scripts, its
+# etcd (pid in DIR/etcd.pid), and releases every mount and loop device below DIR.
+stop_cluster() {
+  local id=$1 dir=$2 l d
+  pkill -TERM -f "shoal node start --cluster-id $id" 2>/dev/null || true
+  sleep 1
+  pkill -KILL -f "shoal node start --cluster-id $id" 2>/dev/null || true
+  if [ -f "$dir/etcd.pid" ]; then kill "$(cat "$dir/etcd.pid")" 2>/dev/null || true; fi
+  grep -o " $dir[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  for l in /sys/block/loop*/loop/backing_file; do
+    if grep -q "^$dir" "$l" 2>/dev/null; then
+      d=$(basename "$(dirname "$(dirname "$l")")"); losetup -d "/dev/$d" || true
+    fi
+  done
+}
