@@ -93,11 +93,14 @@ impl Peers {
 
     /// A block API client for the node at `address`.
     pub fn block(&self, address: &str) -> Result<PeerBlockClient> {
-        Ok(
-            BlockClient::with_interceptor(self.channel(address)?, self.token.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        Ok(self.block_over(self.channel(address)?))
+    }
+
+    /// A block API client over a channel made elsewhere (tests use in-memory ones).
+    pub fn block_over(&self, channel: Channel) -> PeerBlockClient {
+        BlockClient::with_interceptor(channel, self.token.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// A control API client for the node at `address` (forwarded CLI requests).

@@ -5,7 +5,7 @@
 //! coordinator was replaced) the write fails and the coordinator fences itself; when
 //! every in-sync replica fails the write fails.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_blockd::meta::{EmbeddedStore, MetaStore};
@@ -13,94 +13,10 @@ use shoal_blockd::peers::Peers;
 use shoal_blockd::pool::Pool;
 use shoal_blockd::records::{self, Keys, VolumeRecord, RECORD_VERSION};
 use shoal_blockd::volume_io::{Replica, Target, VolumeIo};
-use shoal_proto::block::block_server::{Block, BlockServer};
-use shoal_proto::block::*;
-use tonic::{Request, Response, Status};
+use shoal_proto::block::block_server::BlockServer;
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Mode {
-    Answer,
-    Fail,
-    Hang,
-}
-
-/// A replica whose behaviour the test sets.
-#[derive(Clone)]
-struct FakeReplica {
-    mode: Arc<Mutex<Mode>>,
-    writes: Arc<Mutex<u32>>,
-}
-
-impl FakeReplica {
-    async fn act(&self) -> Result<(), Status> {
-        let mode = *self.mode.lock().unwrap();
-        match mode {
-            Mode::Answer => Ok(()),
-            Mode::Fail => Err(Status::internal("disk on fire")),
-            Mode::Hang => {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                Ok(())
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Block for FakeReplica {
-    async fn read(&self, r: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
-        self.act().await?;
-        let len = r.into_inner().length as usize;
-        Ok(Response::new(ReadReply {
-            data: vec![0u8; len].into(),
-        }))
-    }
-    async fn write(&self, _r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        self.act().await?;
-        *self.writes.lock().unwrap() += 1;
-        Ok(Response::new(WriteReply {}))
-    }
-    async fn flush(&self, _r: Request<FlushRequest>) -> Result<Response<FlushReply>, Status> {
-        self.act().await?;
-        Ok(Response::new(FlushReply {}))
-    }
-    async fn discard(&self, _r: Request<DiscardRequest>) -> Result<Response<DiscardReply>, Status> {
-        self.act().await?;
-        Ok(Response::new(DiscardReply {}))
-    }
-    async fn delete_replica(
-        &self,
-        _r: Request<ReplicaRef>,
-    ) -> Result<Response<DeleteReplicaReply>, Status> {
-        Ok(Response::new(DeleteReplicaReply {}))
-    }
-    async fn usage(&self, _r: Request<UsageRequest>) -> Result<Response<UsageReply>, Status> {
-        Ok(Response::new(UsageReply::default()))
-    }
-    async fn open(&self, r: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
-        self.act().await?;
-        Ok(Response::new(OpenReply {
-            epoch: r.into_inner().epoch,
-        }))
-    }
-    async fn changed_regions(
-        &self,
-        _r: Request<ChangedRequest>,
-    ) -> Result<Response<ChangedReply>, Status> {
-        Ok(Response::new(ChangedReply::default()))
-    }
-    async fn read_region(
-        &self,
-        _r: Request<RegionRequest>,
-    ) -> Result<Response<RegionData>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-    async fn write_region(
-        &self,
-        _r: Request<WriteRegionRequest>,
-    ) -> Result<Response<WriteReply>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-}
+mod common;
+use common::{FakeReplica, Mode};
 
 struct Setup {
     rt: tokio::runtime::Runtime,
@@ -136,10 +52,7 @@ fn setup(local: bool, remotes: usize) -> Setup {
     }
     let mut fakes = Vec::new();
     for i in 0..remotes {
-        let fake = FakeReplica {
-            mode: Arc::new(Mutex::new(Mode::Answer)),
-            writes: Arc::new(Mutex::new(0)),
-        };
+        let fake = FakeReplica::default();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();

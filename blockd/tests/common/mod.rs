@@ -1,0 +1,109 @@
+//! A replica whose answers a test sets (answer, fail, hang), served over the real block
+//! API. Shared by the coordinator tests.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_proto::block::block_server::Block;
+use shoal_proto::block::*;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Mode {
+    Answer,
+    Fail,
+    Hang,
+}
+
+/// A replica whose behaviour the test sets.
+#[derive(Clone)]
+pub struct FakeReplica {
+    pub mode: Arc<Mutex<Mode>>,
+    /// Writes it acknowledged.
+    pub writes: Arc<Mutex<u32>>,
+    /// Requests that reached it, answered or not.
+    pub arrived: Arc<AtomicU32>,
+}
+
+impl Default for FakeReplica {
+    fn default() -> Self {
+        Self {
+            mode: Arc::new(Mutex::new(Mode::Answer)),
+            writes: Arc::new(Mutex::new(0)),
+            arrived: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
+impl FakeReplica {
+    async fn act(&self) -> Result<(), Status> {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let mode = *self.mode.lock().unwrap();
+        match mode {
+            Mode::Answer => Ok(()),
+            Mode::Fail => Err(Status::internal("disk on fire")),
+            Mode::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Block for FakeReplica {
+    async fn read(&self, r: Request<ReadRequest>) -> Result<Response<ReadReply>, Status> {
+        self.act().await?;
+        let len = r.into_inner().length as usize;
+        Ok(Response::new(ReadReply {
+            data: vec![0u8; len].into(),
+        }))
+    }
+    async fn write(&self, _r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        self.act().await?;
+        *self.writes.lock().unwrap() += 1;
+        Ok(Response::new(WriteReply {}))
+    }
+    async fn flush(&self, _r: Request<FlushRequest>) -> Result<Response<FlushReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(FlushReply {}))
+    }
+    async fn discard(&self, _r: Request<DiscardRequest>) -> Result<Response<DiscardReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(DiscardReply {}))
+    }
+    async fn delete_replica(
+        &self,
+        _r: Request<ReplicaRef>,
+    ) -> Result<Response<DeleteReplicaReply>, Status> {
+        Ok(Response::new(DeleteReplicaReply {}))
+    }
+    async fn usage(&self, _r: Request<UsageRequest>) -> Result<Response<UsageReply>, Status> {
+        Ok(Response::new(UsageReply::default()))
+    }
+    async fn open(&self, r: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        self.act().await?;
+        Ok(Response::new(OpenReply {
+            epoch: r.into_inner().epoch,
+        }))
+    }
+    async fn changed_regions(
+        &self,
+        _r: Request<ChangedRequest>,
+    ) -> Result<Response<ChangedReply>, Status> {
+        Ok(Response::new(ChangedReply::default()))
+    }
+    async fn read_region(
+        &self,
+        _r: Request<RegionRequest>,
+    ) -> Result<Response<RegionData>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+    async fn write_region(
+        &self,
+        _r: Request<WriteRegionRequest>,
+    ) -> Result<Response<WriteReply>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
