@@ -1,4 +1,14 @@
 //! The shared namespace: one POSIX filesystem stored in a volume and mounted on many hosts.
 //!
-//! Not built yet. The design is in `docs/architecture.md` ("Shared namespace"); until it
-//! lands, `shoal volume create --shared` is refused with a clear error by the node.
+//! Layers, bottom up: [`dev`] (the volume as a block device), [`layout`] (where things
+//! are), [`journal`] and [`pages`] (atomic metadata transactions), [`btree`] (the one
+//! ordered map every namespace record lives in), [`alloc`] (the free-space bitmap), and
+//! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations).
+
+pub mod dev;
+pub mod error;
+pub mod journal;
+pub mod layout;
+pub mod pages;
+
+pub use error::{FsError, Result};

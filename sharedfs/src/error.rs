@@ -1,0 +1,97 @@
+//! The namespace's typed errors and the errno each one means to an application.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("no space left on the volume")]
+    NoSpace,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("file too large")]
+    TooBig,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("result does not fit the buffer")]
+    Range,
+    #[error("operation not permitted")]
+    Perm,
+    #[error("permission denied")]
+    Access,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("invalid cross-device link")]
+    CrossDevice,
+    #[error("resource temporarily unavailable")]
+    WouldBlock,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("volume I/O failed: {0}")]
+    Io(String),
+    #[error("on-volume structure damaged: {0}")]
+    Corrupt(String),
+}
+
+impl FsError {
+    /// The errno an application sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::TooBig => libc::EFBIG,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::Perm => libc::EPERM,
+            FsError::Access => libc::EACCES,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::CrossDevice => libc::EXDEV,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
+        }
+    }
+
+    /// The error for an errno received over the wire.
+    pub fn from_errno(errno: i32, detail: &str) -> Self {
+        match errno {
+            libc::ENOENT => FsError::NotFound,
+            libc::EEXIST => FsError::Exists,
+            libc::ENOTDIR => FsError::NotDir,
+            libc::EISDIR => FsError::IsDir,
+            libc::ENOTEMPTY => FsError::NotEmpty,
+            libc::ENOSPC => FsError::NoSpace,
+            libc::ENAMETOOLONG => FsError::NameTooLong,
+            libc::EINVAL => FsError::Invalid(detail.to_string()),
+            libc::EFBIG => FsError::TooBig,
+            libc::ENODATA => FsError::NoAttr,
+            libc::ERANGE => FsError::Range,
+            libc::EPERM => FsError::Perm,
+            libc::EACCES => FsError::Access,
+            libc::EMLINK => FsError::TooManyLinks,
+            libc::EXDEV => FsError::CrossDevice,
+            libc::EAGAIN => FsError::WouldBlock,
+            libc::EOPNOTSUPP => FsError::NotSupported,
+            _ => FsError::Io(detail.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = FsError> = std::result::Result<T, E>;
