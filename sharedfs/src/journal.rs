@@ -66,6 +66,9 @@ pub struct Scan {
     pub next_seq: u64,
 }
 
+/// A record: whether it ends its transaction, and its block images.
+type Record = (bool, Vec<(u64, Vec<u8>)>);
+
 /// Reads a record at `pos` if it is intact and carries `seq`.
 fn read_record(
     dev: &dyn BlockDev,
@@ -74,7 +77,7 @@ fn read_record(
     pos: u64,
     seq: u64,
     salt: &[u8; 16],
-) -> Result<Option<(bool, Vec<(u64, Vec<u8>)>)>> {
+) -> Result<Option<Record>> {
     if pos >= blocks {
         return Ok(None);
     }

@@ -135,7 +135,8 @@ pub struct FsBlock {
     pub btree_root: u64,
     /// Inode numbers below this were handed out (possibly to inodes lost in a crash).
     pub next_ino: u64,
-    pub free_blocks: u64,
+    /// Unused (kept zero): free space is counted from the bitmap at open.
+    pub reserved: u64,
     /// Bumped by every transaction that touches this block; informational.
     pub generation: u64,
 }
@@ -147,7 +148,7 @@ impl FsBlock {
         for v in [
             self.btree_root,
             self.next_ino,
-            self.free_blocks,
+            self.reserved,
             self.generation,
         ] {
             b.extend_from_slice(&v.to_le_bytes());
@@ -164,7 +165,7 @@ impl FsBlock {
         Ok(Self {
             btree_root: u(0),
             next_ino: u(1),
-            free_blocks: u(2),
+            reserved: u(2),
             generation: u(3),
         })
     }

@@ -5,8 +5,12 @@
 //! ordered map every namespace record lives in), [`alloc`] (the free-space bitmap), and
 //! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations).
 
+pub mod alloc;
+pub mod btree;
 pub mod dev;
 pub mod error;
+pub mod fs;
+pub mod inode;
 pub mod journal;
 pub mod layout;
 pub mod pages;

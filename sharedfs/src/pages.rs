@@ -190,6 +190,7 @@ impl PageStore {
             self.checkpoint()?;
         }
         let dirty = std::mem::take(&mut self.dirty);
+        let saved = (self.jpos, self.jseq, self.jused);
         let list: Vec<(u64, &[u8])> = dirty.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         let chunks: Vec<&[(u64, &[u8])]> = list.chunks(MAX_PER_RECORD).collect();
         let mut buf = Vec::new();
@@ -204,7 +205,10 @@ impl PageStore {
             let len = (rec.len() / BLOCK) as u64;
             if self.jpos + len > g.journal_blocks {
                 // Does not fit before the ring's end: write what we have, wrap to 0.
-                self.write_journal(buf_pos, &buf)?;
+                if let Err(e) = self.write_journal(buf_pos, &buf) {
+                    (self.jpos, self.jseq, self.jused) = saved;
+                    return Err(e);
+                }
                 buf.clear();
                 self.jused += g.journal_blocks - self.jpos;
                 self.jpos = 0;
@@ -215,10 +219,11 @@ impl PageStore {
             self.jused += len;
             self.jseq += 1;
         }
-        let res = self.write_journal(buf_pos, &buf);
-        if let Err(e) = res {
-            // The journal may hold part of it: the next transaction overwrites it, and
-            // replay stops there. The in-memory changes are dropped with the transaction.
+        if let Err(e) = self.write_journal(buf_pos, &buf) {
+            // The journal may hold part of it: the next transaction goes to the same
+            // place with the same sequence number, so replay never skips past a gap.
+            // The in-memory changes are dropped with the transaction.
+            (self.jpos, self.jseq, self.jused) = saved;
             return Err(e);
         }
         for (no, img) in dirty {

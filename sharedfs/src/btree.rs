@@ -1,0 +1,659 @@
+//! A B+tree of byte-string keys and values in 4 KiB blocks: the one ordered map that
+//! holds every namespace record (inodes, directory entries, extents, xattrs).
+//!
+//! A node is one block:
+//!
+//! ```text
+//! leaf      kind=1 u8 | n u16 | pad | n x (klen u16, vlen u16, key, value)
+//! internal  kind=2 u8 | n u16 | pad | child0 u64 | n x (klen u16, key, child u64)
+//! ```
+//! In an internal node, `child0` holds keys below the first key and the child after
+//! key i holds keys from key i up to key i+1. Nodes split when their encoding outgrows
+//! a block; deletes free nodes that become empty but do not rebalance (an underfull
+//! node costs space, never correctness). Every change goes through a [`NodeStore`],
+//! which in the filesystem is a journaled transaction, so a change of several nodes is
+//! atomic.
+
+use std::ops::Bound;
+
+use crate::error::{FsError, Result};
+use crate::layout::BLOCK;
+use crate::pages::Page;
+
+pub const MAX_KEY: usize = 512;
+pub const MAX_VALUE: usize = 1536;
+const HEADER: usize = 8;
+const LEAF: u8 = 1;
+const INTERNAL: u8 = 2;
+
+/// Where the tree's nodes live.
+pub trait NodeStore {
+    fn node(&mut self, no: u64) -> Result<Page>;
+    fn put_node(&mut self, no: u64, image: Vec<u8>) -> Result<()>;
+    fn new_node(&mut self) -> Result<u64>;
+    fn free_node(&mut self, no: u64) -> Result<()>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Leaf {
+        keys: Vec<Vec<u8>>,
+        vals: Vec<Vec<u8>>,
+    },
+    Internal {
+        keys: Vec<Vec<u8>>,
+        children: Vec<u64>,
+    },
+}
+
+fn corrupt(no: u64, what: &str) -> FsError {
+    FsError::Corrupt(format!("B-tree node {no}: {what}"))
+}
+
+impl Node {
+    fn decode(no: u64, b: &[u8]) -> Result<Node> {
+        let n = u16::from_le_bytes([b[1], b[2]]) as usize;
+        let mut at = HEADER;
+        let mut take = |len: usize| -> Result<&[u8]> {
+            let s = b
+                .get(at..at + len)
+                .ok_or_else(|| corrupt(no, "entry past the end"))?;
+            at += len;
+            Ok(s)
+        };
+        let u16_ = |s: &[u8]| u16::from_le_bytes([s[0], s[1]]) as usize;
+        match b[0] {
+            LEAF => {
+                let (mut keys, mut vals) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                for _ in 0..n {
+                    let kl = u16_(take(2)?);
+                    let vl = u16_(take(2)?);
+                    keys.push(take(kl)?.to_vec());
+                    vals.push(take(vl)?.to_vec());
+                }
+                Ok(Node::Leaf { keys, vals })
+            }
+            INTERNAL => {
+                let mut children = Vec::with_capacity(n + 1);
+                let mut keys = Vec::with_capacity(n);
+                children.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
+                for _ in 0..n {
+                    let kl = u16_(take(2)?);
+                    keys.push(take(kl)?.to_vec());
+                    children.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
+                }
+                Ok(Node::Internal { keys, children })
+            }
+            k => Err(corrupt(no, &format!("kind {k}"))),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Node::Leaf { keys, vals } => {
+                HEADER
+                    + keys
+                        .iter()
+                        .zip(vals)
+                        .map(|(k, v)| 4 + k.len() + v.len())
+                        .sum::<usize>()
+            }
+            Node::Internal { keys, .. } => {
+                HEADER + 8 + keys.iter().map(|k| 10 + k.len()).sum::<usize>()
+            }
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(BLOCK);
+        match self {
+            Node::Leaf { keys, vals } => {
+                b.push(LEAF);
+                b.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+                b.resize(HEADER, 0);
+                for (k, v) in keys.iter().zip(vals) {
+                    b.extend_from_slice(&(k.len() as u16).to_le_bytes());
+                    b.extend_from_slice(&(v.len() as u16).to_le_bytes());
+                    b.extend_from_slice(k);
+                    b.extend_from_slice(v);
+                }
+            }
+            Node::Internal { keys, children } => {
+                b.push(INTERNAL);
+                b.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+                b.resize(HEADER, 0);
+                b.extend_from_slice(&children[0].to_le_bytes());
+                for (k, c) in keys.iter().zip(&children[1..]) {
+                    b.extend_from_slice(&(k.len() as u16).to_le_bytes());
+                    b.extend_from_slice(k);
+                    b.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+        debug_assert!(b.len() <= BLOCK);
+        b.resize(BLOCK, 0);
+        b
+    }
+}
+
+fn load(s: &mut dyn NodeStore, no: u64) -> Result<Node> {
+    let p = s.node(no)?;
+    Node::decode(no, &p)
+}
+
+fn store(s: &mut dyn NodeStore, no: u64, n: &Node) -> Result<()> {
+    s.put_node(no, n.encode())
+}
+
+/// Index of the child that holds `key`.
+fn child_index(keys: &[Vec<u8>], key: &[u8]) -> usize {
+    keys.partition_point(|k| k.as_slice() <= key)
+}
+
+/// Makes an empty tree; returns its root.
+pub fn create(s: &mut dyn NodeStore) -> Result<u64> {
+    let root = s.new_node()?;
+    store(
+        s,
+        root,
+        &Node::Leaf {
+            keys: vec![],
+            vals: vec![],
+        },
+    )?;
+    Ok(root)
+}
+
+pub fn get(s: &mut dyn NodeStore, root: u64, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let mut no = root;
+    for _ in 0..64 {
+        match load(s, no)? {
+            Node::Leaf { keys, mut vals } => {
+                return Ok(keys
+                    .binary_search_by(|k| k.as_slice().cmp(key))
+                    .ok()
+                    .map(|i| std::mem::take(&mut vals[i])));
+            }
+            Node::Internal { keys, children } => no = children[child_index(&keys, key)],
+        }
+    }
+    Err(corrupt(root, "deeper than 64 levels (a cycle?)"))
+}
+
+fn check_sizes(key: &[u8], val: &[u8]) -> Result<()> {
+    if key.len() > MAX_KEY {
+        return Err(FsError::NameTooLong);
+    }
+    if val.len() > MAX_VALUE {
+        return Err(FsError::Range);
+    }
+    Ok(())
+}
+
+/// Inserts or replaces; `root` changes when the root splits.
+pub fn put(s: &mut dyn NodeStore, root: &mut u64, key: &[u8], val: &[u8]) -> Result<()> {
+    check_sizes(key, val)?;
+    if let Some((sep, right)) = insert(s, *root, key, val, 0)? {
+        let new_root = s.new_node()?;
+        store(
+            s,
+            new_root,
+            &Node::Internal {
+                keys: vec![sep],
+                children: vec![*root, right],
+            },
+        )?;
+        *root = new_root;
+    }
+    Ok(())
+}
+
+/// Where a node of `sizes` (per entry) splits: the first index of the right half.
+fn split_point(sizes: &[usize]) -> usize {
+    let total: usize = sizes.iter().sum();
+    let mut acc = 0;
+    for (i, s) in sizes.iter().enumerate() {
+        acc += s;
+        if acc * 2 >= total {
+            return (i + 1).clamp(1, sizes.len() - 1);
+        }
+    }
+    sizes.len() / 2
+}
+
+fn insert(
+    s: &mut dyn NodeStore,
+    no: u64,
+    key: &[u8],
+    val: &[u8],
+    depth: u32,
+) -> Result<Option<(Vec<u8>, u64)>> {
+    if depth > 64 {
+        return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
+    }
+    let mut node = load(s, no)?;
+    match &mut node {
+        Node::Leaf { keys, vals } => match keys.binary_search_by(|k| k.as_slice().cmp(key)) {
+            Ok(i) => vals[i] = val.to_vec(),
+            Err(i) => {
+                keys.insert(i, key.to_vec());
+                vals.insert(i, val.to_vec());
+            }
+        },
+        Node::Internal { keys, children } => {
+            let i = child_index(keys, key);
+            match insert(s, children[i], key, val, depth + 1)? {
+                None => return Ok(None),
+                Some((sep, right)) => {
+                    keys.insert(i, sep);
+                    children.insert(i + 1, right);
+                }
+            }
+        }
+    }
+    if node.size() <= BLOCK {
+        store(s, no, &node)?;
+        return Ok(None);
+    }
+    let right_no = s.new_node()?;
+    let (left, right, sep) = match node {
+        Node::Leaf { mut keys, mut vals } => {
+            let sizes: Vec<usize> = keys
+                .iter()
+                .zip(&vals)
+                .map(|(k, v)| 4 + k.len() + v.len())
+                .collect();
+            let m = split_point(&sizes);
+            let rk = keys.split_off(m);
+            let rv = vals.split_off(m);
+            let sep = rk[0].clone();
+            (
+                Node::Leaf { keys, vals },
+                Node::Leaf { keys: rk, vals: rv },
+                sep,
+            )
+        }
+        Node::Internal {
+            mut keys,
+            mut children,
+        } => {
+            let sizes: Vec<usize> = keys.iter().map(|k| 10 + k.len()).collect();
+            let m = split_point(&sizes);
+            // Key m moves up; the right node starts with child m+1.
+            let mut rk = keys.split_off(m);
+            let sep = rk.remove(0);
+            let rc = children.split_off(m + 1);
+            (
+                Node::Internal { keys, children },
+                Node::Internal {
+                    keys: rk,
+                    children: rc,
+                },
+                sep,
+            )
+        }
+    };
+    store(s, no, &left)?;
+    store(s, right_no, &right)?;
+    Ok(Some((sep, right_no)))
+}
+
+/// Removes `key`; returns whether it was there. `root` changes when the tree shrinks.
+pub fn delete(s: &mut dyn NodeStore, root: &mut u64, key: &[u8]) -> Result<bool> {
+    let (found, _empty) = remove(s, *root, key, true, 0)?;
+    // A root with one child and no keys hands over to the child.
+    loop {
+        match load(s, *root)? {
+            Node::Internal { keys, children } if keys.is_empty() && children.len() == 1 => {
+                s.free_node(*root)?;
+                *root = children[0];
+            }
+            _ => break,
+        }
+    }
+    Ok(found)
+}
+
+/// Returns (found, node now empty). An empty non-root node is freed by its parent.
+fn remove(
+    s: &mut dyn NodeStore,
+    no: u64,
+    key: &[u8],
+    is_root: bool,
+    depth: u32,
+) -> Result<(bool, bool)> {
+    if depth > 64 {
+        return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
+    }
+    let mut node = load(s, no)?;
+    let found;
+    let empty;
+    match &mut node {
+        Node::Leaf { keys, vals } => match keys.binary_search_by(|k| k.as_slice().cmp(key)) {
+            Ok(i) => {
+                keys.remove(i);
+                vals.remove(i);
+                found = true;
+                empty = keys.is_empty();
+            }
+            Err(_) => return Ok((false, false)),
+        },
+        Node::Internal { keys, children } => {
+            let i = child_index(keys, key);
+            let (f, child_empty) = remove(s, children[i], key, false, depth + 1)?;
+            if !child_empty {
+                return Ok((f, false));
+            }
+            found = f;
+            s.free_node(children[i])?;
+            children.remove(i);
+            if i == 0 {
+                if !keys.is_empty() {
+                    keys.remove(0);
+                }
+            } else {
+                keys.remove(i - 1);
+            }
+            empty = children.is_empty();
+        }
+    }
+    if empty && is_root {
+        // The root stays, as an empty leaf.
+        store(
+            s,
+            no,
+            &Node::Leaf {
+                keys: vec![],
+                vals: vec![],
+            },
+        )?;
+        return Ok((found, false));
+    }
+    if !empty {
+        store(s, no, &node)?;
+    }
+    Ok((found, empty))
+}
+
+/// Entries with `from <= key` and key within `to`, ascending, at most `limit`.
+pub fn range(
+    s: &mut dyn NodeStore,
+    root: u64,
+    from: &[u8],
+    to: Bound<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut out = Vec::new();
+    collect(s, root, from, to, limit, &mut out, 0)?;
+    Ok(out)
+}
+
+fn within(key: &[u8], to: Bound<&[u8]>) -> bool {
+    match to {
+        Bound::Unbounded => true,
+        Bound::Included(t) => key <= t,
+        Bound::Excluded(t) => key < t,
+    }
+}
+
+/// Returns false once the scan is done (limit reached or past `to`).
+fn collect(
+    s: &mut dyn NodeStore,
+    no: u64,
+    from: &[u8],
+    to: Bound<&[u8]>,
+    limit: usize,
+    out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    depth: u32,
+) -> Result<bool> {
+    if depth > 64 {
+        return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
+    }
+    match load(s, no)? {
+        Node::Leaf { keys, vals } => {
+            let start = keys.partition_point(|k| k.as_slice() < from);
+            for (k, v) in keys.into_iter().zip(vals).skip(start) {
+                if !within(&k, to) {
+                    return Ok(false);
+                }
+                if out.len() >= limit {
+                    return Ok(false);
+                }
+                out.push((k, v));
+            }
+            Ok(out.len() < limit)
+        }
+        Node::Internal { keys, children } => {
+            let first = child_index(&keys, from);
+            for (i, c) in children.iter().enumerate().skip(first) {
+                if i > 0 && !within(&keys[i - 1], to) {
+                    return Ok(false);
+                }
+                if !collect(s, *c, from, to, limit, out, depth + 1)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// The entry with the greatest key `<= key`.
+pub fn floor(s: &mut dyn NodeStore, root: u64, key: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    floor_in(s, root, Some(key), 0)
+}
+
+/// `key` None means the node's last entry.
+fn floor_in(
+    s: &mut dyn NodeStore,
+    no: u64,
+    key: Option<&[u8]>,
+    depth: u32,
+) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    if depth > 64 {
+        return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
+    }
+    match load(s, no)? {
+        Node::Leaf { mut keys, mut vals } => {
+            let n = match key {
+                Some(k) => keys.partition_point(|x| x.as_slice() <= k),
+                None => keys.len(),
+            };
+            if n == 0 {
+                return Ok(None);
+            }
+            Ok(Some((keys.swap_remove(n - 1), vals.swap_remove(n - 1))))
+        }
+        Node::Internal { keys, children } => {
+            let i = match key {
+                Some(k) => child_index(&keys, k),
+                None => children.len() - 1,
+            };
+            if let Some(e) = floor_in(s, children[i], key, depth + 1)? {
+                return Ok(Some(e));
+            }
+            // Deletes can leave a child whose entries all lie above its separator.
+            for j in (0..i).rev() {
+                if let Some(e) = floor_in(s, children[j], None, depth + 1)? {
+                    return Ok(Some(e));
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Every node of the tree (for fsck and accounting).
+pub fn nodes(s: &mut dyn NodeStore, root: u64) -> Result<Vec<u64>> {
+    let mut out = vec![];
+    let mut stack = vec![(root, 0u32)];
+    while let Some((no, depth)) = stack.pop() {
+        if depth > 64 {
+            return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
+        }
+        out.push(no);
+        if let Node::Internal { children, .. } = load(s, no)? {
+            stack.extend(children.into_iter().map(|c| (c, depth + 1)));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Arc;
+
+    /// Nodes in memory.
+    #[derive(Default)]
+    struct Mem {
+        nodes: HashMap<u64, Page>,
+        next: u64,
+        freed: Vec<u64>,
+    }
+
+    impl NodeStore for Mem {
+        fn node(&mut self, no: u64) -> Result<Page> {
+            self.nodes
+                .get(&no)
+                .cloned()
+                .ok_or_else(|| FsError::Corrupt(format!("no node {no}")))
+        }
+        fn put_node(&mut self, no: u64, image: Vec<u8>) -> Result<()> {
+            self.nodes.insert(no, Arc::new(image));
+            Ok(())
+        }
+        fn new_node(&mut self) -> Result<u64> {
+            self.next += 1;
+            Ok(self.next)
+        }
+        fn free_node(&mut self, no: u64) -> Result<()> {
+            assert!(self.nodes.remove(&no).is_some(), "double free of {no}");
+            self.freed.push(no);
+            Ok(())
+        }
+    }
+
+    fn key(i: u64) -> Vec<u8> {
+        // Spread over the key space, with varying lengths.
+        let mut k = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .to_be_bytes()
+            .to_vec();
+        k.extend(std::iter::repeat_n(b'k', (i % 40) as usize));
+        k
+    }
+
+    #[test]
+    fn matches_a_btreemap_through_inserts_overwrites_and_deletes() {
+        let mut s = Mem::default();
+        let mut root = create(&mut s).unwrap();
+        let mut model = BTreeMap::new();
+        for i in 0..20_000u64 {
+            let v = vec![(i % 251) as u8; (i % 97) as usize];
+            put(&mut s, &mut root, &key(i), &v).unwrap();
+            model.insert(key(i), v);
+        }
+        for i in (0..20_000u64).step_by(3) {
+            let v = b"again".to_vec();
+            put(&mut s, &mut root, &key(i), &v).unwrap();
+            model.insert(key(i), v);
+        }
+        for i in (0..20_000u64).filter(|i| i % 5 != 0) {
+            assert!(delete(&mut s, &mut root, &key(i)).unwrap());
+            model.remove(&key(i));
+        }
+        assert!(!delete(&mut s, &mut root, &key(1)).unwrap(), "already gone");
+        for i in 0..20_000u64 {
+            assert_eq!(
+                get(&mut s, root, &key(i)).unwrap(),
+                model.get(&key(i)).cloned()
+            );
+        }
+        let all = range(&mut s, root, &[], Bound::Unbounded, usize::MAX).unwrap();
+        let want: Vec<_> = model.clone().into_iter().collect();
+        assert_eq!(all, want);
+        // Deleted leaves were freed: the tree holds no more nodes than it reaches.
+        assert_eq!(nodes(&mut s, root).unwrap().len(), s.nodes.len());
+    }
+
+    #[test]
+    fn range_and_floor_follow_the_order() {
+        let mut s = Mem::default();
+        let mut root = create(&mut s).unwrap();
+        for i in 0..5000u64 {
+            put(&mut s, &mut root, &(i * 10).to_be_bytes(), &i.to_le_bytes()).unwrap();
+        }
+        let r = range(
+            &mut s,
+            root,
+            &95u64.to_be_bytes(),
+            Bound::Excluded(&200u64.to_be_bytes()),
+            100,
+        )
+        .unwrap();
+        let got: Vec<u64> = r
+            .iter()
+            .map(|(k, _)| u64::from_be_bytes(k[..8].try_into().unwrap()))
+            .collect();
+        assert_eq!(got, (10..20).map(|i| i * 10).collect::<Vec<_>>());
+        let r = range(&mut s, root, &[], Bound::Unbounded, 7).unwrap();
+        assert_eq!(r.len(), 7);
+        let f = floor(&mut s, root, &12_345u64.to_be_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.0, 12_340u64.to_be_bytes());
+        assert!(floor(&mut s, root, &[0, 0, 0]).unwrap().is_none());
+        // Floor still works when whole leaves below were emptied.
+        for i in 1000..3000u64 {
+            delete(&mut s, &mut root, &(i * 10).to_be_bytes()).unwrap();
+        }
+        let f = floor(&mut s, root, &25_000u64.to_be_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.0, 9_990u64.to_be_bytes());
+    }
+
+    #[test]
+    fn deleting_everything_leaves_one_empty_root() {
+        let mut s = Mem::default();
+        let mut root = create(&mut s).unwrap();
+        for i in 0..3000u64 {
+            put(&mut s, &mut root, &key(i), &[1u8; 100]).unwrap();
+        }
+        for i in 0..3000u64 {
+            assert!(delete(&mut s, &mut root, &key(i)).unwrap());
+        }
+        assert_eq!(s.nodes.len(), 1);
+        assert!(range(&mut s, root, &[], Bound::Unbounded, 10)
+            .unwrap()
+            .is_empty());
+        put(&mut s, &mut root, b"again", b"v").unwrap();
+        assert_eq!(get(&mut s, root, b"again").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn big_keys_and_values_split_safely_and_oversize_is_refused() {
+        let mut s = Mem::default();
+        let mut root = create(&mut s).unwrap();
+        for i in 0..500u64 {
+            let mut k = vec![b'x'; MAX_KEY - 8];
+            k.extend_from_slice(&i.to_be_bytes());
+            put(&mut s, &mut root, &k, &vec![7u8; MAX_VALUE]).unwrap();
+        }
+        assert_eq!(
+            range(&mut s, root, &[], Bound::Unbounded, 1000)
+                .unwrap()
+                .len(),
+            500
+        );
+        assert_eq!(
+            put(&mut s, &mut root, &vec![0u8; MAX_KEY + 1], b""),
+            Err(FsError::NameTooLong)
+        );
+        assert_eq!(
+            put(&mut s, &mut root, b"k", &vec![0u8; MAX_VALUE + 1]),
+            Err(FsError::Range)
+        );
+    }
+}

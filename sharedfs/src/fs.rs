@@ -1,0 +1,1255 @@
+//! The POSIX operations on the on-volume namespace: inodes, directories, file data
+//! through extents, symlinks, hard links, xattrs, truncate, fallocate, statfs.
+//!
+//! Every public operation is one transaction: its B-tree, bitmap and fs-block changes are
+//! committed to the journal together, or dropped together when it fails. File data goes
+//! straight to its blocks, before the transaction that makes it reachable commits.
+//! Permission checks are the kernel's (`default_permissions`); this layer enforces the
+//! structure: names, types, emptiness, link counts, sizes.
+//!
+//! An inode whose last name goes away while a client still has it open is kept with an
+//! orphan record; [`Fs::destroy`] frees it when the namespace service sees the last
+//! close, and [`Fs::open`] frees leftover orphans after a restart.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::alloc::Alloc;
+use crate::btree::{self, NodeStore, MAX_VALUE};
+use crate::dev::BlockDev;
+use crate::error::{FsError, Result};
+use crate::inode::*;
+use crate::layout::{Checkpoint, FsBlock, Geometry, BLOCK, BLOCK_U64, FS_BLOCK};
+use crate::pages::{Page, PageStore};
+
+/// Largest file: 2^44 bytes (16 TiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+pub const NAME_MAX: usize = 255;
+pub const MAX_LINKS: u32 = 65_000;
+/// Inode numbers reserved on disk at a time.
+const INO_BATCH: u64 = 1024;
+/// Symlink targets are stored in chunks of this many bytes.
+const LINK_CHUNK: usize = 1024;
+/// Extents freed per transaction when a big file shrinks or goes away.
+const FREE_BATCH: usize = 128;
+/// Largest single data write to the volume.
+const IO_CHUNK: u64 = 1 << 20;
+
+/// Who asks: the owner of what they create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cred {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Time>,
+    pub mtime: Option<Time>,
+    pub ctime: Option<Time>,
+}
+
+/// One readdir result. `cookie` is the entry's stable position in its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub cookie: u64,
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub free: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// What rename does when the target exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RenameMode {
+    #[default]
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+/// The first cookie a directory entry gets; 1 and 2 are "." and "..".
+pub const FIRST_COOKIE: u64 = 3;
+
+pub struct Fs {
+    store: PageStore,
+    alloc: Alloc,
+    fsb: FsBlock,
+    next_ino: u64,
+    meta_hint: u64,
+    data_hint: u64,
+}
+
+/// The B-tree's view of the block store and allocator.
+struct Nodes<'a> {
+    store: &'a mut PageStore,
+    alloc: &'a mut Alloc,
+    hint: &'a mut u64,
+}
+
+impl NodeStore for Nodes<'_> {
+    fn node(&mut self, no: u64) -> Result<Page> {
+        self.store.read(no)
+    }
+    fn put_node(&mut self, no: u64, image: Vec<u8>) -> Result<()> {
+        self.store.write(no, image)
+    }
+    fn new_node(&mut self) -> Result<u64> {
+        let (b, _) = self.alloc.alloc(self.store, 1, *self.hint)?;
+        *self.hint = b + 1;
+        Ok(b)
+    }
+    fn free_node(&mut self, no: u64) -> Result<()> {
+        self.alloc.free_meta(self.store, no)
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid(format!(
+            "file name {:?}",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// Writes an empty namespace (a root directory owned by root, mode 0755) to `dev`.
+    pub fn format(dev: Arc<dyn BlockDev>, uuid: [u8; 16]) -> Result<()> {
+        let geometry = Geometry::for_size(dev.size())?;
+        PageStore::format(
+            dev.as_ref(),
+            &Checkpoint {
+                geometry,
+                uuid,
+                journal_pos: 0,
+                journal_seq: 1,
+            },
+        )?;
+        let mut store = PageStore::open(dev)?;
+        Alloc::format(&mut store)?;
+        let mut alloc = Alloc::open(&mut store)?;
+        let mut hint = geometry.data_start();
+        let root = btree::create(&mut Nodes {
+            store: &mut store,
+            alloc: &mut alloc,
+            hint: &mut hint,
+        })?;
+        let fsb = FsBlock {
+            btree_root: root,
+            next_ino: ROOT_INO + 1,
+            reserved: 0,
+            generation: 1,
+        };
+        store.write(FS_BLOCK, fsb.encode())?;
+        let mut fs = Fs {
+            store,
+            alloc,
+            fsb,
+            next_ino: ROOT_INO + 1,
+            meta_hint: hint,
+            data_hint: geometry.data_start(),
+        };
+        let now = Time::now();
+        let root_inode = Inode {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            next_cookie: FIRST_COOKIE,
+        };
+        fs.put_inode(&root_inode)?;
+        fs.commit()?;
+        fs.store.checkpoint()?;
+        fs.store.sync()
+    }
+
+    /// Opens the namespace on `dev`: replays the journal, frees leftover orphans.
+    pub fn open(dev: Arc<dyn BlockDev>) -> Result<Self> {
+        let mut store = PageStore::open(dev)?;
+        let alloc = Alloc::open(&mut store)?;
+        let fsb = store.with(FS_BLOCK, FsBlock::decode)??;
+        let g = store.checkpoint.geometry;
+        let mut fs = Fs {
+            store,
+            alloc,
+            next_ino: fsb.next_ino,
+            fsb,
+            meta_hint: g.data_start(),
+            data_hint: g.data_start() + (g.blocks - g.data_start()) / 64,
+        };
+        for ino in fs.orphans()? {
+            debug!(ino, "freeing an orphan left by an earlier run");
+            fs.destroy(ino)?;
+        }
+        Ok(fs)
+    }
+
+    pub fn uuid(&self) -> [u8; 16] {
+        self.store.checkpoint.uuid
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.store.checkpoint.geometry
+    }
+
+    // ---- transactions ------------------------------------------------------------
+
+    fn commit(&mut self) -> Result<()> {
+        match self.store.commit() {
+            Ok(()) => {
+                self.alloc.committed(self.store.checkpoints);
+                Ok(())
+            }
+            Err(e) => {
+                self.rollback()?;
+                Err(e)
+            }
+        }
+    }
+
+    fn rollback(&mut self) -> Result<()> {
+        self.store.abort();
+        self.alloc.aborted(&mut self.store)?;
+        self.fsb = self.store.with(FS_BLOCK, FsBlock::decode)??;
+        Ok(())
+    }
+
+    /// Runs `f` as one transaction.
+    fn run<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        match f(self) {
+            Ok(v) => {
+                self.commit()?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.rollback()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes every committed change durable on every in-sync replica (fsync).
+    pub fn sync(&mut self) -> Result<()> {
+        self.store.sync()
+    }
+
+    // ---- the B-tree --------------------------------------------------------------
+
+    fn nodes(&mut self) -> (Nodes<'_>, u64) {
+        (
+            Nodes {
+                store: &mut self.store,
+                alloc: &mut self.alloc,
+                hint: &mut self.meta_hint,
+            },
+            self.fsb.btree_root,
+        )
+    }
+
+    fn set_root(&mut self, root: u64) -> Result<()> {
+        if root != self.fsb.btree_root {
+            self.fsb.btree_root = root;
+            self.write_fsb()?;
+        }
+        Ok(())
+    }
+
+    fn write_fsb(&mut self) -> Result<()> {
+        self.fsb.generation += 1;
+        self.store.write(FS_BLOCK, self.fsb.encode())
+    }
+
+    fn bt_get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (mut n, root) = self.nodes();
+        btree::get(&mut n, root, k)
+    }
+
+    fn bt_put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+        let (mut n, mut root) = self.nodes();
+        btree::put(&mut n, &mut root, k, v)?;
+        self.set_root(root)
+    }
+
+    fn bt_del(&mut self, k: &[u8]) -> Result<bool> {
+        let (mut n, mut root) = self.nodes();
+        let found = btree::delete(&mut n, &mut root, k)?;
+        self.set_root(root)?;
+        Ok(found)
+    }
+
+    fn bt_range(
+        &mut self,
+        from: &[u8],
+        to: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let (mut n, root) = self.nodes();
+        btree::range(&mut n, root, from, to, limit)
+    }
+
+    fn bt_floor(&mut self, k: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let (mut n, root) = self.nodes();
+        btree::floor(&mut n, root, k)
+    }
+
+    // ---- inodes ------------------------------------------------------------------
+
+    pub fn getattr(&mut self, ino: u64) -> Result<Inode> {
+        let v = self.bt_get(&inode_key(ino))?.ok_or(FsError::NotFound)?;
+        Inode::decode(ino, &v)
+    }
+
+    fn put_inode(&mut self, i: &Inode) -> Result<()> {
+        self.bt_put(&inode_key(i.ino), &i.encode())
+    }
+
+    fn dir(&mut self, ino: u64) -> Result<Inode> {
+        let d = self.getattr(ino)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(d)
+    }
+
+    fn new_ino(&mut self) -> Result<u64> {
+        if self.next_ino >= self.fsb.next_ino {
+            self.fsb.next_ino = self.next_ino + INO_BATCH;
+            self.write_fsb()?;
+        }
+        let i = self.next_ino;
+        self.next_ino += 1;
+        Ok(i)
+    }
+
+    fn entry(&mut self, dir: u64, name: &[u8]) -> Result<Option<(u64, Kind, u64)>> {
+        match self.bt_get(&dirent_key(dir, name))? {
+            Some(v) => Ok(Some(parse_dirent(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn add_entry(&mut self, dir: &mut Inode, name: &[u8], child: u64, kind: Kind) -> Result<()> {
+        let cookie = dir.next_cookie.max(FIRST_COOKIE);
+        dir.next_cookie = cookie + 1;
+        self.bt_put(
+            &dirent_key(dir.ino, name),
+            &dirent_value(child, kind, cookie),
+        )?;
+        self.bt_put(
+            &cookie_key(dir.ino, cookie),
+            &cookie_value(child, kind, name),
+        )?;
+        dir.size += 1;
+        Ok(())
+    }
+
+    fn remove_entry(&mut self, dir: &mut Inode, name: &[u8]) -> Result<()> {
+        let (_, _, cookie) = self.entry(dir.ino, name)?.ok_or(FsError::NotFound)?;
+        self.bt_del(&dirent_key(dir.ino, name))?;
+        self.bt_del(&cookie_key(dir.ino, cookie))?;
+        dir.size = dir.size.saturating_sub(1);
+        Ok(())
+    }
+
+    pub fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<Inode> {
+        self.dir(parent)?;
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let (child, _, _) = self.entry(parent, name)?.ok_or(FsError::NotFound)?;
+        self.getattr(child)
+    }
+
+    /// Creates a file, directory, device, fifo or socket (`mode` carries the type bits),
+    /// or a symlink to `target`.
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        cred: Cred,
+        target: Option<&[u8]>,
+    ) -> Result<Inode> {
+        self.run(|fs| fs.create_tx(parent, name, mode, rdev, cred, target))
+    }
+
+    fn create_tx(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        cred: Cred,
+        target: Option<&[u8]>,
+    ) -> Result<Inode> {
+        check_name(name)?;
+        let mut dir = self.dir(parent)?;
+        if self.entry(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let kind = if target.is_some() {
+            Kind::Symlink
+        } else {
+            Kind::from_mode(mode)?
+        };
+        let mut perm = if kind == Kind::Symlink {
+            0o777
+        } else {
+            mode & 0o7777
+        };
+        // BSD group semantics under a setgid directory, as ext4 does.
+        let gid = if dir.perm & libc::S_ISGID != 0 {
+            if kind == Kind::Dir {
+                perm |= libc::S_ISGID;
+            }
+            dir.gid
+        } else {
+            cred.gid
+        };
+        if kind == Kind::Dir && dir.nlink >= MAX_LINKS {
+            return Err(FsError::TooManyLinks);
+        }
+        let now = Time::now();
+        let mut inode = Inode {
+            ino: self.new_ino()?,
+            kind,
+            perm,
+            uid: cred.uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: if matches!(kind, Kind::CharDev | Kind::BlockDev) {
+                rdev
+            } else {
+                0
+            },
+            next_cookie: FIRST_COOKIE,
+        };
+        if let Some(t) = target {
+            if t.is_empty() || t.len() >= libc::PATH_MAX as usize {
+                return Err(if t.is_empty() {
+                    FsError::NotFound
+                } else {
+                    FsError::NameTooLong
+                });
+            }
+            for (i, chunk) in t.chunks(LINK_CHUNK).enumerate() {
+                self.bt_put(&link_key(inode.ino, i as u32), chunk)?;
+            }
+            inode.size = t.len() as u64;
+        }
+        self.put_inode(&inode)?;
+        self.add_entry(&mut dir, name, inode.ino, kind)?;
+        if kind == Kind::Dir {
+            dir.nlink += 1;
+            self.bt_put(&parent_key(inode.ino), &parent.to_le_bytes())?;
+        }
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(&dir)?;
+        Ok(inode)
+    }
+
+    pub fn readlink(&mut self, ino: u64) -> Result<Vec<u8>> {
+        let i = self.getattr(ino)?;
+        if i.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symbolic link".into()));
+        }
+        let chunks = self.bt_range(
+            &link_key(ino, 0),
+            Bound::Excluded(&after(b'L', ino)),
+            usize::MAX,
+        )?;
+        Ok(chunks.into_iter().flat_map(|(_, v)| v).collect())
+    }
+
+    pub fn link(&mut self, ino: u64, parent: u64, name: &[u8]) -> Result<Inode> {
+        self.run(|fs| {
+            check_name(name)?;
+            let mut inode = fs.getattr(ino)?;
+            if inode.kind == Kind::Dir {
+                return Err(FsError::Perm);
+            }
+            if inode.nlink >= MAX_LINKS {
+                return Err(FsError::TooManyLinks);
+            }
+            let mut dir = fs.dir(parent)?;
+            if fs.entry(parent, name)?.is_some() {
+                return Err(FsError::Exists);
+            }
+            let now = Time::now();
+            fs.add_entry(&mut dir, name, ino, inode.kind)?;
+            dir.mtime = now;
+            dir.ctime = now;
+            fs.put_inode(&dir)?;
+            if inode.nlink == 0 {
+                // Linked back from an open, unlinked state (linkat with AT_EMPTY_PATH).
+                fs.bt_del(&orphan_key(ino))?;
+            }
+            inode.nlink += 1;
+            inode.ctime = now;
+            fs.put_inode(&inode)?;
+            Ok(inode)
+        })
+    }
+
+    /// Drops one link of `inode`; at zero it becomes an orphan. Returns the inode
+    /// number when it did.
+    fn drop_link(&mut self, inode: &mut Inode, now: Time) -> Result<Option<u64>> {
+        inode.nlink = inode.nlink.saturating_sub(1);
+        inode.ctime = now;
+        self.put_inode(inode)?;
+        if inode.nlink == 0 {
+            self.bt_put(&orphan_key(inode.ino), &[])?;
+            return Ok(Some(inode.ino));
+        }
+        Ok(None)
+    }
+
+    /// Removes a non-directory name. Returns the inode number if that was its last
+    /// link: the caller frees it with [`Fs::destroy`] once nobody has it open.
+    pub fn unlink(&mut self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        self.run(|fs| {
+            let mut dir = fs.dir(parent)?;
+            let (child, kind, _) = fs.entry(parent, name)?.ok_or(FsError::NotFound)?;
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let now = Time::now();
+            fs.remove_entry(&mut dir, name)?;
+            dir.mtime = now;
+            dir.ctime = now;
+            fs.put_inode(&dir)?;
+            let mut inode = fs.getattr(child)?;
+            fs.drop_link(&mut inode, now)
+        })
+    }
+
+    fn is_empty_dir(&mut self, ino: u64) -> Result<bool> {
+        Ok(self
+            .bt_range(&dirent_key(ino, &[]), Bound::Excluded(&after(b'D', ino)), 1)?
+            .is_empty())
+    }
+
+    pub fn rmdir(&mut self, parent: u64, name: &[u8]) -> Result<()> {
+        self.run(|fs| {
+            if name == b"." {
+                return Err(FsError::Invalid("rmdir of \".\"".into()));
+            }
+            if name == b".." {
+                return Err(FsError::NotEmpty);
+            }
+            let mut dir = fs.dir(parent)?;
+            let (child, kind, _) = fs.entry(parent, name)?.ok_or(FsError::NotFound)?;
+            if kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if !fs.is_empty_dir(child)? {
+                return Err(FsError::NotEmpty);
+            }
+            let now = Time::now();
+            fs.remove_entry(&mut dir, name)?;
+            dir.nlink = dir.nlink.saturating_sub(1);
+            dir.mtime = now;
+            dir.ctime = now;
+            fs.put_inode(&dir)?;
+            fs.free_inode_records(child)?;
+            Ok(())
+        })
+    }
+
+    /// Renames; returns the inode number of a replaced target that lost its last link.
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<Option<u64>> {
+        self.run(|fs| fs.rename_tx(parent, name, new_parent, new_name, mode))
+    }
+
+    fn rename_tx(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<Option<u64>> {
+        check_name(name)?;
+        check_name(new_name)?;
+        self.dir(parent)?;
+        self.dir(new_parent)?;
+        let (src, src_kind, _) = self.entry(parent, name)?.ok_or(FsError::NotFound)?;
+        let dst = self.entry(new_parent, new_name)?;
+        if src_kind == Kind::Dir && self.is_ancestor(src, new_parent)? {
+            return Err(FsError::Invalid(
+                "cannot move a directory into itself".into(),
+            ));
+        }
+        let now = Time::now();
+        if mode == RenameMode::Exchange {
+            let (dst_ino, dst_kind, _) = dst.ok_or(FsError::NotFound)?;
+            if dst_kind == Kind::Dir && self.is_ancestor(dst_ino, parent)? {
+                return Err(FsError::Invalid(
+                    "cannot move a directory into itself".into(),
+                ));
+            }
+            // Point each name at the other inode, keeping the names' cookies.
+            self.repoint(parent, name, dst_ino, dst_kind)?;
+            self.repoint(new_parent, new_name, src, src_kind)?;
+            if dst_kind == Kind::Dir {
+                self.bt_put(&parent_key(dst_ino), &parent.to_le_bytes())?;
+            }
+            if src_kind == Kind::Dir {
+                self.bt_put(&parent_key(src), &new_parent.to_le_bytes())?;
+            }
+            if parent != new_parent && (src_kind == Kind::Dir) != (dst_kind == Kind::Dir) {
+                let (from, to) = if src_kind == Kind::Dir {
+                    (parent, new_parent)
+                } else {
+                    (new_parent, parent)
+                };
+                let mut f = self.getattr(from)?;
+                f.nlink -= 1;
+                self.put_inode(&f)?;
+                let mut t = self.getattr(to)?;
+                t.nlink += 1;
+                self.put_inode(&t)?;
+            }
+            for ino in [parent, new_parent, src, dst_ino] {
+                let mut i = self.getattr(ino)?;
+                i.ctime = now;
+                if ino == parent || ino == new_parent {
+                    i.mtime = now;
+                }
+                self.put_inode(&i)?;
+            }
+            return Ok(None);
+        }
+        let mut orphan = None;
+        if let Some((dst_ino, dst_kind, _)) = dst {
+            if dst_ino == src {
+                // Two names of one inode: POSIX says do nothing.
+                return Ok(None);
+            }
+            if mode == RenameMode::NoReplace {
+                return Err(FsError::Exists);
+            }
+            match (src_kind == Kind::Dir, dst_kind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => {
+                    if !self.is_empty_dir(dst_ino)? {
+                        return Err(FsError::NotEmpty);
+                    }
+                    let mut np = self.getattr(new_parent)?;
+                    self.remove_entry(&mut np, new_name)?;
+                    np.nlink -= 1;
+                    self.put_inode(&np)?;
+                    self.free_inode_records(dst_ino)?;
+                }
+                (false, false) => {
+                    let mut np = self.getattr(new_parent)?;
+                    self.remove_entry(&mut np, new_name)?;
+                    self.put_inode(&np)?;
+                    let mut d = self.getattr(dst_ino)?;
+                    orphan = self.drop_link(&mut d, now)?;
+                }
+            }
+        }
+        let mut p = self.getattr(parent)?;
+        self.remove_entry(&mut p, name)?;
+        if src_kind == Kind::Dir && parent != new_parent {
+            p.nlink -= 1;
+        }
+        p.mtime = now;
+        p.ctime = now;
+        self.put_inode(&p)?;
+        let mut np = self.getattr(new_parent)?;
+        self.add_entry(&mut np, new_name, src, src_kind)?;
+        if src_kind == Kind::Dir && parent != new_parent {
+            np.nlink += 1;
+        }
+        np.mtime = now;
+        np.ctime = now;
+        self.put_inode(&np)?;
+        if src_kind == Kind::Dir {
+            self.bt_put(&parent_key(src), &new_parent.to_le_bytes())?;
+        }
+        let mut s = self.getattr(src)?;
+        s.ctime = now;
+        self.put_inode(&s)?;
+        Ok(orphan)
+    }
+
+    fn repoint(&mut self, dir: u64, name: &[u8], child: u64, kind: Kind) -> Result<()> {
+        let (_, _, cookie) = self.entry(dir, name)?.ok_or(FsError::NotFound)?;
+        self.bt_put(&dirent_key(dir, name), &dirent_value(child, kind, cookie))?;
+        self.bt_put(&cookie_key(dir, cookie), &cookie_value(child, kind, name))
+    }
+
+    /// Whether `b` is directory `a` or lies inside it: walks up from `b` through the
+    /// parent records, so it costs the depth of `b`, not the size of `a`.
+    fn is_ancestor(&mut self, a: u64, b: u64) -> Result<bool> {
+        let mut at = b;
+        for _ in 0..100_000 {
+            if at == a {
+                return Ok(true);
+            }
+            if at == ROOT_INO {
+                return Ok(false);
+            }
+            at = match self.bt_get(&parent_key(at))? {
+                Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().unwrap()),
+                _ => {
+                    return Err(FsError::Corrupt(format!(
+                        "directory {at} has no parent record"
+                    )))
+                }
+            };
+        }
+        Err(FsError::Corrupt("directory parent chain loops".into()))
+    }
+
+    /// The parent of directory `dir`.
+    pub fn parent_of(&mut self, dir: u64) -> Result<u64> {
+        if dir == ROOT_INO {
+            return Ok(ROOT_INO);
+        }
+        match self.bt_get(&parent_key(dir))? {
+            Some(v) if v.len() == 8 => Ok(u64::from_le_bytes(v[..8].try_into().unwrap())),
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// Entries of `dir` from position `cookie` on, at most `limit`.
+    pub fn readdir(&mut self, dir: u64, cookie: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        self.dir(dir)?;
+        let rows = self.bt_range(
+            &cookie_key(dir, cookie.max(FIRST_COOKIE)),
+            Bound::Excluded(&after(b'C', dir)),
+            limit,
+        )?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let (ino, kind, name) = parse_cookie_value(&v)?;
+                Ok(DirEntry {
+                    cookie: u64::from_be_bytes(k[9..17].try_into().unwrap()),
+                    ino,
+                    kind,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    // ---- attributes --------------------------------------------------------------
+
+    pub fn setattr(&mut self, ino: u64, set: &SetAttr) -> Result<Inode> {
+        self.run(|fs| {
+            let mut i = fs.getattr(ino)?;
+            let now = Time::now();
+            if let Some(size) = set.size {
+                if i.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                if i.kind != Kind::File {
+                    return Err(FsError::Invalid("truncate of a special file".into()));
+                }
+                if size > MAX_FILE_SIZE {
+                    return Err(FsError::TooBig);
+                }
+                fs.truncate(&mut i, size)?;
+                i.mtime = now;
+            }
+            if let Some(p) = set.perm {
+                i.perm = p & 0o7777;
+            }
+            if let Some(u) = set.uid {
+                i.uid = u;
+            }
+            if let Some(g) = set.gid {
+                i.gid = g;
+            }
+            if let Some(t) = set.atime {
+                i.atime = t;
+            }
+            if let Some(t) = set.mtime {
+                i.mtime = t;
+            }
+            i.ctime = set.ctime.unwrap_or(now);
+            fs.put_inode(&i)?;
+            Ok(i)
+        })
+    }
+
+    // ---- file data ---------------------------------------------------------------
+
+    /// Extents of `ino` overlapping blocks `[b0, b1)`, in order: (first block, physical
+    /// block, length).
+    fn extents(&mut self, ino: u64, b0: u64, b1: u64) -> Result<Vec<(u64, u64, u64)>> {
+        let mut out = Vec::new();
+        let start_key = match self.bt_floor(&extent_key(ino, b0))? {
+            Some((k, v)) if k[0] == b'E' && ino_of(&k) == ino => {
+                let (phys, len) = parse_extent(&v)?;
+                let l = extent_block(&k);
+                if l + len > b0 {
+                    out.push((l, phys, len));
+                }
+                let mut next = k;
+                next.push(0);
+                next
+            }
+            _ => extent_key(ino, b0),
+        };
+        let end = extent_key(ino, b1);
+        for (k, v) in self.bt_range(&start_key, Bound::Excluded(&end), usize::MAX)? {
+            let (phys, len) = parse_extent(&v)?;
+            out.push((extent_block(&k), phys, len));
+        }
+        Ok(out)
+    }
+
+    /// The last extent of `ino`.
+    fn last_extent(&mut self, ino: u64) -> Result<Option<(u64, u64, u64)>> {
+        match self.bt_floor(&extent_key(ino, u64::MAX))? {
+            Some((k, v)) if k[0] == b'E' && ino_of(&k) == ino => {
+                let (phys, len) = parse_extent(&v)?;
+                Ok(Some((extent_block(&k), phys, len)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn read(&mut self, ino: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let i = self.getattr(ino)?;
+        if i.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if offset >= i.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len as u64).min(i.size);
+        let (b0, b1) = (offset / BLOCK_U64, end.div_ceil(BLOCK_U64));
+        let mut out = vec![0u8; ((b1 - b0) * BLOCK_U64) as usize];
+        for (l, phys, n) in self.extents(ino, b0, b1)? {
+            let s = l.max(b0);
+            let e = (l + n).min(b1);
+            if s >= e {
+                continue;
+            }
+            let mut at = s;
+            while at < e {
+                let run = (e - at).min(IO_CHUNK / BLOCK_U64);
+                let data = self
+                    .store
+                    .dev()
+                    .read_at((phys + at - l) * BLOCK_U64, (run * BLOCK_U64) as usize)?;
+                let dst = ((at - b0) * BLOCK_U64) as usize;
+                out[dst..dst + data.len()].copy_from_slice(&data);
+                at += run;
+            }
+        }
+        let skip = (offset - b0 * BLOCK_U64) as usize;
+        out.truncate(skip + (end - offset) as usize);
+        out.drain(..skip);
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` (at the end of the file when `append`); returns the
+    /// inode after the write.
+    pub fn write(&mut self, ino: u64, offset: u64, data: &[u8], append: bool) -> Result<Inode> {
+        self.run(|fs| fs.write_tx(ino, offset, data, append))
+    }
+
+    fn write_tx(&mut self, ino: u64, offset: u64, data: &[u8], append: bool) -> Result<Inode> {
+        let mut i = self.getattr(ino)?;
+        match i.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("write to a special file".into())),
+        }
+        let offset = if append { i.size } else { offset };
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        if data.is_empty() {
+            return Ok(i);
+        }
+        if offset > i.size {
+            // Blocks past the old end must read as zeros: drop any left by an
+            // interrupted truncate.
+            self.trim_beyond(&mut i)?;
+        }
+        let (b0, b1) = (offset / BLOCK_U64, end.div_ceil(BLOCK_U64));
+        // Runs covering [b0, b1): (first block, physical, length, freshly allocated).
+        let mut runs: Vec<(u64, u64, u64, bool)> = Vec::new();
+        let mut cursor = b0;
+        for (l, phys, n) in self.extents(ino, b0, b1)? {
+            let s = l.max(b0);
+            let e = (l + n).min(b1);
+            if s > cursor {
+                self.fill_hole(&mut i, cursor, s, &mut runs)?;
+            }
+            runs.push((s, phys + (s - l), e - s, false));
+            cursor = e;
+        }
+        if cursor < b1 {
+            self.fill_hole(&mut i, cursor, b1, &mut runs)?;
+        }
+        for (s, phys, n, fresh) in runs {
+            // The bytes of this run that the write covers.
+            let run_start = s * BLOCK_U64;
+            let run_end = (s + n) * BLOCK_U64;
+            let w0 = offset.max(run_start);
+            let w1 = end.min(run_end);
+            let mut at = run_start;
+            while at < run_end {
+                let chunk_end = (at + IO_CHUNK).min(run_end);
+                let c0 = w0.max(at);
+                let c1 = w1.min(chunk_end);
+                let mut buf;
+                if c0 == at && c1 == chunk_end {
+                    buf = data[(c0 - offset) as usize..(c1 - offset) as usize].to_vec();
+                } else {
+                    // Partial blocks at the edges of the write: keep what is there.
+                    buf = if fresh {
+                        vec![0u8; (chunk_end - at) as usize]
+                    } else {
+                        self.store.dev().read_at(
+                            (phys + (at - run_start) / BLOCK_U64) * BLOCK_U64,
+                            (chunk_end - at) as usize,
+                        )?
+                    };
+                    if c0 < c1 {
+                        buf[(c0 - at) as usize..(c1 - at) as usize]
+                            .copy_from_slice(&data[(c0 - offset) as usize..(c1 - offset) as usize]);
+                    }
+                }
+                self.store
+                    .dev()
+                    .write_at((phys + (at - run_start) / BLOCK_U64) * BLOCK_U64, &buf)?;
+                at = chunk_end;
+            }
+        }
+        let now = Time::now();
+        i.size = i.size.max(end);
+        i.mtime = now;
+        i.ctime = now;
+        self.put_inode(&i)?;
+        Ok(i)
+    }
+
+    /// Allocates blocks `[from, to)` of `i` and records them as extents.
+    fn fill_hole(
+        &mut self,
+        i: &mut Inode,
+        from: u64,
+        to: u64,
+        runs: &mut Vec<(u64, u64, u64, bool)>,
+    ) -> Result<()> {
+        let mut at = from;
+        while at < to {
+            // Continue right after the previous extent when it ends at `at`.
+            let prev = if at > 0 {
+                self.extents(i.ino, at - 1, at)?.pop()
+            } else {
+                None
+            };
+            let hint = match prev {
+                Some((l, p, n)) if l + n == at => p + n,
+                _ => self.data_hint,
+            };
+            let (p, n) = self.alloc.alloc(&mut self.store, to - at, hint)?;
+            self.data_hint = p + n;
+            match prev {
+                Some((l, pp, pn)) if l + pn == at && pp + pn == p && pn + n < u32::MAX as u64 => {
+                    self.bt_put(&extent_key(i.ino, l), &extent_value(pp, pn + n))?;
+                }
+                _ => self.bt_put(&extent_key(i.ino, at), &extent_value(p, n))?,
+            }
+            i.blocks += n;
+            runs.push((at, p, n, true));
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Frees the blocks past `i.size` and zeroes the tail of the last block.
+    fn truncate(&mut self, i: &mut Inode, size: u64) -> Result<()> {
+        if size < i.size && !size.is_multiple_of(BLOCK_U64) {
+            // Bytes past the new end in its last block must read as zeros if the file
+            // grows again.
+            let b = size / BLOCK_U64;
+            if let Some((l, phys, _)) = self.extents(i.ino, b, b + 1)?.pop() {
+                let at = (phys + b - l) * BLOCK_U64;
+                let mut blk = self.store.dev().read_at(at, BLOCK)?;
+                blk[(size % BLOCK_U64) as usize..].fill(0);
+                self.store.dev().write_at(at, &blk)?;
+            }
+        }
+        i.size = size;
+        self.trim_beyond(i)
+    }
+
+    /// Frees every extent past `i.size`, in batches of committed transactions.
+    fn trim_beyond(&mut self, i: &mut Inode) -> Result<()> {
+        let keep = i.size.div_ceil(BLOCK_U64);
+        loop {
+            let mut done = true;
+            for _ in 0..FREE_BATCH {
+                let Some((l, phys, n)) = self.last_extent(i.ino)? else {
+                    break;
+                };
+                if l + n <= keep {
+                    break;
+                }
+                if l >= keep {
+                    self.bt_del(&extent_key(i.ino, l))?;
+                    self.alloc.free_data(&mut self.store, phys, n)?;
+                    i.blocks = i.blocks.saturating_sub(n);
+                } else {
+                    let kept = keep - l;
+                    self.bt_put(&extent_key(i.ino, l), &extent_value(phys, kept))?;
+                    self.alloc
+                        .free_data(&mut self.store, phys + kept, n - kept)?;
+                    i.blocks = i.blocks.saturating_sub(n - kept);
+                }
+                done = false;
+            }
+            if done {
+                return Ok(());
+            }
+            // Keep one transaction within the journal: what is freed so far is
+            // consistent on its own (the inode records the blocks it still has).
+            self.put_inode(i)?;
+            self.commit()?;
+        }
+    }
+
+    /// Allocates (zeroed) blocks for `[offset, offset+len)`; grows the size unless
+    /// `keep_size`.
+    pub fn fallocate(&mut self, ino: u64, offset: u64, len: u64, keep_size: bool) -> Result<Inode> {
+        self.run(|fs| {
+            let mut i = fs.getattr(ino)?;
+            if i.kind != Kind::File {
+                return Err(if i.kind == Kind::Dir {
+                    FsError::IsDir
+                } else {
+                    FsError::Invalid("fallocate of a special file".into())
+                });
+            }
+            let end = offset
+                .checked_add(len)
+                .filter(|e| *e <= MAX_FILE_SIZE)
+                .ok_or(FsError::TooBig)?;
+            if len == 0 {
+                return Err(FsError::Invalid("fallocate of zero bytes".into()));
+            }
+            if offset > i.size {
+                fs.trim_beyond(&mut i)?;
+            }
+            let (b0, b1) = (offset / BLOCK_U64, end.div_ceil(BLOCK_U64));
+            let mut runs = Vec::new();
+            let mut cursor = b0;
+            for (l, _, n) in fs.extents(ino, b0, b1)? {
+                let s = l.max(b0);
+                if s > cursor {
+                    fs.fill_hole(&mut i, cursor, s, &mut runs)?;
+                }
+                cursor = (l + n).min(b1);
+            }
+            if cursor < b1 {
+                fs.fill_hole(&mut i, cursor, b1, &mut runs)?;
+            }
+            let zeros = vec![0u8; IO_CHUNK as usize];
+            for (_, phys, n, _) in runs {
+                let mut at = 0;
+                while at < n {
+                    let k = (n - at).min(IO_CHUNK / BLOCK_U64);
+                    fs.store
+                        .dev()
+                        .write_at((phys + at) * BLOCK_U64, &zeros[..(k * BLOCK_U64) as usize])?;
+                    at += k;
+                }
+            }
+            let now = Time::now();
+            if !keep_size && end > i.size {
+                i.size = end;
+                i.mtime = now;
+            }
+            i.ctime = now;
+            fs.put_inode(&i)?;
+            Ok(i)
+        })
+    }
+
+    // ---- xattrs ------------------------------------------------------------------
+
+    pub fn getxattr(&mut self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        self.getattr(ino)?;
+        self.bt_get(&xattr_key(ino, name))?.ok_or(FsError::NoAttr)
+    }
+
+    /// `create`: fail if it exists; `replace`: fail if it does not.
+    pub fn setxattr(
+        &mut self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> Result<()> {
+        self.run(|fs| {
+            let mut i = fs.getattr(ino)?;
+            if name.is_empty() {
+                return Err(FsError::Invalid("empty attribute name".into()));
+            }
+            if name.len() > NAME_MAX {
+                return Err(FsError::Range);
+            }
+            if value.len() > MAX_VALUE {
+                return Err(FsError::NoSpace);
+            }
+            let exists = fs.bt_get(&xattr_key(ino, name))?.is_some();
+            if create && exists {
+                return Err(FsError::Exists);
+            }
+            if replace && !exists {
+                return Err(FsError::NoAttr);
+            }
+            fs.bt_put(&xattr_key(ino, name), value)?;
+            i.ctime = Time::now();
+            fs.put_inode(&i)
+        })
+    }
+
+    pub fn listxattr(&mut self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        self.getattr(ino)?;
+        Ok(self
+            .bt_range(
+                &xattr_key(ino, &[]),
+                Bound::Excluded(&after(b'X', ino)),
+                usize::MAX,
+            )?
+            .into_iter()
+            .map(|(k, _)| k[9..].to_vec())
+            .collect())
+    }
+
+    pub fn removexattr(&mut self, ino: u64, name: &[u8]) -> Result<()> {
+        self.run(|fs| {
+            let mut i = fs.getattr(ino)?;
+            if !fs.bt_del(&xattr_key(ino, name))? {
+                return Err(FsError::NoAttr);
+            }
+            i.ctime = Time::now();
+            fs.put_inode(&i)
+        })
+    }
+
+    // ---- space and lifetime ------------------------------------------------------
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: self.alloc.total_blocks(),
+            free: self.alloc.free_blocks(),
+            block_size: BLOCK as u32,
+            name_max: NAME_MAX as u32,
+        }
+    }
+
+    /// Inodes unlinked while open, waiting for their last close.
+    pub fn orphans(&mut self) -> Result<Vec<u64>> {
+        Ok(self
+            .bt_range(&orphan_key(0), Bound::Excluded(&[b'O' + 1]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| ino_of(&k))
+            .collect())
+    }
+
+    /// Frees an orphan: its data, xattrs and inode.
+    pub fn destroy(&mut self, ino: u64) -> Result<()> {
+        let mut i = match self.getattr(ino) {
+            Ok(i) => i,
+            Err(FsError::NotFound) => {
+                return self.run(|fs| fs.bt_del(&orphan_key(ino)).map(|_| ()));
+            }
+            Err(e) => return Err(e),
+        };
+        if i.nlink > 0 {
+            return Err(FsError::Invalid(format!("inode {ino} still has links")));
+        }
+        self.run(|fs| {
+            i.size = 0;
+            fs.trim_beyond(&mut i)?;
+            fs.free_inode_records(ino)?;
+            fs.bt_del(&orphan_key(ino))?;
+            Ok(())
+        })
+    }
+
+    /// Deletes an inode's records (its data must be freed already, or it has none).
+    fn free_inode_records(&mut self, ino: u64) -> Result<()> {
+        self.bt_del(&parent_key(ino))?;
+        for tag in [b'X', b'L', b'E'] {
+            loop {
+                let rows = self.bt_range(
+                    &[&[tag][..], &ino.to_be_bytes()].concat(),
+                    Bound::Excluded(&after(tag, ino)),
+                    FREE_BATCH,
+                )?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (k, v) in rows {
+                    if tag == b'E' {
+                        let (phys, n) = parse_extent(&v)?;
+                        self.alloc.free_data(&mut self.store, phys, n)?;
+                    }
+                    self.bt_del(&k)?;
+                }
+            }
+        }
+        self.bt_del(&inode_key(ino))?;
+        Ok(())
+    }
+}
