@@ -20,6 +20,7 @@ use crate::host;
 use crate::node::Node;
 use crate::records::{self, VolumeRecord};
 use crate::resync;
+use crate::shared::SharedNamespaces;
 use crate::volume_io::{self, VolumeIo};
 
 /// FUSE session threads per attached volume: enough for the loop device's parallel I/O.
@@ -30,6 +31,9 @@ pub struct Attachment {
     /// Tells the volume's resync worker to end.
     stop: Arc<AtomicBool>,
     pub name: String,
+    pub volume_id: String,
+    /// Serves a shared namespace (no device file, no loop device).
+    shared: bool,
     /// The FUSE session serving the device file (unmounted on drop).
     session: Option<fuser::BackgroundSession>,
     fuse_dir: PathBuf,
@@ -88,7 +92,9 @@ impl Node {
         self.attach_local(name, None).await
     }
 
-    /// Attaches on this node (if not already) and mounts the filesystem at `path`.
+    /// Attaches on this node (if not already) and mounts the filesystem at `path`. A
+    /// shared volume is mounted as a client of its coordinator wherever that is
+    /// (attaching it here first when it is attached nowhere, or to a dead node).
     pub async fn mount(&self, name: &str, path: &str) -> Result<VolumeRecord> {
         let p = Path::new(path);
         if !p.is_absolute() || path.contains('\0') {
@@ -96,7 +102,41 @@ impl Node {
                 "mount path {path:?} must be an absolute path"
             )));
         }
+        let (rec, _) = self.volume_by_name(name).await?;
+        if rec.shared {
+            return self.mount_shared(rec, p).await;
+        }
         self.attach_local(name, Some(p)).await
+    }
+
+    fn shared_hooks(&self) -> Result<Arc<dyn SharedNamespaces>> {
+        self.shared.get().cloned().ok_or_else(|| {
+            Error::FailedPrecondition("this node does not serve shared namespaces".into())
+        })
+    }
+
+    async fn mount_shared(&self, rec: VolumeRecord, path: &Path) -> Result<VolumeRecord> {
+        let hooks = self.shared_hooks()?;
+        let coordinator = match rec.attached_node.clone() {
+            Some(n) if n == self.id && self.attachments.lock().await.contains_key(&rec.id) => n,
+            Some(n) if n != self.id && self.membership.is_online(&n) => n,
+            _ => {
+                self.attach_local(&rec.name, None).await?;
+                self.id.clone()
+            }
+        };
+        let addr = self.node_record(&coordinator).await?.address;
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::InvalidArgument(format!("mount path {}: {e}", path.display())))?;
+        let (r, p) = (rec.clone(), path.to_path_buf());
+        tokio::task::spawn_blocking(move || hooks.mount(&r, &addr, &p))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        info!(volume = %rec.name, path = %path.display(), %coordinator, "shared namespace mounted");
+        // A shared volume has many mounts; the reply names this one.
+        let mut out = self.volume_by_name(&rec.name).await?.0;
+        out.mount_path = path.to_string_lossy().into_owned();
+        Ok(out)
     }
 
     #[instrument(skip(self), fields(volume = %name))]
@@ -148,7 +188,7 @@ impl Node {
                     rec = self
                         .update_volume(&rec.id, |r| {
                             r.device_path = device.clone();
-                            if r.fs == "ext4" {
+                            if r.fs == "ext4" || r.shared {
                                 r.formatted = true;
                             }
                             Ok(())
@@ -222,6 +262,34 @@ impl Node {
         tokio::task::spawn_blocking(move || opener.open())
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
+        if rec.shared {
+            let hooks = self.shared_hooks()?;
+            let (r, served) = (rec.clone(), io.clone());
+            tokio::task::spawn_blocking(move || hooks.serve(&r, served))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            let stop = Arc::new(AtomicBool::new(false));
+            resync::spawn(
+                io,
+                resync::WorkerCtx {
+                    membership: self.membership.clone(),
+                    peers: self.peers.clone(),
+                    rebuild_after: self.cfg.rebuild_after,
+                    stop: stop.clone(),
+                },
+            );
+            let att = Attachment {
+                stop,
+                name: rec.name.clone(),
+                volume_id: rec.id.clone(),
+                shared: true,
+                session: None,
+                fuse_dir: PathBuf::new(),
+                loop_dev: None,
+                mount_path: None,
+            };
+            return Ok((att, String::new()));
+        }
         let fuse_dir = self.attach_root().join(&rec.name);
         for stale in host::mounts_under(&fuse_dir) {
             let _ = host::umount(&stale, true).await;
@@ -255,6 +323,8 @@ impl Node {
         let mut att = Attachment {
             stop,
             name: rec.name.clone(),
+            volume_id: rec.id.clone(),
+            shared: false,
             session: Some(session),
             fuse_dir: fuse_dir.clone(),
             loop_dev: None,
@@ -286,6 +356,12 @@ impl Node {
     /// Unmounts and releases everything of one attachment, best effort, in order.
     async fn teardown(&self, mut att: Attachment) {
         att.stop.store(true, Ordering::Relaxed);
+        if att.shared {
+            if let Ok(hooks) = self.shared_hooks() {
+                let id = att.volume_id.clone();
+                let _ = tokio::task::spawn_blocking(move || hooks.stop(&id)).await;
+            }
+        }
         if let Some(p) = att.mount_path.take() {
             if let Err(e) = host::umount(&p, false).await {
                 warn!(path = %p.display(), error = %e, "busy; detaching the mount lazily");
@@ -344,6 +420,15 @@ impl Node {
     /// Unmounts the volume filesystem mounted at `path` on this node (it stays attached).
     pub async fn unmount(&self, path: &str) -> Result<()> {
         let p = PathBuf::from(path);
+        if let Ok(hooks) = self.shared_hooks() {
+            let q = p.clone();
+            let was_shared = tokio::task::spawn_blocking(move || hooks.unmount(&q))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            if was_shared {
+                return Ok(());
+            }
+        }
         let mut atts = self.attachments.lock().await;
         let Some((id, att)) = atts
             .iter_mut()
@@ -368,6 +453,13 @@ impl Node {
 
     /// On shutdown: releases every local attachment and clears its record.
     pub async fn detach_all_local(&self) {
+        // Client mounts first: they may be served by a volume attached here.
+        if let Ok(hooks) = self.shared_hooks() {
+            for (_, path) in hooks.mounts() {
+                let h = hooks.clone();
+                let _ = tokio::task::spawn_blocking(move || h.unmount(&path)).await;
+            }
+        }
         let drained: Vec<(String, Attachment)> = self.attachments.lock().await.drain().collect();
         for (id, att) in drained {
             self.teardown(att).await;

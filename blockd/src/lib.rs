@@ -30,6 +30,7 @@ pub mod records;
 pub mod replication;
 pub mod resync;
 pub mod services;
+pub mod shared;
 pub mod size;
 pub mod status;
 pub mod versions;

@@ -46,6 +46,8 @@ pub struct Node {
     pub token: String,
     /// Volumes attached on this node, by volume id.
     pub attachments: tokio::sync::Mutex<HashMap<String, Attachment>>,
+    /// Serves and mounts shared namespaces; set by the binary before serving.
+    pub shared: std::sync::OnceLock<Arc<dyn crate::shared::SharedNamespaces>>,
 }
 
 /// Reads a value pinned in the data dir, or writes `make()` there the first time.
@@ -139,13 +141,16 @@ impl Node {
             membership,
             token,
             attachments: tokio::sync::Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
         }))
     }
 
     /// Serves the gRPC API on an already-bound listener until `shutdown` completes.
+    /// `extra` are more gRPC services on the same port (the namespace API).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        extra: tonic::service::Routes,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         self.clean_stale_attachments().await;
@@ -166,6 +171,7 @@ impl Node {
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES * 4)
             .max_frame_size(FRAME_BYTES)
+            .add_routes(extra)
             .add_service(control)
             .add_service(block)
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -11,6 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use shoal_proto::block::block_client::BlockClient;
 use shoal_proto::control::control_client::ControlClient;
+use shoal_proto::ns::namespace_client::NamespaceClient;
 use shoal_proto::CLUSTER_TOKEN_HEADER;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -55,6 +56,7 @@ impl tonic::service::Interceptor for TokenInterceptor {
 }
 
 pub type PeerBlockClient = BlockClient<InterceptedService<Channel, TokenInterceptor>>;
+pub type PeerNamespaceClient = NamespaceClient<InterceptedService<Channel, TokenInterceptor>>;
 
 /// A cache of channels to other nodes, by gRPC address.
 pub struct Peers {
@@ -101,6 +103,22 @@ impl Peers {
         BlockClient::with_interceptor(channel, self.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A namespace API client for the coordinator at `address` (sharedfs mounts).
+    pub fn namespace(&self, address: &str) -> Result<PeerNamespaceClient> {
+        Ok(
+            NamespaceClient::with_interceptor(self.channel(address)?, self.token.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    }
+
+    /// Whether a request carries this cluster's token.
+    pub fn token_ok<T>(&self, req: &tonic::Request<T>) -> bool {
+        req.metadata()
+            .get(shoal_proto::CLUSTER_TOKEN_HEADER)
+            .is_some_and(|t| t == self.token.0)
     }
 
     /// A control API client for the node at `address` (forwarded CLI requests).

@@ -66,15 +66,26 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
             req.size_bytes
         )));
     }
-    let fs = match req.fs.as_str() {
-        "" | "none" => "none",
-        "ext4" => "ext4",
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "fs {other:?} is not supported (none or ext4)"
-            )))
-        }
-    };
+    let fs =
+        match (req.fs.as_str(), req.shared) {
+            ("" | "none", false) => "none",
+            ("ext4", false) => "ext4",
+            ("" | "none" | "sharedfs", true) | ("sharedfs", false) => "sharedfs",
+            ("ext4", true) => return Err(Error::InvalidArgument(
+                "a shared volume carries the shared namespace (sharedfs), not ext4: drop --fs ext4"
+                    .into(),
+            )),
+            (other, _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "fs {other:?} is not supported (none, ext4 or sharedfs)"
+                )))
+            }
+        };
+    if fs == "sharedfs" && req.size_bytes < 8 << 20 {
+        return Err(Error::InvalidArgument(
+            "a shared volume needs at least 8M".into(),
+        ));
+    }
     if fs == "ext4" && req.size_bytes < 8 << 20 {
         return Err(Error::InvalidArgument(
             "an ext4 volume needs at least 8M".into(),
@@ -97,11 +108,6 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
                 "label {k} value is over 256 bytes"
             )));
         }
-    }
-    if req.shared {
-        return Err(Error::InvalidArgument(
-            "shared volumes (sharedfs) are not available in this version".into(),
-        ));
     }
     Ok((block, fs.to_string(), prio.to_string()))
 }
@@ -161,6 +167,7 @@ impl Node {
     #[instrument(skip(self, req), fields(volume = %req.name))]
     pub async fn create_volume(&self, req: CreateVolumeRequest) -> Result<pb::Volume> {
         let (block_size, fs, io_priority) = validate_spec(&req)?;
+        let shared = fs == "sharedfs";
         let nodes = self.node_records().await?;
         if req.repl as usize > nodes.len() {
             return Err(Error::InvalidArgument(format!(
@@ -211,7 +218,7 @@ impl Node {
             fs,
             labels: req.labels.into_iter().collect(),
             io_priority,
-            shared: req.shared,
+            shared,
             replicas: replicas.clone(),
             attached_node: None,
             device_path: String::new(),

@@ -5,7 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use std::sync::Arc;
+
 use shoal_blockd::{Node, NodeConfig};
+use shoal_proto::ns::namespace_server::NamespaceServer;
+use shoal_sharedfs::hooks::Shared;
+use shoal_sharedfs::service::NamespaceService;
 
 /// Flags of `shoal node start`; each has a `SHOAL_*` environment fallback.
 #[derive(Args, Debug)]
@@ -49,6 +54,10 @@ pub struct StartArgs {
     /// nodes.
     #[arg(long, env = "SHOAL_REBUILD_AFTER", default_value_t = shoal_blockd::config::DEFAULT_REBUILD_AFTER.as_secs_f64())]
     rebuild_after: f64,
+    /// Seconds a shared-volume mount may go without renewing its session before the
+    /// coordinator drops it (and frees what it held).
+    #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::service::DEFAULT_LEASE.as_secs_f64())]
+    session_lease: f64,
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -84,6 +93,15 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             },
         )?,
     };
+    let lease = std::time::Duration::try_from_secs_f64(args.session_lease)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--session-lease {} is not a positive duration in seconds",
+                args.session_lease
+            )
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -91,8 +109,21 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let listener = Node::bind(cfg.listen).await?;
         let node = Node::open(cfg).await?;
+        let service = NamespaceService::new(node.peers.clone(), lease);
+        let shared = Arc::new(Shared::new(
+            service.clone(),
+            node.peers.clone(),
+            &node.id,
+            tokio::runtime::Handle::current(),
+        ));
+        let _ = node.shared.set(shared);
+        let routes = tonic::service::Routes::new(
+            NamespaceServer::new(service)
+                .max_decoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES),
+        );
         println!("node {} serving", node.id);
-        node.serve(listener, shutdown_signal()).await?;
+        node.serve(listener, routes, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     // FUSE sessions and gRPC tasks are gone; do not wait for idle background tasks.

@@ -30,8 +30,8 @@ pub enum VolumeCmd {
         /// Block size, a power of two from 4K to 1M.
         #[arg(long, value_parser = parse_size_arg, default_value = "4K")]
         block_size: u64,
-        /// Filesystem made on first attach.
-        #[arg(long, default_value = "none", value_parser = ["none", "ext4"])]
+        /// Filesystem made on first attach (a shared volume always carries sharedfs).
+        #[arg(long, default_value = "none", value_parser = ["none", "ext4", "sharedfs"])]
         fs: String,
         /// Label k=v (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
@@ -39,7 +39,7 @@ pub enum VolumeCmd {
         /// I/O priority class.
         #[arg(long, default_value = "medium", value_parser = ["high", "medium", "low"])]
         io_priority: String,
-        /// One namespace mounted on many hosts (sharedfs; not in this version).
+        /// One POSIX namespace mountable on many hosts at once (sharedfs).
         #[arg(long)]
         shared: bool,
         /// Pin replicas to these node ids (comma separated).

@@ -3,16 +3,23 @@
 //! Layers, bottom up: [`dev`] (the volume as a block device), [`layout`] (where things
 //! are), [`journal`] and [`pages`] (atomic metadata transactions), [`btree`] (the one
 //! ordered map every namespace record lives in), [`alloc`] (the free-space bitmap), and
-//! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations).
+//! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations). Over the
+//! network: [`service`] (the namespace API on the coordinator), [`client`] (the FUSE
+//! mount on any host), [`hooks`] (what the node calls), [`volume_dev`] (a replicated
+//! volume as the block device).
 
 pub mod alloc;
 pub mod btree;
+pub mod client;
 pub mod dev;
 pub mod error;
 pub mod fs;
+pub mod hooks;
 pub mod inode;
 pub mod journal;
 pub mod layout;
 pub mod pages;
+pub mod service;
+pub mod volume_dev;
 
 pub use error::{FsError, Result};

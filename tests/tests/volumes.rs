@@ -145,8 +145,10 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
             "--bogus",
         ),
         (
-            vec!["volume", "create", "a", "--size", "1G", "--shared"],
-            "shared",
+            vec![
+                "volume", "create", "a", "--size", "1G", "--shared", "--fs", "ext4",
+            ],
+            "not ext4",
         ),
         (vec!["volume", "delete", "ghost"], "not found"),
         (vec!["volume", "detach", "ghost"], "not found"),

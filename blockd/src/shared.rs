@@ -1,0 +1,28 @@
+//! The seam between the node and the shared namespace (`sharedfs`), which builds on
+//! this crate and so cannot be called from it directly: the binary hands the node an
+//! implementation of [`SharedNamespaces`] at start.
+//!
+//! The node decides *where* a shared volume is served (its coordinator: the node it is
+//! attached to) and asks the implementation to serve it there and to mount clients.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::records::VolumeRecord;
+use crate::volume_io::VolumeIo;
+
+pub trait SharedNamespaces: Send + Sync {
+    /// This node became the volume's coordinator: serve its namespace over `io`
+    /// (formatting it on first use, replaying its journal otherwise). Blocking.
+    fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>) -> Result<()>;
+    /// Stop serving a volume (detach, shutdown).
+    fn stop(&self, volume_id: &str);
+    /// Mount the volume's namespace at `path`, served by the node at `coordinator`
+    /// (a gRPC address). Blocking.
+    fn mount(&self, rec: &VolumeRecord, coordinator: &str, path: &Path) -> Result<()>;
+    /// Unmounts a client mount; Ok(false) when `path` is not one.
+    fn unmount(&self, path: &Path) -> Result<bool>;
+    /// Client mounts on this node: (volume id, path).
+    fn mounts(&self) -> Vec<(String, PathBuf)>;
+}

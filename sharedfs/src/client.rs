@@ -1,0 +1,879 @@
+//! The FUSE client: a mount of a shared volume on any host, forwarding every operation
+//! to the namespace service on the volume's coordinator.
+//!
+//! Coherence in this version comes from not caching: attributes and entries are given
+//! to the kernel with a zero timeout and files are opened with direct I/O, so every
+//! read, stat and lookup asks the coordinator, which serializes all changes. (Leases
+//! that allow caching are the next step; see `docs/consistency.md`.)
+//!
+//! A request that cannot reach the coordinator is retried, with the same sequence
+//! number, until it can: applications see a pause, not `ENOTCONN`. A session the
+//! coordinator no longer knows (it restarted, or the lease ran out) is reopened.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use shoal_blockd::peers::PeerNamespaceClient;
+use shoal_proto::ns::ns_reply::Result as Res;
+use shoal_proto::ns::ns_request::Op;
+use shoal_proto::ns::*;
+use tracing::{info, warn};
+
+use crate::fs::FIRST_COOKIE;
+use crate::inode::Kind;
+
+/// Largest read or write the kernel sends.
+const MAX_IO: u32 = 1 << 20;
+/// No caching without leases.
+const TTL: Duration = Duration::ZERO;
+const READDIR_BATCH: u32 = 256;
+
+/// The connection to the coordinator, shared by the FUSE threads and the heartbeat.
+pub struct Rpc {
+    volume_id: String,
+    host: String,
+    mountpoint: String,
+    client: PeerNamespaceClient,
+    session: AtomicU64,
+    seq: AtomicU64,
+    rt: tokio::runtime::Handle,
+    stopping: AtomicBool,
+}
+
+impl Rpc {
+    pub fn connect(
+        volume_id: &str,
+        host: &str,
+        mountpoint: &Path,
+        client: PeerNamespaceClient,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Arc<Self>, tonic::Status> {
+        let rpc = Arc::new(Self {
+            volume_id: volume_id.to_string(),
+            host: host.to_string(),
+            mountpoint: mountpoint.to_string_lossy().into_owned(),
+            client,
+            session: AtomicU64::new(0),
+            seq: AtomicU64::new(1),
+            rt,
+            stopping: AtomicBool::new(false),
+        });
+        rpc.open_session()?;
+        Ok(rpc)
+    }
+
+    fn open_session(&self) -> Result<(), tonic::Status> {
+        let mut c = self.client.clone();
+        let req = OpenSessionRequest {
+            volume_id: self.volume_id.clone(),
+            host: self.host.clone(),
+            mountpoint: self.mountpoint.clone(),
+        };
+        let r = self.rt.block_on(c.open_session(req))?.into_inner();
+        self.session.store(r.session, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Renews the session until the mount goes away.
+    pub fn heartbeat_loop(self: Arc<Self>, every: Duration) {
+        std::thread::spawn(move || {
+            while !self.stopping.load(Ordering::Relaxed) {
+                std::thread::sleep(every);
+                let mut c = self.client.clone();
+                let req = HeartbeatRequest {
+                    volume_id: self.volume_id.clone(),
+                    session: self.session.load(Ordering::SeqCst),
+                };
+                match self.rt.block_on(c.heartbeat(req)) {
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        warn!(volume = %self.volume_id, "session lost; opening a new one");
+                        let _ = self.open_session();
+                    }
+                    Err(s) => warn!(volume = %self.volume_id, error = %s, "heartbeat failed"),
+                }
+            }
+        });
+    }
+
+    pub fn close(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let mut c = self.client.clone();
+        let req = HeartbeatRequest {
+            volume_id: self.volume_id.clone(),
+            session: self.session.load(Ordering::SeqCst),
+        };
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), c.close_session(req)).await
+        });
+    }
+
+    /// Runs one operation; retries until the coordinator answers.
+    fn call(&self, req: &Request, op: Op) -> Result<Option<Res>, Errno> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let msg = NsRequest {
+                volume_id: self.volume_id.clone(),
+                session: self.session.load(Ordering::SeqCst),
+                seq,
+                uid: req.uid(),
+                gid: req.gid(),
+                op: Some(op.clone()),
+            };
+            let mut c = self.client.clone();
+            match self.rt.block_on(c.call(msg)) {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.errno != 0 {
+                        return Err(Errno::from_i32(r.errno));
+                    }
+                    return Ok(r.result);
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    warn!(volume = %self.volume_id, "session lost; opening a new one");
+                    if self.open_session().is_err() {
+                        std::thread::sleep(delay);
+                    }
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Internal
+                    ) =>
+                {
+                    if self.stopping.load(Ordering::Relaxed) {
+                        return Err(Errno::EIO);
+                    }
+                    warn!(volume = %self.volume_id, error = %s, "coordinator unreachable; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => {
+                    warn!(volume = %self.volume_id, error = %s, "namespace call refused");
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+    }
+}
+
+fn time(t: &Option<shoal_proto::ns::Time>) -> SystemTime {
+    match t {
+        Some(t) if t.sec >= 0 => UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec),
+        Some(t) => {
+            UNIX_EPOCH - Duration::new((-t.sec) as u64, 0) + Duration::from_nanos(t.nsec as u64)
+        }
+        None => UNIX_EPOCH,
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn kind_type(code: u32) -> FileType {
+    match Kind::from_code(code as u8) {
+        Ok(k) => file_type(k.mode_bits()),
+        Err(_) => FileType::RegularFile,
+    }
+}
+
+fn to_file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(&a.atime),
+        mtime: time(&a.mtime),
+        ctime: time(&a.ctime),
+        crtime: time(&a.crtime),
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn attr_of(r: Option<Res>) -> Result<FileAttr, Errno> {
+    match r {
+        Some(Res::Attr(a)) => Ok(to_file_attr(&a)),
+        _ => Err(Errno::EIO),
+    }
+}
+
+fn data_of(r: Option<Res>) -> Vec<u8> {
+    match r {
+        Some(Res::Data(d)) => d.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+fn system_time(t: SystemTime) -> shoal_proto::ns::Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => shoal_proto::ns::Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            shoal_proto::ns::Time { sec, nsec }
+        }
+    }
+}
+
+/// See the module doc.
+pub struct Client {
+    rpc: Arc<Rpc>,
+}
+
+impl Client {
+    pub fn new(rpc: Arc<Rpc>) -> Self {
+        Self { rpc }
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<Option<Res>, Errno>) {
+        match r.and_then(attr_of) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn empty(&self, reply: ReplyEmpty, r: Result<Option<Res>, Errno>) {
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+    ) -> Result<Option<Res>, Errno> {
+        self.rpc.call(
+            req,
+            Op::Create(Create {
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                mode,
+                rdev,
+                symlink_target: target,
+            }),
+        )
+    }
+}
+
+impl Filesystem for Client {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.rpc.call(
+            req,
+            Op::Lookup(Lookup {
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            }),
+        );
+        self.entry(reply, r);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self
+            .rpc
+            .call(req, Op::Getattr(Ino { ino: ino.0 }))
+            .and_then(attr_of)
+        {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (at, at_now) = match atime {
+            Some(TimeOrNow::SpecificTime(t)) => (Some(system_time(t)), false),
+            Some(TimeOrNow::Now) => (None, true),
+            None => (None, false),
+        };
+        let (mt, mt_now) = match mtime {
+            Some(TimeOrNow::SpecificTime(t)) => (Some(system_time(t)), false),
+            Some(TimeOrNow::Now) => (None, true),
+            None => (None, false),
+        };
+        let op = Op::Setattr(SetAttr {
+            ino: ino.0,
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: at,
+            mtime: mt,
+            atime_now: at_now,
+            mtime_now: mt_now,
+        });
+        match self.rpc.call(req, op).and_then(attr_of) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.rpc.call(req, Op::Readlink(Ino { ino: ino.0 })) {
+            Ok(r) => reply.data(&data_of(r)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_node(req, parent, name, mode, rdev, None);
+        self.entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_node(req, parent, name, libc::S_IFDIR | (mode & 0o7777), 0, None);
+        self.entry(reply, r);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.rpc.call(
+            req,
+            Op::Unlink(Entry {
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            }),
+        );
+        self.empty(reply, r);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.rpc.call(
+            req,
+            Op::Rmdir(Entry {
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+            }),
+        );
+        self.empty(reply, r);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.create_node(
+            req,
+            parent,
+            link_name,
+            libc::S_IFLNK | 0o777,
+            0,
+            Some(target.as_os_str().as_bytes().to_vec()),
+        );
+        self.entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let bits = flags.bits();
+        let mode = if bits & libc::RENAME_EXCHANGE != 0 {
+            2
+        } else if bits & libc::RENAME_NOREPLACE != 0 {
+            1
+        } else if bits == 0 {
+            0
+        } else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        let r = self.rpc.call(
+            req,
+            Op::Rename(Rename {
+                parent: parent.0,
+                name: name.as_bytes().to_vec(),
+                new_parent: newparent.0,
+                new_name: newname.as_bytes().to_vec(),
+                mode,
+            }),
+        );
+        self.empty(reply, r);
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.rpc.call(
+            req,
+            Op::Link(Link {
+                ino: ino.0,
+                parent: newparent.0,
+                name: newname.as_bytes().to_vec(),
+            }),
+        );
+        self.entry(reply, r);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.rpc.call(req, Op::Open(Ino { ino: ino.0 })) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.rpc.call(
+            req,
+            Op::Read(Read {
+                ino: ino.0,
+                offset,
+                length: size,
+            }),
+        ) {
+            Ok(r) => reply.data(&data_of(r)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let op = Op::Write(Write {
+            ino: ino.0,
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+            append: flags.0 & libc::O_APPEND != 0,
+        });
+        let sync = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let r = self.rpc.call(req, op).and_then(|r| {
+            if sync {
+                self.rpc.call(req, Op::Fsync(Ino { ino: ino.0 }))?;
+            }
+            Ok(r)
+        });
+        match r {
+            Ok(_) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are synchronous to the coordinator: nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rpc.call(req, Op::Release(Ino { ino: ino.0 }));
+        self.empty(reply, r);
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rpc.call(req, Op::Fsync(Ino { ino: ino.0 }));
+        self.empty(reply, r);
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rpc.call(req, Op::Fsync(Ino { ino: ino.0 }));
+        self.empty(reply, r);
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // Offsets: 1 and 2 follow "." and ".."; an entry with cookie c is followed by c+1.
+        if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
+            reply.ok();
+            return;
+        }
+        if offset <= 1 && reply.add(ino, 2, FileType::Directory, "..") {
+            reply.ok();
+            return;
+        }
+        let mut cookie = offset.max(FIRST_COOKIE);
+        loop {
+            let r = self.rpc.call(
+                req,
+                Op::Readdir(ReadDir {
+                    ino: ino.0,
+                    cookie,
+                    limit: READDIR_BATCH,
+                }),
+            );
+            let entries = match r {
+                Ok(Some(Res::Entries(e))) => e.entries,
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    reply.error(e);
+                    return;
+                }
+            };
+            if entries.is_empty() {
+                reply.ok();
+                return;
+            }
+            for e in entries {
+                let name = OsStr::from_bytes(&e.name);
+                if reply.add(INodeNo(e.ino), e.cookie + 1, kind_type(e.kind), name) {
+                    reply.ok();
+                    return;
+                }
+                cookie = e.cookie + 1;
+            }
+        }
+    }
+
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.rpc.call(req, Op::Statfs(Ino { ino: 1 })) {
+            Ok(Some(Res::Statfs(s))) => reply.statfs(
+                s.blocks,
+                s.free,
+                s.free,
+                s.free.max(1 << 20),
+                s.free.max(1 << 20),
+                s.block_size,
+                s.name_max,
+                s.block_size,
+            ),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rpc.call(
+            req,
+            Op::Setxattr(Xattr {
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags,
+            }),
+        );
+        self.empty(reply, r);
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self.rpc.call(
+            req,
+            Op::Getxattr(Xattr {
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+                value: vec![],
+                flags: 0,
+            }),
+        );
+        match r {
+            Ok(r) => {
+                let d = data_of(r);
+                if size == 0 {
+                    reply.size(d.len() as u32);
+                } else if d.len() > size as usize {
+                    reply.error(Errno::ERANGE);
+                } else {
+                    reply.data(&d);
+                }
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.rpc.call(req, Op::Listxattr(Ino { ino: ino.0 })) {
+            Ok(Some(Res::Names(n))) => {
+                let mut buf = Vec::new();
+                for name in n.names {
+                    buf.extend_from_slice(&name);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32);
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::ERANGE);
+                } else {
+                    reply.data(&buf);
+                }
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.rpc.call(
+            req,
+            Op::Removexattr(Xattr {
+                ino: ino.0,
+                name: name.as_bytes().to_vec(),
+                value: vec![],
+                flags: 0,
+            }),
+        );
+        self.empty(reply, r);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self
+            .create_node(req, parent, name, mode, 0, None)
+            .and_then(attr_of);
+        match r {
+            Ok(a) => match self.rpc.call(req, Op::Open(Ino { ino: a.ino.0 })) {
+                Ok(_) => reply.created(
+                    &TTL,
+                    &a,
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                ),
+                Err(e) => reply.error(e),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.rpc.call(
+            req,
+            Op::Fallocate(Fallocate {
+                ino: ino.0,
+                offset,
+                length,
+                mode,
+            }),
+        );
+        self.empty(reply, r);
+    }
+}
+
+/// A mounted client.
+pub struct Mount {
+    pub volume_id: String,
+    pub path: PathBuf,
+    rpc: Arc<Rpc>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Mount {
+    /// Mounts `volume_id` at `path`, served by the coordinator behind `client`.
+    pub fn start(
+        volume_id: &str,
+        volume_name: &str,
+        host: &str,
+        path: &Path,
+        client: PeerNamespaceClient,
+        rt: tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
+        let rpc = Rpc::connect(volume_id, host, path, client, rt)
+            .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
+        rpc.clone().heartbeat_loop(Duration::from_secs(3));
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("shoal:{volume_name}")),
+            fuser::MountOption::Subtype("shoal".into()),
+            fuser::MountOption::DefaultPermissions,
+        ];
+        // Containers run as any user: everyone may use the mount, the modes decide.
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(4);
+        config.clone_fd = true;
+        let session = match fuser::spawn_mount(Client::new(rpc.clone()), path, &config) {
+            Ok(s) => s,
+            Err(e) => {
+                rpc.close();
+                return Err(e);
+            }
+        };
+        info!(volume = volume_id, path = %path.display(), "shared namespace mounted");
+        Ok(Self {
+            volume_id: volume_id.to_string(),
+            path: path.to_path_buf(),
+            rpc,
+            session: Some(session),
+        })
+    }
+
+    /// Unmounts and closes the session.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        let res = match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        };
+        self.rpc.close();
+        res
+    }
+}

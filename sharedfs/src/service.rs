@@ -1,0 +1,525 @@
+//! The namespace service: runs on a shared volume's coordinator and answers the
+//! namespace API for every mount of that volume, on any host.
+//!
+//! It owns, per served volume, the one [`Fs`] (operations are serialized on it, so a
+//! change is atomic for every client at once) and the sessions: who is mounted, which
+//! inodes each mount holds open (an unlinked inode lives until the last close), and the
+//! replies to recent requests, so a retried request returns the first answer instead
+//! of running twice. A session that stops renewing expires after the lease.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use shoal_blockd::peers::Peers;
+use shoal_proto::ns::namespace_server::Namespace;
+use shoal_proto::ns::ns_reply::Result as Res;
+use shoal_proto::ns::ns_request::Op;
+use shoal_proto::ns::*;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::error::FsError;
+use crate::fs::{Cred, Fs, RenameMode, SetAttr as FsSetAttr};
+use crate::inode::{Inode, Time as FsTime};
+
+/// How long a session lives without a heartbeat.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// Replies kept per session for retried requests.
+const REPLAY_DEPTH: usize = 128;
+/// Entries per readdir reply at most.
+const READDIR_MAX: u32 = 1024;
+
+struct Session {
+    host: String,
+    mountpoint: String,
+    opened: Instant,
+    last_seen: Instant,
+    replies: VecDeque<(u64, NsReply)>,
+    /// Open handles per inode.
+    opens: HashMap<u64, u32>,
+}
+
+/// What `inspect` shows of one session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub host: String,
+    pub mountpoint: String,
+    pub age: Duration,
+    pub open_files: u32,
+}
+
+/// One served volume.
+pub struct Served {
+    pub volume_id: String,
+    fs: Mutex<Fs>,
+    sessions: Mutex<HashMap<u64, Session>>,
+    lease: Duration,
+}
+
+impl Served {
+    fn open_count(&self, ino: u64) -> u32 {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .map(|s| s.opens.get(&ino).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Frees an inode that lost its last link, unless a mount still has it open.
+    fn maybe_destroy(&self, ino: u64) {
+        if self.open_count(ino) > 0 {
+            return;
+        }
+        let mut fs = self.fs.lock().expect("fs");
+        match fs.getattr(ino) {
+            Ok(i) if i.nlink == 0 => {
+                if let Err(e) = fs.destroy(ino) {
+                    warn!(volume = %self.volume_id, ino, error = %e, "freeing an unlinked file failed");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Drops sessions whose lease ran out, and what they held.
+    fn expire(&self, now: Instant) {
+        let gone: Vec<(u64, Session)> = {
+            let mut ss = self.sessions.lock().expect("sessions");
+            let dead: Vec<u64> = ss
+                .iter()
+                .filter(|(_, s)| now.duration_since(s.last_seen) > self.lease)
+                .map(|(id, _)| *id)
+                .collect();
+            dead.into_iter()
+                .filter_map(|id| ss.remove(&id).map(|s| (id, s)))
+                .collect()
+        };
+        for (id, s) in gone {
+            info!(volume = %self.volume_id, session = id, host = %s.host, "session expired");
+            for ino in s.opens.keys() {
+                self.maybe_destroy(*ino);
+            }
+        }
+    }
+
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let now = Instant::now();
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                id: *id,
+                host: s.host.clone(),
+                mountpoint: s.mountpoint.clone(),
+                age: now.duration_since(s.opened),
+                open_files: s.opens.values().sum(),
+            })
+            .collect()
+    }
+
+    /// Runs one operation.
+    fn execute(&self, session: u64, req: &NsRequest) -> NsReply {
+        let cred = Cred {
+            uid: req.uid,
+            gid: req.gid,
+        };
+        let Some(op) = &req.op else {
+            return fail(&FsError::Invalid("request without an operation".into()));
+        };
+        match self.run(session, cred, op) {
+            Ok(result) => NsReply {
+                errno: 0,
+                detail: String::new(),
+                result,
+            },
+            Err(e) => fail(&e),
+        }
+    }
+
+    fn run(&self, session: u64, cred: Cred, op: &Op) -> Result<Option<Res>, FsError> {
+        let attr = |i: Inode| Ok(Some(Res::Attr(to_attr(&i))));
+        let mut orphan = None;
+        let out = {
+            let mut fs = self.fs.lock().expect("fs");
+            match op {
+                Op::Lookup(l) => attr(fs.lookup(l.parent, &l.name)?),
+                Op::Getattr(i) => attr(fs.getattr(i.ino)?),
+                Op::Setattr(s) => {
+                    let now = FsTime::now();
+                    let pick = |t: &Option<shoal_proto::ns::Time>, is_now: bool| {
+                        if is_now {
+                            Some(now)
+                        } else {
+                            t.as_ref().map(|t| FsTime {
+                                sec: t.sec,
+                                nsec: t.nsec,
+                            })
+                        }
+                    };
+                    let set = FsSetAttr {
+                        perm: s.mode,
+                        uid: s.uid,
+                        gid: s.gid,
+                        size: s.size,
+                        atime: pick(&s.atime, s.atime_now),
+                        mtime: pick(&s.mtime, s.mtime_now),
+                        ctime: None,
+                    };
+                    attr(fs.setattr(s.ino, &set)?)
+                }
+                Op::Create(c) => attr(fs.create(
+                    c.parent,
+                    &c.name,
+                    c.mode,
+                    c.rdev,
+                    cred,
+                    c.symlink_target.as_deref(),
+                )?),
+                Op::Link(l) => attr(fs.link(l.ino, l.parent, &l.name)?),
+                Op::Unlink(e) => {
+                    orphan = fs.unlink(e.parent, &e.name)?;
+                    Ok(None)
+                }
+                Op::Rmdir(e) => {
+                    fs.rmdir(e.parent, &e.name)?;
+                    Ok(None)
+                }
+                Op::Rename(r) => {
+                    let mode = match r.mode {
+                        0 => RenameMode::Replace,
+                        1 => RenameMode::NoReplace,
+                        2 => RenameMode::Exchange,
+                        m => return Err(FsError::Invalid(format!("rename mode {m}"))),
+                    };
+                    orphan = fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode)?;
+                    Ok(None)
+                }
+                Op::Readdir(r) => {
+                    let limit = r.limit.clamp(1, READDIR_MAX) as usize;
+                    let entries = fs
+                        .readdir(r.ino, r.cookie, limit)?
+                        .into_iter()
+                        .map(|e| DirEntry {
+                            cookie: e.cookie,
+                            ino: e.ino,
+                            kind: e.kind.code() as u32,
+                            name: e.name,
+                        })
+                        .collect();
+                    Ok(Some(Res::Entries(Entries { entries })))
+                }
+                Op::Read(r) => {
+                    let len = r.length.min(16 << 20);
+                    Ok(Some(Res::Data(fs.read(r.ino, r.offset, len)?.into())))
+                }
+                Op::Write(w) => attr(fs.write(w.ino, w.offset, &w.data, w.append)?),
+                Op::Fsync(_) => {
+                    fs.sync()?;
+                    Ok(None)
+                }
+                Op::Statfs(_) => {
+                    let s = fs.statfs();
+                    Ok(Some(Res::Statfs(StatFs {
+                        blocks: s.blocks,
+                        free: s.free,
+                        block_size: s.block_size,
+                        name_max: s.name_max,
+                    })))
+                }
+                Op::Getxattr(x) => Ok(Some(Res::Data(fs.getxattr(x.ino, &x.name)?.into()))),
+                Op::Setxattr(x) => {
+                    fs.setxattr(
+                        x.ino,
+                        &x.name,
+                        &x.value,
+                        x.flags & libc::XATTR_CREATE != 0,
+                        x.flags & libc::XATTR_REPLACE != 0,
+                    )?;
+                    Ok(None)
+                }
+                Op::Listxattr(i) => Ok(Some(Res::Names(Names {
+                    names: fs.listxattr(i.ino)?,
+                }))),
+                Op::Removexattr(x) => {
+                    fs.removexattr(x.ino, &x.name)?;
+                    Ok(None)
+                }
+                Op::Fallocate(f) => {
+                    let keep = f.mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+                    if f.mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+                        return Err(FsError::NotSupported);
+                    }
+                    attr(fs.fallocate(f.ino, f.offset, f.length, keep)?)
+                }
+                Op::Readlink(i) => Ok(Some(Res::Data(fs.readlink(i.ino)?.into()))),
+                Op::Open(i) => {
+                    let a = fs.getattr(i.ino)?;
+                    drop(fs);
+                    if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
+                        *s.opens.entry(i.ino).or_insert(0) += 1;
+                    }
+                    attr(a)
+                }
+                Op::Release(i) => {
+                    drop(fs);
+                    let mut last = false;
+                    if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
+                        if let Some(n) = s.opens.get_mut(&i.ino) {
+                            *n -= 1;
+                            if *n == 0 {
+                                s.opens.remove(&i.ino);
+                                last = true;
+                            }
+                        }
+                    }
+                    if last {
+                        orphan = Some(i.ino);
+                    }
+                    Ok(None)
+                }
+            }
+        };
+        if let Some(ino) = orphan {
+            self.maybe_destroy(ino);
+        }
+        out
+    }
+}
+
+fn fail(e: &FsError) -> NsReply {
+    NsReply {
+        errno: e.errno(),
+        detail: e.to_string(),
+        result: None,
+    }
+}
+
+fn to_time(t: FsTime) -> Option<shoal_proto::ns::Time> {
+    Some(shoal_proto::ns::Time {
+        sec: t.sec,
+        nsec: t.nsec,
+    })
+}
+
+pub fn to_attr(i: &Inode) -> Attr {
+    Attr {
+        ino: i.ino,
+        mode: i.mode(),
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        size: i.size,
+        blocks: i.blocks * 8,
+        atime: to_time(i.atime),
+        mtime: to_time(i.mtime),
+        ctime: to_time(i.ctime),
+        crtime: to_time(i.crtime),
+        rdev: i.rdev,
+    }
+}
+
+/// Whether a retried `op` must get its first reply rather than run again.
+fn mutates(op: &Option<Op>) -> bool {
+    !matches!(
+        op,
+        None | Some(
+            Op::Lookup(_)
+                | Op::Getattr(_)
+                | Op::Readdir(_)
+                | Op::Read(_)
+                | Op::Statfs(_)
+                | Op::Getxattr(_)
+                | Op::Listxattr(_)
+                | Op::Readlink(_)
+        )
+    )
+}
+
+/// The namespace API of one node: every volume it coordinates.
+#[derive(Clone)]
+pub struct NamespaceService {
+    peers: Arc<Peers>,
+    volumes: Arc<RwLock<HashMap<String, Arc<Served>>>>,
+    lease: Duration,
+}
+
+impl NamespaceService {
+    pub fn new(peers: Arc<Peers>, lease: Duration) -> Self {
+        Self {
+            peers,
+            volumes: Arc::new(RwLock::new(HashMap::new())),
+            lease,
+        }
+    }
+
+    /// Starts serving `fs` as volume `volume_id`, with a task that expires sessions.
+    pub fn add(&self, volume_id: &str, fs: Fs, rt: &tokio::runtime::Handle) {
+        let served = Arc::new(Served {
+            volume_id: volume_id.to_string(),
+            fs: Mutex::new(fs),
+            sessions: Mutex::new(HashMap::new()),
+            lease: self.lease,
+        });
+        self.volumes
+            .write()
+            .expect("volumes")
+            .insert(volume_id.to_string(), served.clone());
+        let weak = Arc::downgrade(&served);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(s) = weak.upgrade() else { return };
+                tokio::task::spawn_blocking(move || s.expire(Instant::now()))
+                    .await
+                    .ok();
+            }
+        });
+        info!(volume = volume_id, "serving the shared namespace");
+    }
+
+    pub fn remove(&self, volume_id: &str) {
+        if self
+            .volumes
+            .write()
+            .expect("volumes")
+            .remove(volume_id)
+            .is_some()
+        {
+            info!(volume = volume_id, "stopped serving the shared namespace");
+        }
+    }
+
+    pub fn served(&self, volume_id: &str) -> Option<Arc<Served>> {
+        self.volumes
+            .read()
+            .expect("volumes")
+            .get(volume_id)
+            .cloned()
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.peers.token_ok(req) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong cluster token: not a member of this cluster",
+            ))
+        }
+    }
+
+    fn volume(&self, volume_id: &str) -> Result<Arc<Served>, Status> {
+        self.served(volume_id).ok_or_else(|| {
+            Status::unavailable(format!(
+                "volume {volume_id} is not served by this node (its coordinator moved?)"
+            ))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Namespace for NamespaceService {
+    async fn open_session(
+        &self,
+        req: Request<OpenSessionRequest>,
+    ) -> Result<Response<OpenSessionReply>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        // Random ids: a session of an earlier coordinator never matches a new one.
+        let id = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
+        let now = Instant::now();
+        served.sessions.lock().expect("sessions").insert(
+            id,
+            Session {
+                host: r.host.clone(),
+                mountpoint: r.mountpoint.clone(),
+                opened: now,
+                last_seen: now,
+                replies: VecDeque::new(),
+                opens: HashMap::new(),
+            },
+        );
+        info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
+        Ok(Response::new(OpenSessionReply {
+            session: id,
+            lease_ms: self.lease.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        let mut ss = served.sessions.lock().expect("sessions");
+        let s = ss
+            .get_mut(&r.session)
+            .ok_or_else(|| Status::not_found("session expired"))?;
+        s.last_seen = Instant::now();
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        let gone = served.sessions.lock().expect("sessions").remove(&r.session);
+        if let Some(s) = gone {
+            info!(volume = %r.volume_id, session = r.session, "session closed");
+            tokio::task::spawn_blocking(move || {
+                for ino in s.opens.keys() {
+                    served.maybe_destroy(*ino);
+                }
+            })
+            .await
+            .ok();
+        }
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    async fn call(&self, req: Request<NsRequest>) -> Result<Response<NsReply>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        {
+            let mut ss = served.sessions.lock().expect("sessions");
+            let s = ss
+                .get_mut(&r.session)
+                .ok_or_else(|| Status::not_found("session expired"))?;
+            s.last_seen = Instant::now();
+            if let Some((_, reply)) = s.replies.iter().find(|(q, _)| *q == r.seq) {
+                debug!(
+                    session = r.session,
+                    seq = r.seq,
+                    "retried request: first reply"
+                );
+                return Ok(Response::new(reply.clone()));
+            }
+        }
+        let keep = mutates(&r.op);
+        let (session, seq) = (r.session, r.seq);
+        let s2 = served.clone();
+        let reply = tokio::task::spawn_blocking(move || s2.execute(session, &r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if keep {
+            if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
+                if s.replies.len() >= REPLAY_DEPTH {
+                    s.replies.pop_front();
+                }
+                s.replies.push_back((seq, reply.clone()));
+            }
+        }
+        Ok(Response::new(reply))
+    }
+}
