@@ -19,9 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use shoal_blockd::peers::PeerNamespaceClient;
 use shoal_proto::ns::ns_reply::Result as Res;
@@ -303,7 +303,85 @@ impl Filesystem for Client {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // fcntl and flock locks come to us (and so to the coordinator's one table)
+        // instead of staying local to this host's kernel.
+        if let Err(missing) =
+            config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS)
+        {
+            warn!(
+                ?missing,
+                "the kernel cannot forward locks: they would be local only"
+            );
+            return Err(std::io::Error::other(
+                "kernel lacks FUSE lock forwarding; refusing a mount with host-local locks",
+            ));
+        }
         Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn getlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let r = self.rpc.call(
+            req,
+            Op::Getlk(Lk {
+                ino: ino.0,
+                owner: lock_owner.0,
+                start,
+                end,
+                typ,
+                pid,
+                wait: false,
+            }),
+        );
+        match r {
+            Ok(Some(Res::Lock(l))) => reply.locked(l.start, l.end, l.typ, l.pid),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::Setlk(Lk {
+            ino: ino.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+            wait: sleep,
+        });
+        loop {
+            match self.rpc.call(req, op.clone()) {
+                Ok(_) => return reply.ok(),
+                // Queued at the coordinator and not granted yet: ask again.
+                Err(e) if e == Errno::EINPROGRESS => continue,
+                Err(e) => return reply.error(e),
+            }
+        }
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -584,11 +662,18 @@ impl Filesystem for Client {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.rpc.call(req, Op::Release(Ino { ino: ino.0 }));
+        // The kernel passes the owner when the file's flock locks must go.
+        let r = self.rpc.call(
+            req,
+            Op::Release(Release {
+                ino: ino.0,
+                lock_owner: lock_owner.map(|o| o.0),
+            }),
+        );
         self.empty(reply, r);
     }
 
@@ -849,7 +934,8 @@ impl Mount {
         ];
         // Containers run as any user: everyone may use the mount, the modes decide.
         config.acl = fuser::SessionACL::All;
-        config.n_threads = Some(4);
+        // Threads blocked in F_SETLKW must not starve the unlock that frees them.
+        config.n_threads = Some(16);
         config.clone_fd = true;
         let session = match fuser::spawn_mount(Client::new(rpc.clone()), path, &config) {
             Ok(s) => s,

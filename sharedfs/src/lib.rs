@@ -18,6 +18,7 @@ pub mod hooks;
 pub mod inode;
 pub mod journal;
 pub mod layout;
+pub mod locks;
 pub mod pages;
 pub mod service;
 pub mod volume_dev;

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::error::FsError;
 use crate::fs::{Cred, Fs, RenameMode, SetAttr as FsSetAttr};
 use crate::inode::{Inode, Time as FsTime};
+use crate::locks::{Held, LockTable, Mode, Owner};
 
 /// How long a session lives without a heartbeat.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
@@ -29,6 +30,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 const REPLAY_DEPTH: usize = 128;
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
+/// How long one F_SETLKW call waits before the client asks again (it stays queued).
+const LOCK_POLL: Duration = Duration::from_secs(5);
 
 struct Session {
     host: String,
@@ -48,6 +51,7 @@ pub struct SessionInfo {
     pub mountpoint: String,
     pub age: Duration,
     pub open_files: u32,
+    pub locks: u32,
 }
 
 /// One served volume.
@@ -56,6 +60,9 @@ pub struct Served {
     fs: Mutex<Fs>,
     sessions: Mutex<HashMap<u64, Session>>,
     lease: Duration,
+    locks: Mutex<LockTable>,
+    /// Wakes F_SETLKW waiters whenever locks are released.
+    lock_changed: tokio::sync::Notify,
 }
 
 impl Served {
@@ -98,15 +105,23 @@ impl Served {
                 .collect()
         };
         for (id, s) in gone {
-            info!(volume = %self.volume_id, session = id, host = %s.host, "session expired");
-            for ino in s.opens.keys() {
-                self.maybe_destroy(*ino);
-            }
+            info!(volume = %self.volume_id, session = id, host = %s.host, "session expired: its locks are released");
+            self.drop_session(id, s);
+        }
+    }
+
+    /// Frees what a session held: its locks (waking waiters) and its open files.
+    fn drop_session(&self, id: u64, s: Session) {
+        self.locks.lock().expect("locks").release_session(id);
+        self.lock_changed.notify_waiters();
+        for ino in s.opens.keys() {
+            self.maybe_destroy(*ino);
         }
     }
 
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let now = Instant::now();
+        let locks = self.locks.lock().expect("locks");
         self.sessions
             .lock()
             .expect("sessions")
@@ -117,6 +132,7 @@ impl Served {
                 mountpoint: s.mountpoint.clone(),
                 age: now.duration_since(s.opened),
                 open_files: s.opens.values().sum(),
+                locks: locks.count_session(*id) as u32,
             })
             .collect()
     }
@@ -266,6 +282,13 @@ impl Served {
                 }
                 Op::Release(i) => {
                     drop(fs);
+                    if let Some(owner) = i.lock_owner {
+                        self.locks
+                            .lock()
+                            .expect("locks")
+                            .release_owner(i.ino, Owner { session, owner });
+                        self.lock_changed.notify_waiters();
+                    }
                     let mut last = false;
                     if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
                         if let Some(n) = s.opens.get_mut(&i.ino) {
@@ -281,12 +304,123 @@ impl Served {
                     }
                     Ok(None)
                 }
+                Op::Getlk(l) => {
+                    drop(fs);
+                    let want = held(session, l)?;
+                    let found = self.locks.lock().expect("locks").test(l.ino, &want);
+                    Ok(Some(Res::Lock(match found {
+                        Some(h) => Lock {
+                            start: h.start,
+                            end: h.end,
+                            typ: if h.mode == Mode::Write {
+                                libc::F_WRLCK
+                            } else {
+                                libc::F_RDLCK
+                            },
+                            pid: h.pid,
+                        },
+                        None => Lock {
+                            start: l.start,
+                            end: l.end,
+                            typ: libc::F_UNLCK,
+                            pid: 0,
+                        },
+                    })))
+                }
+                Op::Setlk(l) => {
+                    drop(fs);
+                    let owner = Owner {
+                        session,
+                        owner: l.owner,
+                    };
+                    if l.typ == libc::F_UNLCK {
+                        self.locks
+                            .lock()
+                            .expect("locks")
+                            .unlock(l.ino, owner, l.start, l.end);
+                        self.lock_changed.notify_waiters();
+                        return Ok(None);
+                    }
+                    let want = held(session, l)?;
+                    match self.locks.lock().expect("locks").try_lock(l.ino, want) {
+                        Ok(()) => Ok(None),
+                        Err(_) => Err(FsError::WouldBlock),
+                    }
+                }
             }
         };
         if let Some(ino) = orphan {
             self.maybe_destroy(ino);
         }
         out
+    }
+}
+
+/// The lock a request asks for.
+fn held(session: u64, l: &Lk) -> Result<Held, FsError> {
+    let mode = match l.typ {
+        libc::F_RDLCK => Mode::Read,
+        libc::F_WRLCK => Mode::Write,
+        t => return Err(FsError::Invalid(format!("lock type {t}"))),
+    };
+    if l.end < l.start {
+        return Err(FsError::Invalid("lock range ends before it starts".into()));
+    }
+    Ok(Held {
+        owner: Owner {
+            session,
+            owner: l.owner,
+        },
+        mode,
+        start: l.start,
+        end: l.end,
+        pid: l.pid,
+    })
+}
+
+/// A waiter's id: the same for every poll of one blocked request, so it keeps its
+/// place in the queue.
+fn waiter_id(session: u64, l: &Lk) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (session, l.owner, l.ino, l.start, l.end, l.typ).hash(&mut h);
+    h.finish()
+}
+
+impl Served {
+    /// F_SETLKW: takes the lock, or queues and waits up to [`LOCK_POLL`] for it.
+    async fn lock_wait(&self, session: u64, l: &Lk) -> NsReply {
+        let want = match held(session, l) {
+            Ok(w) => w,
+            Err(e) => return fail(&e),
+        };
+        let id = waiter_id(session, l);
+        let deadline = tokio::time::Instant::now() + LOCK_POLL;
+        loop {
+            // Register for wake-ups before looking, so a release in between is not missed.
+            let notified = self.lock_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut t = self.locks.lock().expect("locks");
+                if t.take_grant(id) || t.try_lock(l.ino, want).is_ok() {
+                    t.dequeue(id);
+                    return NsReply::default();
+                }
+                t.enqueue(id, l.ino, want);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                // Still queued: the client asks again with a new request.
+                if self.locks.lock().expect("locks").take_grant(id) {
+                    return NsReply::default();
+                }
+                return NsReply {
+                    errno: libc::EINPROGRESS,
+                    detail: "still waiting for the lock".into(),
+                    result: None,
+                };
+            }
+        }
     }
 }
 
@@ -363,6 +497,8 @@ impl NamespaceService {
             fs: Mutex::new(fs),
             sessions: Mutex::new(HashMap::new()),
             lease: self.lease,
+            locks: Mutex::new(LockTable::default()),
+            lock_changed: tokio::sync::Notify::new(),
         });
         self.volumes
             .write()
@@ -476,13 +612,10 @@ impl Namespace for NamespaceService {
         let gone = served.sessions.lock().expect("sessions").remove(&r.session);
         if let Some(s) = gone {
             info!(volume = %r.volume_id, session = r.session, "session closed");
-            tokio::task::spawn_blocking(move || {
-                for ino in s.opens.keys() {
-                    served.maybe_destroy(*ino);
-                }
-            })
-            .await
-            .ok();
+            let id = r.session;
+            tokio::task::spawn_blocking(move || served.drop_session(id, s))
+                .await
+                .ok();
         }
         Ok(Response::new(HeartbeatReply {}))
     }
@@ -508,11 +641,19 @@ impl Namespace for NamespaceService {
         }
         let keep = mutates(&r.op);
         let (session, seq) = (r.session, r.seq);
-        let s2 = served.clone();
-        let reply = tokio::task::spawn_blocking(move || s2.execute(session, &r))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        if keep {
+        let reply = match &r.op {
+            Some(Op::Setlk(l)) if l.wait && l.typ != libc::F_UNLCK => {
+                served.lock_wait(session, l).await
+            }
+            _ => {
+                let s2 = served.clone();
+                tokio::task::spawn_blocking(move || s2.execute(session, &r))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+        };
+        // "Still waiting" is asked again under a new number: do not replay it.
+        if keep && reply.errno != libc::EINPROGRESS {
             if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
                 if s.replies.len() >= REPLAY_DEPTH {
                     s.replies.pop_front();

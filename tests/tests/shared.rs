@@ -178,3 +178,151 @@ fn the_namespace_survives_a_coordinator_restart() {
         );
     }
 }
+
+/// Adds one to the number at the start of `f`.
+fn increment(f: &mut fs::File) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut s = String::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_string(&mut s).unwrap();
+    let n: u64 = s.trim().parse().unwrap_or(0);
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(format!("{:<12}", n + 1).as_bytes()).unwrap();
+}
+
+fn fcntl_lock(f: &fs::File, typ: i32, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fl = libc::flock {
+        l_type: typ as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
+    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn flock(f: &fs::File, op: i32) {
+    use std::os::fd::AsRawFd;
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), op) }, 0, "flock");
+}
+
+/// Two hosts each add 1000 to one counter file under a lock: no update may be lost.
+fn counter_under(lock: fn(&fs::File), unlock: fn(&fs::File), name: &str) {
+    let (_c, m) = mounted_everywhere(name);
+    fs::write(m[0].join("counter"), b"0").unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|h| {
+            let p = m[h].join("counter");
+            std::thread::spawn(move || {
+                let mut f = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .unwrap();
+                for _ in 0..1000 {
+                    lock(&f);
+                    increment(&mut f);
+                    unlock(&f);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let v = fs::read_to_string(m[2].join("counter")).unwrap();
+    assert_eq!(v.trim(), "2000", "lost updates");
+}
+
+#[test]
+fn fcntl_locks_exclude_across_hosts() {
+    require_root!();
+    counter_under(
+        |f| fcntl_lock(f, libc::F_WRLCK, true).unwrap(),
+        |f| fcntl_lock(f, libc::F_UNLCK, false).unwrap(),
+        "ctr-fcntl",
+    );
+}
+
+#[test]
+fn flock_excludes_across_hosts() {
+    require_root!();
+    counter_under(
+        |f| flock(f, libc::LOCK_EX),
+        |f| flock(f, libc::LOCK_UN),
+        "ctr-flock",
+    );
+}
+
+#[test]
+fn a_blocked_lock_wakes_on_unlock_and_a_dead_hosts_lock_expires() {
+    require_root!();
+    let mut c = Cluster::start(
+        3,
+        Opts {
+            extra_args: vec!["--session-lease".into(), "2".into()],
+            ..Default::default()
+        },
+    );
+    c.shoal(0, &["volume", "create", "lk", "--size", "1G", "--shared"])
+        .expect_ok("create");
+    let m: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = c.path().join(format!("mnt-{i}"));
+            c.shoal(i, &["volume", "mount", "lk", p.to_str().unwrap()])
+                .expect_ok("mount");
+            p
+        })
+        .collect();
+    let coordinator = c.json(0, &["volume", "inspect", "lk"])["attached_node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let coord = (0..3).find(|&i| c.nodes[i].id() == coordinator).unwrap();
+    let (a, b) = ((coord + 1) % 3, (coord + 2) % 3);
+    fs::write(m[a].join("f"), b"x").unwrap();
+
+    // A holds a write lock; B's non-blocking attempt fails, its F_GETLK sees A's lock.
+    let fa = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m[a].join("f"))
+        .unwrap();
+    fcntl_lock(&fa, libc::F_WRLCK, false).unwrap();
+    let fb = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m[b].join("f"))
+        .unwrap();
+    let err = fcntl_lock(&fb, libc::F_WRLCK, false).unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)),
+        "{err}"
+    );
+    // B blocks; A's unlock wakes it.
+    let waiter = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        fcntl_lock(&fb, libc::F_WRLCK, true).unwrap();
+        (t.elapsed(), fb)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "B got the lock while A held it");
+    fcntl_lock(&fa, libc::F_UNLCK, false).unwrap();
+    let (_, fb) = waiter.join().unwrap();
+    // Now B holds it, and B's host dies without unlocking: after the session lease the
+    // coordinator frees the lock; a live host's lock was never broken before that.
+    std::mem::forget(fb);
+    assert!(fcntl_lock(&fa, libc::F_WRLCK, false).is_err(), "B holds it");
+    c.kill(b);
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(20),
+        "the dead host's lock to be released",
+        || fcntl_lock(&fa, libc::F_WRLCK, false).is_ok(),
+    );
+}
