@@ -240,6 +240,44 @@ impl Node {
     }
 
     /// The public view of a volume, with live replica states and space used.
+    /// The mounts a shared volume's coordinator serves (empty when it cannot be asked).
+    async fn sessions_of(
+        &self,
+        rec: &VolumeRecord,
+        coordinator: &str,
+        nodes: &HashMap<String, NodeRecord>,
+    ) -> Vec<pb::MountSession> {
+        let Some(n) = nodes.get(coordinator) else {
+            return Vec::new();
+        };
+        if !self.membership.is_online(coordinator) && coordinator != self.id {
+            return Vec::new();
+        }
+        let Ok(mut c) = self.peers.namespace(&n.address) else {
+            return Vec::new();
+        };
+        let req = shoal_proto::ns::HeartbeatRequest {
+            volume_id: rec.id.clone(),
+            session: 0,
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(2), c.list_sessions(req)).await {
+            Ok(Ok(r)) => r
+                .into_inner()
+                .sessions
+                .into_iter()
+                .map(|s| pb::MountSession {
+                    id: s.id,
+                    host: s.host,
+                    mountpoint: s.mountpoint,
+                    age_ms: s.age_ms,
+                    open_files: s.open_files,
+                    locks: s.locks,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub async fn describe(&self, rec: &VolumeRecord) -> Result<pb::Volume> {
         let nodes: HashMap<String, NodeRecord> = self
             .node_records()
@@ -281,7 +319,12 @@ impl Node {
                 last_resync_bytes: rec.resync_bytes.get(node_id).copied().unwrap_or(0),
             });
         }
+        let sessions = match (&rec.attached_node, rec.shared) {
+            (Some(n), true) => self.sessions_of(rec, n, &nodes).await,
+            _ => Vec::new(),
+        };
         Ok(pb::Volume {
+            sessions,
             name: rec.name.clone(),
             id: rec.id.clone(),
             size_bytes: rec.size_bytes,

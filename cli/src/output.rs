@@ -117,6 +117,10 @@ pub fn volume_json(v: &Volume) -> Value {
             }
             o
         }).collect::<Vec<_>>(),
+        "sessions": v.sessions.iter().map(|s| json!({
+            "id": s.id, "host": s.host, "mountpoint": s.mountpoint,
+            "age_seconds": s.age_ms / 1000, "open_files": s.open_files, "locks": s.locks,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -166,6 +170,23 @@ pub fn volume_text(v: &Volume) {
         })
         .collect();
     table::print(&["NODE", "STATE", "USED"], &rows);
+    if v.shared {
+        println!("Mounts:");
+        let rows: Vec<Vec<String>> = v
+            .sessions
+            .iter()
+            .map(|s| {
+                vec![
+                    s.host.clone(),
+                    s.mountpoint.clone(),
+                    format!("{}s", s.age_ms / 1000),
+                    s.open_files.to_string(),
+                    s.locks.to_string(),
+                ]
+            })
+            .collect();
+        table::print(&["HOST", "MOUNTPOINT", "AGE", "OPEN", "LOCKS"], &rows);
+    }
 }
 
 fn percent(done: u64, total: u64) -> f64 {

@@ -620,6 +620,27 @@ impl Namespace for NamespaceService {
         Ok(Response::new(HeartbeatReply {}))
     }
 
+    async fn list_sessions(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<SessionList>, Status> {
+        self.check(&req)?;
+        let served = self.volume(&req.get_ref().volume_id)?;
+        let sessions = served
+            .sessions()
+            .into_iter()
+            .map(|s| shoal_proto::ns::SessionInfo {
+                id: s.id,
+                host: s.host,
+                mountpoint: s.mountpoint,
+                age_ms: s.age.as_millis() as u64,
+                open_files: s.open_files,
+                locks: s.locks,
+            })
+            .collect();
+        Ok(Response::new(SessionList { sessions }))
+    }
+
     async fn call(&self, req: Request<NsRequest>) -> Result<Response<NsReply>, Status> {
         self.check(&req)?;
         let r = req.into_inner();

@@ -41,6 +41,17 @@ fn one_namespace_on_three_hosts_sees_every_change_at_once() {
     let v = c.json(0, &["volume", "inspect", "web"]);
     assert!(v["attached_node"].as_str().is_some(), "{v}");
     assert_eq!(v["shared"], true);
+    // inspect lists every mount: host and mountpoint.
+    let sessions = v["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 3, "{v}");
+    for (i, p) in m.iter().enumerate() {
+        assert!(
+            sessions
+                .iter()
+                .any(|s| s["host"] == c.nodes[i].id() && s["mountpoint"] == p.to_str().unwrap()),
+            "{v}"
+        );
+    }
 
     // Create on A, see on B and C.
     fs::create_dir_all(m[0].join("uploads/2026")).unwrap();
@@ -319,6 +330,15 @@ fn a_blocked_lock_wakes_on_unlock_and_a_dead_hosts_lock_expires() {
     // coordinator frees the lock; a live host's lock was never broken before that.
     std::mem::forget(fb);
     assert!(fcntl_lock(&fa, libc::F_WRLCK, false).is_err(), "B holds it");
+    let v = c.json(a, &["volume", "inspect", "lk"]);
+    let b_session = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == c.nodes[b].id())
+        .cloned()
+        .unwrap();
+    assert_eq!(b_session["locks"], 1, "{v}");
     c.kill(b);
     shoal_tests::wait_until(
         std::time::Duration::from_secs(20),
