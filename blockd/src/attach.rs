@@ -20,7 +20,7 @@ use crate::host;
 use crate::node::Node;
 use crate::records::{self, VolumeRecord};
 use crate::resync;
-use crate::shared::SharedNamespaces;
+use crate::shared::{Resolver, SharedNamespaces};
 use crate::volume_io::{self, VolumeIo};
 
 /// FUSE session threads per attached volume: enough for the loop device's parallel I/O.
@@ -95,7 +95,7 @@ impl Node {
     /// Attaches on this node (if not already) and mounts the filesystem at `path`. A
     /// shared volume is mounted as a client of its coordinator wherever that is
     /// (attaching it here first when it is attached nowhere, or to a dead node).
-    pub async fn mount(&self, name: &str, path: &str) -> Result<VolumeRecord> {
+    pub async fn mount(self: &Arc<Self>, name: &str, path: &str) -> Result<VolumeRecord> {
         let p = Path::new(path);
         if !p.is_absolute() || path.contains('\0') {
             return Err(Error::InvalidArgument(format!(
@@ -115,8 +115,12 @@ impl Node {
         })
     }
 
-    async fn mount_shared(&self, rec: VolumeRecord, path: &Path) -> Result<VolumeRecord> {
-        let hooks = self.shared_hooks()?;
+    /// The address of a shared volume's coordinator; attaches the volume here when it
+    /// is attached nowhere or to a node the cluster declared dead (takeover: the epoch
+    /// moves on, the journal is replayed).
+    pub async fn coordinator_of(&self, name: &str) -> Result<String> {
+        let _serialize = self.takeover.lock().await;
+        let (rec, _) = self.volume_by_name(name).await?;
         let coordinator = match rec.attached_node.clone() {
             Some(n) if n == self.id && self.attachments.lock().await.contains_key(&rec.id) => n,
             Some(n) if n != self.id && self.membership.is_online(&n) => n,
@@ -125,11 +129,30 @@ impl Node {
                 self.id.clone()
             }
         };
-        let addr = self.node_record(&coordinator).await?.address;
+        Ok(self.node_record(&coordinator).await?.address)
+    }
+
+    async fn mount_shared(
+        self: &Arc<Self>,
+        rec: VolumeRecord,
+        path: &Path,
+    ) -> Result<VolumeRecord> {
+        let hooks = self.shared_hooks()?;
+        let addr = self.coordinator_of(&rec.name).await?;
+        let coordinator = addr.clone();
+        let (node, name, rt) = (
+            self.clone(),
+            rec.name.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let resolve: Resolver = Arc::new(move || {
+            let (node, name) = (node.clone(), name.clone());
+            rt.block_on(async move { node.coordinator_of(&name).await })
+        });
         std::fs::create_dir_all(path)
             .map_err(|e| Error::InvalidArgument(format!("mount path {}: {e}", path.display())))?;
         let (r, p) = (rec.clone(), path.to_path_buf());
-        tokio::task::spawn_blocking(move || hooks.mount(&r, &addr, &p))
+        tokio::task::spawn_blocking(move || hooks.mount(&r, &addr, &p, resolve))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
         info!(volume = %rec.name, path = %path.display(), %coordinator, "shared namespace mounted");

@@ -46,6 +46,8 @@ pub struct Node {
     pub token: String,
     /// Volumes attached on this node, by volume id.
     pub attachments: tokio::sync::Mutex<HashMap<String, Attachment>>,
+    /// Serializes finding (and taking over) shared volumes' coordinators.
+    pub takeover: tokio::sync::Mutex<()>,
     /// Serves and mounts shared namespaces; set by the binary before serving.
     pub shared: std::sync::OnceLock<Arc<dyn crate::shared::SharedNamespaces>>,
 }
@@ -141,6 +143,7 @@ impl Node {
             membership,
             token,
             attachments: tokio::sync::Mutex::new(HashMap::new()),
+            takeover: tokio::sync::Mutex::new(()),
             shared: std::sync::OnceLock::new(),
         }))
     }

@@ -12,6 +12,11 @@ use crate::error::Result;
 use crate::records::VolumeRecord;
 use crate::volume_io::VolumeIo;
 
+/// Finds the volume's coordinator again after the current one stopped answering:
+/// returns its gRPC address, taking the volume over on this node when its coordinator
+/// is declared dead. Blocking; called from a mount's threads.
+pub type Resolver = Arc<dyn Fn() -> Result<String> + Send + Sync>;
+
 pub trait SharedNamespaces: Send + Sync {
     /// This node became the volume's coordinator: serve its namespace over `io`
     /// (formatting it on first use, replaying its journal otherwise). Blocking.
@@ -19,8 +24,14 @@ pub trait SharedNamespaces: Send + Sync {
     /// Stop serving a volume (detach, shutdown).
     fn stop(&self, volume_id: &str);
     /// Mount the volume's namespace at `path`, served by the node at `coordinator`
-    /// (a gRPC address). Blocking.
-    fn mount(&self, rec: &VolumeRecord, coordinator: &str, path: &Path) -> Result<()>;
+    /// (a gRPC address); `resolve` finds the coordinator again. Blocking.
+    fn mount(
+        &self,
+        rec: &VolumeRecord,
+        coordinator: &str,
+        path: &Path,
+        resolve: Resolver,
+    ) -> Result<()>;
     /// Unmounts a client mount; Ok(false) when `path` is not one.
     fn unmount(&self, path: &Path) -> Result<bool>;
     /// Client mounts on this node: (volume id, path).

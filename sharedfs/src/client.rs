@@ -24,6 +24,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use shoal_blockd::peers::PeerNamespaceClient;
+use shoal_blockd::shared::Resolver;
 use shoal_proto::ns::ns_reply::Result as Res;
 use shoal_proto::ns::ns_request::Op;
 use shoal_proto::ns::*;
@@ -38,12 +39,23 @@ const MAX_IO: u32 = 1 << 20;
 const TTL: Duration = Duration::ZERO;
 const READDIR_BATCH: u32 = 256;
 
+/// How long the coordinator may stay unreachable before the mount asks its node to
+/// find (or become) the coordinator again.
+const RESOLVE_AFTER: Duration = Duration::from_secs(2);
+
+/// Makes a client for a coordinator address.
+pub type Connect = Arc<dyn Fn(&str) -> Option<PeerNamespaceClient> + Send + Sync>;
+
 /// The connection to the coordinator, shared by the FUSE threads and the heartbeat.
 pub struct Rpc {
     volume_id: String,
     host: String,
     mountpoint: String,
-    client: PeerNamespaceClient,
+    client: std::sync::RwLock<PeerNamespaceClient>,
+    resolve: Resolver,
+    connect: Connect,
+    /// Serializes re-resolution among the FUSE threads.
+    resolving: std::sync::Mutex<()>,
     session: AtomicU64,
     seq: AtomicU64,
     rt: tokio::runtime::Handle,
@@ -56,13 +68,18 @@ impl Rpc {
         host: &str,
         mountpoint: &Path,
         client: PeerNamespaceClient,
+        resolve: Resolver,
+        connect: Connect,
         rt: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, tonic::Status> {
         let rpc = Arc::new(Self {
             volume_id: volume_id.to_string(),
             host: host.to_string(),
             mountpoint: mountpoint.to_string_lossy().into_owned(),
-            client,
+            client: std::sync::RwLock::new(client),
+            resolve,
+            connect,
+            resolving: std::sync::Mutex::new(()),
             session: AtomicU64::new(0),
             seq: AtomicU64::new(1),
             rt,
@@ -72,8 +89,40 @@ impl Rpc {
         Ok(rpc)
     }
 
+    fn client(&self) -> PeerNamespaceClient {
+        self.client.read().expect("client").clone()
+    }
+
+    /// Asks the node where the coordinator is now (it may take the volume over), then
+    /// opens a session there. The old session's locks are gone with the old coordinator.
+    fn re_resolve(&self) {
+        let Ok(_one) = self.resolving.try_lock() else {
+            // Another thread is at it; wait for it instead.
+            let _g = self.resolving.lock();
+            return;
+        };
+        match (self.resolve)() {
+            Ok(addr) => {
+                if let Some(c) = (self.connect)(&addr) {
+                    *self.client.write().expect("client") = c;
+                    match self.open_session() {
+                        Ok(()) => {
+                            info!(volume = %self.volume_id, coordinator = %addr, "reconnected to the coordinator")
+                        }
+                        Err(e) => {
+                            warn!(volume = %self.volume_id, error = %e, "no session at the new coordinator yet")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(volume = %self.volume_id, error = %e, "cannot find the coordinator yet")
+            }
+        }
+    }
+
     fn open_session(&self) -> Result<(), tonic::Status> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let req = OpenSessionRequest {
             volume_id: self.volume_id.clone(),
             host: self.host.clone(),
@@ -89,7 +138,7 @@ impl Rpc {
         std::thread::spawn(move || {
             while !self.stopping.load(Ordering::Relaxed) {
                 std::thread::sleep(every);
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 let req = HeartbeatRequest {
                     volume_id: self.volume_id.clone(),
                     session: self.session.load(Ordering::SeqCst),
@@ -108,7 +157,7 @@ impl Rpc {
 
     pub fn close(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let req = HeartbeatRequest {
             volume_id: self.volume_id.clone(),
             session: self.session.load(Ordering::SeqCst),
@@ -122,6 +171,7 @@ impl Rpc {
     fn call(&self, req: &Request, op: Op) -> Result<Option<Res>, Errno> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let mut delay = Duration::from_millis(20);
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let msg = NsRequest {
                 volume_id: self.volume_id.clone(),
@@ -131,7 +181,7 @@ impl Rpc {
                 gid: req.gid(),
                 op: Some(op.clone()),
             };
-            let mut c = self.client.clone();
+            let mut c = self.client();
             match self.rt.block_on(c.call(msg)) {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -160,6 +210,11 @@ impl Rpc {
                         return Err(Errno::EIO);
                     }
                     warn!(volume = %self.volume_id, error = %s, "coordinator unreachable; retrying");
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= RESOLVE_AFTER {
+                        self.re_resolve();
+                        failing_since = Some(std::time::Instant::now());
+                    }
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -915,15 +970,18 @@ pub struct Mount {
 
 impl Mount {
     /// Mounts `volume_id` at `path`, served by the coordinator behind `client`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         volume_id: &str,
         volume_name: &str,
         host: &str,
         path: &Path,
         client: PeerNamespaceClient,
+        resolve: Resolver,
+        connect: Connect,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<Self> {
-        let rpc = Rpc::connect(volume_id, host, path, client, rt)
+        let rpc = Rpc::connect(volume_id, host, path, client, resolve, connect, rt)
             .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
         rpc.clone().heartbeat_loop(Duration::from_secs(3));
         let mut config = fuser::Config::default();

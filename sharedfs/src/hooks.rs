@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use shoal_blockd::peers::Peers;
 use shoal_blockd::records::VolumeRecord;
-use shoal_blockd::shared::SharedNamespaces;
+use shoal_blockd::shared::{Resolver, SharedNamespaces};
 use shoal_blockd::volume_io::VolumeIo;
 use shoal_blockd::{Error, Result};
 use tracing::info;
 
-use crate::client::Mount;
+use crate::client::{Connect, Mount};
 use crate::dev::BlockDev;
 use crate::error::FsError;
 use crate::fs::Fs;
@@ -82,7 +82,13 @@ impl SharedNamespaces for Shared {
         self.service.remove(volume_id);
     }
 
-    fn mount(&self, rec: &VolumeRecord, coordinator: &str, path: &Path) -> Result<()> {
+    fn mount(
+        &self,
+        rec: &VolumeRecord,
+        coordinator: &str,
+        path: &Path,
+        resolve: Resolver,
+    ) -> Result<()> {
         let mut mounts = self.mounts.lock().expect("mounts");
         if mounts.contains_key(path) {
             return Err(Error::FailedPrecondition(format!(
@@ -94,12 +100,19 @@ impl SharedNamespaces for Shared {
             let _g = self.rt.enter();
             self.peers.namespace(coordinator)?
         };
+        let (peers, rt) = (self.peers.clone(), self.rt.clone());
+        let connect: Connect = Arc::new(move |addr: &str| {
+            let _g = rt.enter();
+            peers.namespace(addr).ok()
+        });
         let m = Mount::start(
             &rec.id,
             &rec.name,
             &self.node_id,
             path,
             client,
+            resolve,
+            connect,
             self.rt.clone(),
         )
         .map_err(|e| Error::Internal(format!("mounting at {}: {e}", path.display())))?;

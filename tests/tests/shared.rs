@@ -346,3 +346,49 @@ fn a_blocked_lock_wakes_on_unlock_and_a_dead_hosts_lock_expires() {
         || fcntl_lock(&fa, libc::F_WRLCK, false).is_ok(),
     );
 }
+
+#[test]
+fn mounts_pause_and_continue_when_the_coordinator_node_dies() {
+    require_root!();
+    let mut c = Cluster::start(3, Opts::default());
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "ha", "--size", "1G", "--repl", "2", "--shared",
+        ],
+    )
+    .expect_ok("create");
+    // The first mount makes its node the coordinator.
+    let m0 = c.path().join("mnt-0");
+    let m1 = c.path().join("mnt-1");
+    c.shoal(0, &["volume", "mount", "ha", m0.to_str().unwrap()])
+        .expect_ok("mount on the coordinator");
+    c.shoal(1, &["volume", "mount", "ha", m1.to_str().unwrap()])
+        .expect_ok("mount elsewhere");
+    let v = c.json(1, &["volume", "inspect", "ha"]);
+    assert_eq!(v["attached_node"], c.nodes[0].id());
+    for i in 0..50 {
+        fs::write(m1.join(format!("f{i}")), format!("before {i}")).unwrap();
+    }
+
+    c.kill(0);
+    // The next operation on the surviving mount waits, then goes on: its node takes
+    // the volume over once the cluster declares the old coordinator dead.
+    let m1c = m1.clone();
+    let t = std::time::Instant::now();
+    let reader = std::thread::spawn(move || fs::read_to_string(m1c.join("f49")));
+    let got = reader.join().unwrap().expect("no error, only a pause");
+    assert_eq!(got, "before 49");
+    eprintln!("paused for {:?}", t.elapsed());
+    let v = c.json(1, &["volume", "inspect", "ha"]);
+    assert_eq!(v["attached_node"], c.nodes[1].id(), "taken over");
+    for i in 0..50 {
+        assert_eq!(
+            fs::read_to_string(m1.join(format!("f{i}"))).unwrap(),
+            format!("before {i}")
+        );
+    }
+    fs::write(m1.join("after"), b"still writable").unwrap();
+    assert_eq!(fs::read(m1.join("after")).unwrap(), b"still writable");
+    shoal_tests::cleanup_mounts(&m0);
+}
