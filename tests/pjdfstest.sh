@@ -14,13 +14,16 @@ mountpoint -q "$MNT" || { echo "pjdfstest: $MNT is not a mount point" >&2; exit 
 if ! command -v pjdfstest >/dev/null; then
     echo "installing pjdfstest (cargo install, about 2 min)..." >&2
     # Run from / with a throw-away target dir so a surrounding workspace is not touched.
-    (cd / && CARGO_TARGET_DIR=$(mktemp -d) cargo install --locked pjdfstest >&2)
+    build=$(mktemp -d)
+    (cd / && CARGO_TARGET_DIR=$build cargo install --locked pjdfstest >&2)
+    rm -rf "$build"
 fi
 
 work=$(mktemp -d "$MNT/pjdfstest.XXXXXX")                    # tests run here (on MNT)
 second=$(mktemp -d "${PJDFSTEST_SECONDARY:-/dev/shm}/pjdfstest-2nd.XXXXXX")  # another fs, for EXDEV
 log=$(mktemp /tmp/pjdfstest.XXXXXX.log)
 trap 'rm -rf "$work" "$second"' EXIT
+chmod 0755 "$work" "$second"     # mktemp makes 0700; tests run as nobody/daemon must get in
 
 (cd "$work" && pjdfstest -c "$CONFIG" -s "$second" -p "$work") >"$log" 2>&1 || true
 
@@ -31,6 +34,7 @@ fi
 read -r failed skipped passed xfail < <(sed -E \
     's/.* ([0-9]+) failed, ([0-9]+) skipped, ([0-9]+) passed, ([0-9]+) expected.*/\1 \2 \3 \4/' <<<"$summary")
 total=$((passed + failed + xfail))
+((failed > 0)) || rm -f "$log"
 
 if ((failed > 0)); then
     echo "failing tests (full log: $log):"

@@ -132,6 +132,34 @@ impl Node {
         Ok(self.node_record(&coordinator).await?.address)
     }
 
+    /// Checks a shared volume's namespace on its coordinator (attaching the volume here
+    /// when it is attached nowhere).
+    pub async fn fsck(&self, name: &str, repair: bool) -> Result<shoal_proto::control::FsckReply> {
+        let (rec, _) = self.volume_by_name(name).await?;
+        if !rec.shared {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {name:?} is not shared: fsck checks the shared namespace (use fsck.ext4 on an ext4 volume's device)"
+            )));
+        }
+        let addr = self.coordinator_of(name).await?;
+        let mut c = self.peers.namespace(&addr)?;
+        let r = c
+            .fsck(shoal_proto::ns::FsckRequest {
+                volume_id: rec.id.clone(),
+                repair,
+            })
+            .await?
+            .into_inner();
+        Ok(shoal_proto::control::FsckReply {
+            clean: r.problems.is_empty() || r.repaired,
+            problems: r.problems,
+            inodes: r.inodes,
+            directories: r.directories,
+            blocks_in_use: r.blocks_in_use,
+            repaired: r.repaired,
+        })
+    }
+
     async fn mount_shared(
         self: &Arc<Self>,
         rec: VolumeRecord,

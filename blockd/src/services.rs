@@ -74,6 +74,11 @@ impl Control for ControlService {
         ))
     }
 
+    async fn fsck_volume(&self, req: Request<cpb::FsckRequest>) -> Reply<cpb::FsckReply> {
+        let r = req.into_inner();
+        Ok(Response::new(self.0.fsck(&r.name, r.repair).await?))
+    }
+
     async fn unmount_volume(&self, req: Request<cpb::UnmountRequest>) -> Reply<cpb::UnmountReply> {
         self.0.unmount(&req.into_inner().path).await?;
         Ok(Response::new(cpb::UnmountReply {}))

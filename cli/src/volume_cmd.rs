@@ -7,8 +7,8 @@ use clap::Subcommand;
 use shoal_blockd::size::format_size;
 use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::{
-    AttachRequest, CreateVolumeRequest, HaUpdateRequest, ListVolumesRequest, MountRequest,
-    UnmountRequest, Volume, VolumeRef,
+    AttachRequest, CreateVolumeRequest, FsckRequest, HaUpdateRequest, ListVolumesRequest,
+    MountRequest, UnmountRequest, Volume, VolumeRef,
 };
 use tonic::transport::Channel;
 
@@ -65,6 +65,13 @@ pub enum VolumeCmd {
     Mount { name: String, path: String },
     /// Unmount the volume filesystem mounted at PATH on the answering node.
     Unmount { path: String },
+    /// Check a shared volume's on-volume namespace (and repair it with --repair).
+    Fsck {
+        name: String,
+        /// Fix what the check finds.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Raise or lower the replication factor by one, online.
     HaUpdate {
         name: String,
@@ -250,6 +257,46 @@ pub async fn run(
             } else {
                 println!("volume {} now has repl {}", v.name, v.repl);
                 volume_text(&v);
+            }
+        }
+        VolumeCmd::Fsck { name, repair } => {
+            let r = c
+                .fsck_volume(FsckRequest {
+                    name: name.clone(),
+                    repair,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if as_json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "volume": name, "clean": r.clean, "repaired": r.repaired,
+                        "problems": r.problems, "inodes": r.inodes,
+                        "directories": r.directories, "blocks_in_use": r.blocks_in_use,
+                    }))?
+                );
+            } else {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                println!(
+                    "{name}: {} inodes, {} directories, {} blocks in use: {}",
+                    r.inodes,
+                    r.directories,
+                    r.blocks_in_use,
+                    if r.problems.is_empty() {
+                        "clean"
+                    } else if r.repaired {
+                        "repaired"
+                    } else {
+                        "NOT clean (run with --repair)"
+                    }
+                );
+            }
+            if !r.clean {
+                std::process::exit(1);
             }
         }
         VolumeCmd::Unmount { path } => {

@@ -167,6 +167,16 @@ impl Alloc {
         })
     }
 
+    pub(crate) fn set_range(
+        &mut self,
+        store: &mut PageStore,
+        start: u64,
+        len: u64,
+        used: bool,
+    ) -> Result<()> {
+        self.set(store, start, len, used)
+    }
+
     fn set(&mut self, store: &mut PageStore, start: u64, len: u64, used: bool) -> Result<()> {
         let mut b = start;
         while b < start + len {

@@ -86,8 +86,8 @@ pub enum RenameMode {
 pub const FIRST_COOKIE: u64 = 3;
 
 pub struct Fs {
-    store: PageStore,
-    alloc: Alloc,
+    pub(crate) store: PageStore,
+    pub(crate) alloc: Alloc,
     fsb: FsBlock,
     next_ino: u64,
     meta_hint: u64,
@@ -95,7 +95,7 @@ pub struct Fs {
 }
 
 /// The B-tree's view of the block store and allocator.
-struct Nodes<'a> {
+pub(crate) struct Nodes<'a> {
     store: &'a mut PageStore,
     alloc: &'a mut Alloc,
     hint: &'a mut u64,
@@ -243,7 +243,7 @@ impl Fs {
     }
 
     /// Runs `f` as one transaction.
-    fn run<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub(crate) fn run<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         match f(self) {
             Ok(v) => {
                 self.commit()?;
@@ -263,7 +263,7 @@ impl Fs {
 
     // ---- the B-tree --------------------------------------------------------------
 
-    fn nodes(&mut self) -> (Nodes<'_>, u64) {
+    pub(crate) fn nodes(&mut self) -> (Nodes<'_>, u64) {
         (
             Nodes {
                 store: &mut self.store,
@@ -287,25 +287,25 @@ impl Fs {
         self.store.write(FS_BLOCK, self.fsb.encode())
     }
 
-    fn bt_get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn bt_get(&mut self, k: &[u8]) -> Result<Option<Vec<u8>>> {
         let (mut n, root) = self.nodes();
         btree::get(&mut n, root, k)
     }
 
-    fn bt_put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
+    pub(crate) fn bt_put(&mut self, k: &[u8], v: &[u8]) -> Result<()> {
         let (mut n, mut root) = self.nodes();
         btree::put(&mut n, &mut root, k, v)?;
         self.set_root(root)
     }
 
-    fn bt_del(&mut self, k: &[u8]) -> Result<bool> {
+    pub(crate) fn bt_del(&mut self, k: &[u8]) -> Result<bool> {
         let (mut n, mut root) = self.nodes();
         let found = btree::delete(&mut n, &mut root, k)?;
         self.set_root(root)?;
         Ok(found)
     }
 
-    fn bt_range(
+    pub(crate) fn bt_range(
         &mut self,
         from: &[u8],
         to: Bound<&[u8]>,
@@ -327,7 +327,7 @@ impl Fs {
         Inode::decode(ino, &v)
     }
 
-    fn put_inode(&mut self, i: &Inode) -> Result<()> {
+    pub(crate) fn put_inode(&mut self, i: &Inode) -> Result<()> {
         self.bt_put(&inode_key(i.ino), &i.encode())
     }
 

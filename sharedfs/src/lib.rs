@@ -14,6 +14,7 @@ pub mod client;
 pub mod dev;
 pub mod error;
 pub mod fs;
+pub mod fsck;
 pub mod hooks;
 pub mod inode;
 pub mod journal;

@@ -641,6 +641,24 @@ impl Namespace for NamespaceService {
         Ok(Response::new(SessionList { sessions }))
     }
 
+    async fn fsck(&self, req: Request<FsckRequest>) -> Result<Response<FsckReport>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        let report =
+            tokio::task::spawn_blocking(move || served.fs.lock().expect("fs").fsck(r.repair))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(format!("fsck: {e}")))?;
+        Ok(Response::new(FsckReport {
+            problems: report.problems,
+            inodes: report.inodes,
+            directories: report.directories,
+            blocks_in_use: report.blocks_in_use,
+            repaired: report.repaired,
+        }))
+    }
+
     async fn call(&self, req: Request<NsRequest>) -> Result<Response<NsReply>, Status> {
         self.check(&req)?;
         let r = req.into_inner();

@@ -392,3 +392,72 @@ fn mounts_pause_and_continue_when_the_coordinator_node_dies() {
     assert_eq!(fs::read(m1.join("after")).unwrap(), b"still writable");
     shoal_tests::cleanup_mounts(&m0);
 }
+
+#[test]
+fn kill_9_of_the_coordinator_mid_workload_leaves_a_clean_namespace() {
+    require_root!();
+    let mut c = Cluster::start(2, Opts::default());
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "crash", "--size", "1G", "--repl", "2", "--shared",
+        ],
+    )
+    .expect_ok("create");
+    let m0 = c.path().join("mnt-0");
+    c.shoal(0, &["volume", "mount", "crash", m0.to_str().unwrap()])
+        .expect_ok("mount");
+    // A metadata-heavy writer: directories, files, renames, unlinks; some files are
+    // fsynced, and those are remembered with their content.
+    let synced = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(PathBuf, Vec<u8>)>::new()));
+    let (s2, root) = (synced.clone(), m0.clone());
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for d in 0.. {
+            let dir = root.join(format!("src/d{d:03}"));
+            fs::create_dir_all(&dir)?;
+            for f in 0..20 {
+                let p = dir.join(format!("file{f}.rs"));
+                let body = format!("// {d}/{f}\n{}", "fn main() {}\n".repeat(f * 7)).into_bytes();
+                fs::write(&p, &body)?;
+                if f % 5 == 0 {
+                    fs::File::open(&p)?.sync_all()?;
+                    s2.lock()
+                        .unwrap()
+                        .push((p.strip_prefix(&root).unwrap().to_path_buf(), body));
+                }
+            }
+            fs::rename(dir.join("file1.rs"), dir.join("renamed.rs"))?;
+            fs::remove_file(dir.join("file2.rs"))?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    c.kill(0);
+    let ended = writer.join().unwrap();
+    assert!(ended.is_err(), "the writer stops when its node dies");
+    shoal_tests::cleanup_mounts(&m0);
+    let synced = synced.lock().unwrap().clone();
+    assert!(
+        synced.len() > 10,
+        "the workload ran ({} fsynced files)",
+        synced.len()
+    );
+
+    // The other node takes the volume over: the journal is replayed, fsck is clean, and
+    // every fsynced file is intact.
+    let m1 = c.path().join("mnt-1");
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "node 1 to take the volume over",
+        || {
+            c.shoal(1, &["volume", "mount", "crash", m1.to_str().unwrap()])
+                .ok
+        },
+    );
+    let r = c.json(1, &["volume", "fsck", "crash"]);
+    assert_eq!(r["clean"], true, "{r}");
+    assert!(r["inodes"].as_u64().unwrap() > 20, "{r}");
+    for (p, body) in &synced {
+        assert_eq!(&fs::read(m1.join(p)).unwrap(), body, "{}", p.display());
+    }
+}
