@@ -63,6 +63,19 @@ if [ "$(sha256sum <"$DEMO/mnt-node3/hello.bin")" = "$sum" ]; then
 else
   echo "== checksum mismatch after moving the volume" >&2; exit 1
 fi
+
+echo "== shoal volume create site --size 5G --repl 2 --shared (one namespace, many hosts)"
+"$SHOAL" volume create site --size 5G --repl 2 --shared
+echo "== mounting it on node 127.0.0.2 and on node 127.0.0.4 at once"
+SHOAL_ENDPOINT=127.0.0.2:9710 "$SHOAL" volume mount site "$DEMO/site-node2"
+SHOAL_ENDPOINT=127.0.0.4:9710 "$SHOAL" volume mount site "$DEMO/site-node4"
+mkdir -p "$DEMO/site-node4/uploads"
+echo "written on node 4, read on node 2" >"$DEMO/site-node4/uploads/note.txt"
+echo "== reading it on node 2 right after:"
+cat "$DEMO/site-node2/uploads/note.txt"
+df -h "$DEMO/site-node2" | tail -1
+echo "== shoal volume inspect site (replicas and the two mounts)"
+"$SHOAL" volume inspect site
 echo
 echo "The cluster is still running (logs in $DEMO). Try: SHOAL_ENDPOINT=127.0.0.2:9710 $SHOAL status"
 echo "Stop it with: bash tests/demo.sh stop"

@@ -31,7 +31,7 @@ summary=$(grep -E '^Summary: ' "$log" || true)
 if [[ -z $summary ]]; then
     tail -20 "$log" >&2; echo "pjdfstest: no summary (log: $log)" >&2; exit 2
 fi
-read -r failed skipped passed xfail < <(sed -E \
+read -r failed _ passed xfail < <(sed -E \
     's/.* ([0-9]+) failed, ([0-9]+) skipped, ([0-9]+) passed, ([0-9]+) expected.*/\1 \2 \3 \4/' <<<"$summary")
 total=$((passed + failed + xfail))
 ((failed > 0)) || rm -f "$log"

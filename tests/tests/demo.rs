@@ -1,6 +1,7 @@
 //! The README's first command: `tests/demo.sh` starts etcd and three nodes, creates a
 //! replicated ext4 volume, mounts it where no replica lives, writes, shows status, moves
-//! the volume and reads the data back; `tests/demo.sh stop` cleans everything up.
+//! the volume and reads the data back, then mounts a shared volume on two nodes and
+//! reads on one what the other wrote; `tests/demo.sh stop` cleans everything up.
 
 use std::path::Path;
 use std::process::Command;
@@ -38,6 +39,10 @@ fn the_readme_demo_runs_and_cleans_up() {
     assert!(text.contains("Nodes: 3 online of 3"), "{text}");
     assert!(text.contains("hello from Shoal"), "{text}");
     assert!(text.contains("same SHA-256: ok"), "{text}");
+    assert!(
+        text.contains("written on node 4, read on node 2"),
+        "the shared volume part: {text}"
+    );
     assert!(stop.status.success());
     assert!(
         !mounts()
