@@ -56,6 +56,8 @@ pub struct Rpc {
     connect: Connect,
     /// Serializes re-resolution among the FUSE threads.
     resolving: std::sync::Mutex<()>,
+    /// Requests whose answer nobody waits for (closes), sent in order by one thread.
+    background: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     session: AtomicU64,
     seq: AtomicU64,
     rt: tokio::runtime::Handle,
@@ -80,13 +82,32 @@ impl Rpc {
             resolve,
             connect,
             resolving: std::sync::Mutex::new(()),
+            background: std::sync::Mutex::new(None),
             session: AtomicU64::new(0),
             seq: AtomicU64::new(1),
             rt,
             stopping: AtomicBool::new(false),
         });
         rpc.open_session()?;
+        let (tx, rx) = std::sync::mpsc::channel::<Op>();
+        *rpc.background.lock().expect("background") = Some(tx);
+        let weak = Arc::downgrade(&rpc);
+        std::thread::spawn(move || {
+            while let Ok(op) = rx.recv() {
+                let Some(rpc) = weak.upgrade() else { return };
+                if let Err(e) = rpc.call_as(0, 0, op) {
+                    warn!(volume = %rpc.volume_id, error = ?e, "a close was not recorded");
+                }
+            }
+        });
         Ok(rpc)
+    }
+
+    /// Sends `op` without waiting for its answer (still in order, still retried).
+    fn send_later(&self, op: Op) {
+        if let Some(tx) = self.background.lock().expect("background").as_ref() {
+            let _ = tx.send(op);
+        }
     }
 
     fn client(&self) -> PeerNamespaceClient {
@@ -156,6 +177,8 @@ impl Rpc {
     }
 
     pub fn close(&self) {
+        // Pending closes go first (the channel is drained by its thread).
+        self.background.lock().expect("background").take();
         self.stopping.store(true, Ordering::Relaxed);
         let mut c = self.client();
         let req = HeartbeatRequest {
@@ -169,6 +192,10 @@ impl Rpc {
 
     /// Runs one operation; retries until the coordinator answers.
     fn call(&self, req: &Request, op: Op) -> Result<Option<Res>, Errno> {
+        self.call_as(req.uid(), req.gid(), op)
+    }
+
+    fn call_as(&self, uid: u32, gid: u32, op: Op) -> Result<Option<Res>, Errno> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
@@ -177,8 +204,8 @@ impl Rpc {
                 volume_id: self.volume_id.clone(),
                 session: self.session.load(Ordering::SeqCst),
                 seq,
-                uid: req.uid(),
-                gid: req.gid(),
+                uid,
+                gid,
                 op: Some(op.clone()),
             };
             let mut c = self.client();
@@ -340,6 +367,7 @@ impl Client {
         mode: u32,
         rdev: u32,
         target: Option<Vec<u8>>,
+        open: bool,
     ) -> Result<Option<Res>, Errno> {
         self.rpc.call(
             req,
@@ -349,6 +377,7 @@ impl Client {
                 mode,
                 rdev,
                 symlink_target: target,
+                open,
             }),
         )
     }
@@ -524,7 +553,7 @@ impl Filesystem for Client {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.create_node(req, parent, name, mode, rdev, None);
+        let r = self.create_node(req, parent, name, mode, rdev, None, false);
         self.entry(reply, r);
     }
 
@@ -537,7 +566,15 @@ impl Filesystem for Client {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.create_node(req, parent, name, libc::S_IFDIR | (mode & 0o7777), 0, None);
+        let r = self.create_node(
+            req,
+            parent,
+            name,
+            libc::S_IFDIR | (mode & 0o7777),
+            0,
+            None,
+            false,
+        );
         self.entry(reply, r);
     }
 
@@ -578,6 +615,7 @@ impl Filesystem for Client {
             libc::S_IFLNK | 0o777,
             0,
             Some(target.as_os_str().as_bytes().to_vec()),
+            false,
         );
         self.entry(reply, r);
     }
@@ -721,15 +759,20 @@ impl Filesystem for Client {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // The kernel passes the owner when the file's flock locks must go.
-        let r = self.rpc.call(
-            req,
-            Op::Release(Release {
-                ino: ino.0,
-                lock_owner: lock_owner.map(|o| o.0),
-            }),
-        );
-        self.empty(reply, r);
+        // The kernel passes the owner when the file's flock locks must go: that must be
+        // done before close() returns. A plain close only lowers an open count at the
+        // coordinator, and is sent without waiting.
+        let op = Op::Release(Release {
+            ino: ino.0,
+            lock_owner: lock_owner.map(|o| o.0),
+        });
+        if lock_owner.is_some() {
+            let r = self.rpc.call(req, op);
+            self.empty(reply, r);
+        } else {
+            self.rpc.send_later(op);
+            reply.ok();
+        }
     }
 
     fn fsync(
@@ -919,20 +962,18 @@ impl Filesystem for Client {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        // One round trip: create and open together.
         let r = self
-            .create_node(req, parent, name, mode, 0, None)
+            .create_node(req, parent, name, mode, 0, None, true)
             .and_then(attr_of);
         match r {
-            Ok(a) => match self.rpc.call(req, Op::Open(Ino { ino: a.ino.0 })) {
-                Ok(_) => reply.created(
-                    &TTL,
-                    &a,
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                ),
-                Err(e) => reply.error(e),
-            },
+            Ok(a) => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
             Err(e) => reply.error(e),
         }
     }

@@ -187,14 +187,23 @@ impl Served {
                     };
                     attr(fs.setattr(s.ino, &set)?)
                 }
-                Op::Create(c) => attr(fs.create(
-                    c.parent,
-                    &c.name,
-                    c.mode,
-                    c.rdev,
-                    cred,
-                    c.symlink_target.as_deref(),
-                )?),
+                Op::Create(c) => {
+                    let i = fs.create(
+                        c.parent,
+                        &c.name,
+                        c.mode,
+                        c.rdev,
+                        cred,
+                        c.symlink_target.as_deref(),
+                    )?;
+                    drop(fs);
+                    if c.open {
+                        if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
+                            *s.opens.entry(i.ino).or_insert(0) += 1;
+                        }
+                    }
+                    attr(i)
+                }
                 Op::Link(l) => attr(fs.link(l.ino, l.parent, &l.name)?),
                 Op::Unlink(e) => {
                     orphan = fs.unlink(e.parent, &e.name)?;
