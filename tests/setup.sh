@@ -31,6 +31,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+if ! have pjdfstest && ! [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/pjdfstest" ]; then
+  echo "setup: installing pjdfstest (POSIX suite for shared mounts)"
+  build=$(mktemp -d)
+  (cd / && CARGO_TARGET_DIR=$build cargo install --locked pjdfstest)
+  rm -rf "$build"
+fi
 # Loop devices for ext4 volumes.
 modprobe loop 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: FUSE is required" >&2; exit 1; }
