@@ -77,6 +77,14 @@ impl Peers {
         if let Some(c) = map.get(address) {
             return Ok(c.clone());
         }
+        let ch = Self::new_channel(address)?;
+        map.insert(address.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// A channel of its own (not shared through the cache), driven by the runtime that
+    /// is current when it is made.
+    fn new_channel(address: &str) -> Result<Channel> {
         let ep = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Error::InvalidArgument(format!("node address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
@@ -88,9 +96,7 @@ impl Peers {
             .max_frame_size(FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let ch = ep.connect_lazy();
-        map.insert(address.to_string(), ch.clone());
-        Ok(ch)
+        Ok(ep.connect_lazy())
     }
 
     /// A block API client for the node at `address`.
@@ -109,6 +115,16 @@ impl Peers {
     pub fn namespace(&self, address: &str) -> Result<PeerNamespaceClient> {
         Ok(
             NamespaceClient::with_interceptor(self.channel(address)?, self.token.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    }
+
+    /// A namespace client on a connection of its own, for a thread that runs its own
+    /// runtime (a FUSE thread: its calls then need no hand-off to another thread).
+    pub fn namespace_private(&self, address: &str) -> Result<PeerNamespaceClient> {
+        Ok(
+            NamespaceClient::with_interceptor(Self::new_channel(address)?, self.token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

@@ -46,14 +46,31 @@ const RESOLVE_AFTER: Duration = Duration::from_secs(2);
 /// Makes a client for a coordinator address.
 pub type Connect = Arc<dyn Fn(&str) -> Option<PeerNamespaceClient> + Send + Sync>;
 
+/// A FUSE thread's own runtime and connection to the coordinator.
+struct Local {
+    rt: tokio::runtime::Runtime,
+    client: PeerNamespaceClient,
+    addr: String,
+    /// The `Rpc` it belongs to (several mounts live in one process).
+    owner: usize,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Option<Local>> = const { std::cell::RefCell::new(None) };
+}
+
 /// The connection to the coordinator, shared by the FUSE threads and the heartbeat.
 pub struct Rpc {
     volume_id: String,
     host: String,
     mountpoint: String,
     client: std::sync::RwLock<PeerNamespaceClient>,
+    /// The coordinator's address (changes at a failover).
+    addr: std::sync::RwLock<String>,
     resolve: Resolver,
     connect: Connect,
+    /// Makes a client on a connection of its own, for one FUSE thread's own runtime.
+    private: Connect,
     /// Serializes re-resolution among the FUSE threads.
     resolving: std::sync::Mutex<()>,
     /// Requests whose answer nobody waits for (closes), sent in order by one thread.
@@ -65,13 +82,16 @@ pub struct Rpc {
 }
 
 impl Rpc {
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         volume_id: &str,
         host: &str,
         mountpoint: &Path,
+        addr: &str,
         client: PeerNamespaceClient,
         resolve: Resolver,
         connect: Connect,
+        private: Connect,
         rt: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, tonic::Status> {
         let rpc = Arc::new(Self {
@@ -79,8 +99,10 @@ impl Rpc {
             host: host.to_string(),
             mountpoint: mountpoint.to_string_lossy().into_owned(),
             client: std::sync::RwLock::new(client),
+            addr: std::sync::RwLock::new(addr.to_string()),
             resolve,
             connect,
+            private,
             resolving: std::sync::Mutex::new(()),
             background: std::sync::Mutex::new(None),
             session: AtomicU64::new(0),
@@ -101,6 +123,41 @@ impl Rpc {
             }
         });
         Ok(rpc)
+    }
+
+    /// One call. Outside a runtime (FUSE threads) it runs on the thread's own runtime and
+    /// connection, so no other thread is involved; otherwise on the node's runtime.
+    fn send(&self, msg: NsRequest) -> Result<tonic::Response<NsReply>, tonic::Status> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let mut c = self.client();
+            return self.rt.block_on(c.call(msg));
+        }
+        let addr = self.addr.read().expect("addr").clone();
+        let me = self as *const Self as usize;
+        LOCAL.with(|cell| {
+            let mut local = cell.borrow_mut();
+            let stale = local.as_ref().is_none_or(|l| l.addr != addr || l.owner != me);
+            if stale {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| tonic::Status::internal(format!("thread runtime: {e}")))?;
+                let client = {
+                    let _g = rt.enter();
+                    (self.private)(&addr)
+                }
+                .ok_or_else(|| tonic::Status::unavailable(format!("no client for {addr}")))?;
+                *local = Some(Local {
+                    rt,
+                    client,
+                    addr,
+                    owner: me,
+                });
+            }
+            let l = local.as_mut().expect("set above");
+            let mut c = l.client.clone();
+            l.rt.block_on(c.call(msg))
+        })
     }
 
     /// Sends `op` without waiting for its answer (still in order, still retried).
@@ -126,6 +183,7 @@ impl Rpc {
             Ok(addr) => {
                 if let Some(c) = (self.connect)(&addr) {
                     *self.client.write().expect("client") = c;
+                    *self.addr.write().expect("addr") = addr.clone();
                     match self.open_session() {
                         Ok(()) => {
                             info!(volume = %self.volume_id, coordinator = %addr, "reconnected to the coordinator")
@@ -208,8 +266,7 @@ impl Rpc {
                 gid,
                 op: Some(op.clone()),
             };
-            let mut c = self.client();
-            match self.rt.block_on(c.call(msg)) {
+            match self.send(msg) {
                 Ok(r) => {
                     let r = r.into_inner();
                     if r.errno != 0 {
@@ -1017,12 +1074,16 @@ impl Mount {
         volume_name: &str,
         host: &str,
         path: &Path,
+        addr: &str,
         client: PeerNamespaceClient,
         resolve: Resolver,
         connect: Connect,
+        private: Connect,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<Self> {
-        let rpc = Rpc::connect(volume_id, host, path, client, resolve, connect, rt)
+        let rpc = Rpc::connect(
+            volume_id, host, path, addr, client, resolve, connect, private, rt,
+        )
             .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
         rpc.clone().heartbeat_loop(Duration::from_secs(3));
         let mut config = fuser::Config::default();

@@ -105,14 +105,18 @@ impl SharedNamespaces for Shared {
             let _g = rt.enter();
             peers.namespace(addr).ok()
         });
+        let peers = self.peers.clone();
+        let private: Connect = Arc::new(move |addr: &str| peers.namespace_private(addr).ok());
         let m = Mount::start(
             &rec.id,
             &rec.name,
             &self.node_id,
             path,
+            coordinator,
             client,
             resolve,
             connect,
+            private,
             self.rt.clone(),
         )
         .map_err(|e| Error::Internal(format!("mounting at {}: {e}", path.display())))?;
