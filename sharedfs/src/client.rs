@@ -160,6 +160,41 @@ impl Rpc {
         })
     }
 
+    /// Listens to the session's callback stream: drops the kernel's cached attributes of
+    /// recalled inodes, then acknowledges. Resubscribes when the stream ends (a new
+    /// session, a new coordinator).
+    fn callback_loop(self: Arc<Self>, notifier: fuser::Notifier) {
+        std::thread::spawn(move || {
+            while !self.stopping.load(Ordering::Relaxed) {
+                let mut c = self.client();
+                let session = self.session.load(Ordering::SeqCst);
+                let req = HeartbeatRequest {
+                    volume_id: self.volume_id.clone(),
+                    session,
+                };
+                let mut stream = match self.rt.block_on(c.callbacks(req)) {
+                    Ok(s) => s.into_inner(),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                };
+                while let Ok(Some(recall)) = self.rt.block_on(stream.message()) {
+                    for ino in &recall.inodes {
+                        // Negative offset: attributes only (file data is not cached).
+                        let _ = notifier.inval_inode(INodeNo(*ino), -1, 0);
+                    }
+                    let ack = AckRequest {
+                        volume_id: self.volume_id.clone(),
+                        session,
+                        id: recall.id,
+                    };
+                    let _ = self.rt.block_on(c.ack(ack));
+                }
+            }
+        });
+    }
+
     /// Sends `op` without waiting for its answer (still in order, still retried).
     fn send_later(&self, op: Op) {
         if let Some(tx) = self.background.lock().expect("background").as_ref() {
@@ -250,10 +285,15 @@ impl Rpc {
 
     /// Runs one operation; retries until the coordinator answers.
     fn call(&self, req: &Request, op: Op) -> Result<Option<Res>, Errno> {
+        self.call_as(req.uid(), req.gid(), op).map(|(r, _)| r)
+    }
+
+    /// Like `call`, with how long the reply's attributes may be cached (their lease).
+    fn call_ttl(&self, req: &Request, op: Op) -> Result<(Option<Res>, Duration), Errno> {
         self.call_as(req.uid(), req.gid(), op)
     }
 
-    fn call_as(&self, uid: u32, gid: u32, op: Op) -> Result<Option<Res>, Errno> {
+    fn call_as(&self, uid: u32, gid: u32, op: Op) -> Result<(Option<Res>, Duration), Errno> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
@@ -272,7 +312,7 @@ impl Rpc {
                     if r.errno != 0 {
                         return Err(Errno::from_i32(r.errno));
                     }
-                    return Ok(r.result);
+                    return Ok((r.result, Duration::from_millis(r.attr_ttl_ms as u64)));
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!(volume = %self.volume_id, "session lost; opening a new one");
@@ -402,9 +442,10 @@ impl Client {
         Self { rpc }
     }
 
-    fn entry(&self, reply: ReplyEntry, r: Result<Option<Res>, Errno>) {
-        match r.and_then(attr_of) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+    /// Names are never cached (every path walk asks); attributes for their lease.
+    fn entry(&self, reply: ReplyEntry, r: Result<(Option<Res>, Duration), Errno>) {
+        match r.and_then(|(r, ttl)| attr_of(r).map(|a| (a, ttl))) {
+            Ok((a, ttl)) => reply.entry_with_ttls(&ttl, &TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -425,8 +466,8 @@ impl Client {
         rdev: u32,
         target: Option<Vec<u8>>,
         open: bool,
-    ) -> Result<Option<Res>, Errno> {
-        self.rpc.call(
+    ) -> Result<(Option<Res>, Duration), Errno> {
+        self.rpc.call_ttl(
             req,
             Op::Create(Create {
                 parent: parent.0,
@@ -526,7 +567,7 @@ impl Filesystem for Client {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.rpc.call(
+        let r = self.rpc.call_ttl(
             req,
             Op::Lookup(Lookup {
                 parent: parent.0,
@@ -539,10 +580,10 @@ impl Filesystem for Client {
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self
             .rpc
-            .call(req, Op::Getattr(Ino { ino: ino.0 }))
-            .and_then(attr_of)
+            .call_ttl(req, Op::Getattr(Ino { ino: ino.0 }))
+            .and_then(|(r, ttl)| attr_of(r).map(|a| (a, ttl)))
         {
-            Ok(a) => reply.attr(&TTL, &a),
+            Ok((a, ttl)) => reply.attr(&ttl, &a),
             Err(e) => reply.error(e),
         }
     }
@@ -587,8 +628,12 @@ impl Filesystem for Client {
             atime_now: at_now,
             mtime_now: mt_now,
         });
-        match self.rpc.call(req, op).and_then(attr_of) {
-            Ok(a) => reply.attr(&TTL, &a),
+        match self
+            .rpc
+            .call_ttl(req, op)
+            .and_then(|(r, ttl)| attr_of(r).map(|a| (a, ttl)))
+        {
+            Ok((a, ttl)) => reply.attr(&ttl, &a),
             Err(e) => reply.error(e),
         }
     }
@@ -719,7 +764,7 @@ impl Filesystem for Client {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.rpc.call(
+        let r = self.rpc.call_ttl(
             req,
             Op::Link(Link {
                 ino: ino.0,
@@ -1022,7 +1067,7 @@ impl Filesystem for Client {
         // One round trip: create and open together.
         let r = self
             .create_node(req, parent, name, mode, 0, None, true)
-            .and_then(attr_of);
+            .and_then(|(r, _)| attr_of(r));
         match r {
             Ok(a) => reply.created(
                 &TTL,
@@ -1104,6 +1149,7 @@ impl Mount {
                 return Err(e);
             }
         };
+        rpc.clone().callback_loop(session.notifier());
         info!(volume = volume_id, path = %path.display(), "shared namespace mounted");
         Ok(Self {
             volume_id: volume_id.to_string(),

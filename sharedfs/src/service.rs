@@ -32,6 +32,13 @@ const REPLAY_DEPTH: usize = 128;
 const READDIR_MAX: u32 = 1024;
 /// How long one F_SETLKW call waits before the client asks again (it stays queued).
 const LOCK_POLL: Duration = Duration::from_secs(5);
+/// An attribute lease: how long a mount may cache an inode's attributes unless recalled.
+/// A change by another mount waits for the recall's acknowledgement, or at worst for the
+/// lease to run out (a mount that died or hangs).
+const ATTR_LEASE: Duration = Duration::from_secs(3);
+/// What the mount is told: shorter than the lease, so its cache is gone before the
+/// coordinator stops waiting for it even when the reply took a while to arrive.
+const ATTR_TTL: Duration = Duration::from_secs(2);
 
 struct Session {
     host: String,
@@ -41,6 +48,8 @@ struct Session {
     replies: VecDeque<(u64, NsReply)>,
     /// Open handles per inode.
     opens: HashMap<u64, u32>,
+    /// The mount's callback stream, once it listens: only then may it cache.
+    callbacks: Option<tokio::sync::mpsc::UnboundedSender<Result<Recall, Status>>>,
 }
 
 /// What `inspect` shows of one session.
@@ -63,6 +72,11 @@ pub struct Served {
     locks: Mutex<LockTable>,
     /// Wakes F_SETLKW waiters whenever locks are released.
     lock_changed: tokio::sync::Notify,
+    /// Attribute leases: inode -> session -> expiry.
+    leases: Mutex<HashMap<u64, HashMap<u64, Instant>>>,
+    /// Recalls waiting for their acknowledgement.
+    recalls: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+    next_recall: std::sync::atomic::AtomicU64,
 }
 
 impl Served {
@@ -138,26 +152,141 @@ impl Served {
     }
 
     /// Runs one operation.
-    fn execute(&self, session: u64, req: &NsRequest) -> NsReply {
+    /// Runs one operation. Returns the reply and the inodes whose attributes it changed
+    /// (other mounts' leases on them must be recalled before the reply goes out).
+    fn execute(&self, session: u64, req: &NsRequest) -> (NsReply, Vec<u64>) {
         let cred = Cred {
             uid: req.uid,
             gid: req.gid,
         };
         let Some(op) = &req.op else {
-            return fail(&FsError::Invalid("request without an operation".into()));
+            return (
+                fail(&FsError::Invalid("request without an operation".into())),
+                vec![],
+            );
         };
-        match self.run(session, cred, op) {
+        let mut changed = Vec::new();
+        let leased = std::cell::Cell::new(false);
+        let reply = match self.run(session, cred, op, &mut changed, &leased) {
             Ok(result) => NsReply {
                 errno: 0,
                 detail: String::new(),
+                attr_ttl_ms: if leased.get() {
+                    ATTR_TTL.as_millis() as u32
+                } else {
+                    0
+                },
                 result,
             },
             Err(e) => fail(&e),
+        };
+        (reply, changed)
+    }
+
+    /// Records that `session` may cache `ino`'s attributes; false when it cannot be
+    /// recalled (no callback stream), and so must not cache.
+    fn grant(&self, session: u64, ino: u64) -> bool {
+        let listening = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .is_some_and(|s| s.callbacks.is_some());
+        if listening {
+            self.leases
+                .lock()
+                .expect("leases")
+                .entry(ino)
+                .or_default()
+                .insert(session, Instant::now() + ATTR_LEASE);
+        }
+        listening
+    }
+
+    /// Takes back every other session's lease on `inodes`: tells them over their callback
+    /// streams and waits for their acknowledgements (at most until the leases expire).
+    async fn recall(&self, from: u64, inodes: &[u64]) {
+        if inodes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut targets: HashMap<u64, (Vec<u64>, Instant)> = HashMap::new();
+        {
+            let mut leases = self.leases.lock().expect("leases");
+            for ino in inodes {
+                let Some(holders) = leases.get_mut(ino) else {
+                    continue;
+                };
+                holders.retain(|s, exp| {
+                    if *exp <= now {
+                        return false;
+                    }
+                    if *s == from {
+                        return true;
+                    }
+                    let t = targets.entry(*s).or_insert((vec![], *exp));
+                    t.0.push(*ino);
+                    t.1 = t.1.max(*exp);
+                    false
+                });
+                if holders.is_empty() {
+                    leases.remove(ino);
+                }
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        let mut waits = Vec::new();
+        let mut deadline = now;
+        let mut lapse = false;
+        {
+            let sessions = self.sessions.lock().expect("sessions");
+            let mut recalls = self.recalls.lock().expect("recalls");
+            for (s, (inos, exp)) in targets {
+                deadline = deadline.max(exp);
+                let Some(tx) = sessions.get(&s).and_then(|x| x.callbacks.as_ref()) else {
+                    lapse = true;
+                    continue;
+                };
+                let id = self
+                    .next_recall
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (done, wait) = tokio::sync::oneshot::channel();
+                if tx.send(Ok(Recall { id, inodes: inos })).is_ok() {
+                    recalls.insert(id, done);
+                    waits.push((id, wait));
+                } else {
+                    lapse = true;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(deadline);
+        for (id, wait) in waits {
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                warn!(volume = %self.volume_id, "a mount did not answer a recall: waited for its lease to run out");
+                self.recalls.lock().expect("recalls").remove(&id);
+            }
+        }
+        // A mount whose stream is gone cannot answer: its lease must lapse.
+        if lapse {
+            tokio::time::sleep_until(deadline).await;
         }
     }
 
-    fn run(&self, session: u64, cred: Cred, op: &Op) -> Result<Option<Res>, FsError> {
-        let attr = |i: Inode| Ok(Some(Res::Attr(to_attr(&i))));
+    fn run(
+        &self,
+        session: u64,
+        cred: Cred,
+        op: &Op,
+        changed: &mut Vec<u64>,
+        leased: &std::cell::Cell<bool>,
+    ) -> Result<Option<Res>, FsError> {
+        // Under the fs lock: a change that commits after this read recalls the lease.
+        let attr = |i: Inode| {
+            leased.set(self.grant(session, i.ino));
+            Ok(Some(Res::Attr(to_attr(&i))))
+        };
         let mut orphan = None;
         let out = {
             let mut fs = self.fs.lock().expect("fs");
@@ -185,6 +314,7 @@ impl Served {
                         mtime: pick(&s.mtime, s.mtime_now),
                         ctime: None,
                     };
+                    changed.push(s.ino);
                     attr(fs.setattr(s.ino, &set)?)
                 }
                 Op::Create(c) => {
@@ -196,21 +326,33 @@ impl Served {
                         cred,
                         c.symlink_target.as_deref(),
                     )?;
+                    changed.push(c.parent);
+                    let ino = i.ino;
+                    let r = attr(i);
                     drop(fs);
                     if c.open {
                         if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-                            *s.opens.entry(i.ino).or_insert(0) += 1;
+                            *s.opens.entry(ino).or_insert(0) += 1;
                         }
                     }
-                    attr(i)
+                    r
                 }
-                Op::Link(l) => attr(fs.link(l.ino, l.parent, &l.name)?),
+                Op::Link(l) => {
+                    changed.extend([l.ino, l.parent]);
+                    attr(fs.link(l.ino, l.parent, &l.name)?)
+                }
                 Op::Unlink(e) => {
+                    let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
                     orphan = fs.unlink(e.parent, &e.name)?;
+                    changed.push(e.parent);
+                    changed.extend(child.ok());
                     Ok(None)
                 }
                 Op::Rmdir(e) => {
+                    let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
                     fs.rmdir(e.parent, &e.name)?;
+                    changed.push(e.parent);
+                    changed.extend(child.ok());
                     Ok(None)
                 }
                 Op::Rename(r) => {
@@ -220,7 +362,12 @@ impl Served {
                         2 => RenameMode::Exchange,
                         m => return Err(FsError::Invalid(format!("rename mode {m}"))),
                     };
+                    let src = fs.lookup(r.parent, &r.name).map(|i| i.ino);
+                    let dst = fs.lookup(r.new_parent, &r.new_name).map(|i| i.ino);
                     orphan = fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode)?;
+                    changed.extend([r.parent, r.new_parent]);
+                    changed.extend(src.ok());
+                    changed.extend(dst.ok());
                     Ok(None)
                 }
                 Op::Readdir(r) => {
@@ -241,7 +388,10 @@ impl Served {
                     let len = r.length.min(16 << 20);
                     Ok(Some(Res::Data(fs.read(r.ino, r.offset, len)?.into())))
                 }
-                Op::Write(w) => attr(fs.write(w.ino, w.offset, &w.data, w.append)?),
+                Op::Write(w) => {
+                    changed.push(w.ino);
+                    attr(fs.write(w.ino, w.offset, &w.data, w.append)?)
+                }
                 Op::Fsync(_) => {
                     fs.sync()?;
                     Ok(None)
@@ -264,6 +414,7 @@ impl Served {
                         x.flags & libc::XATTR_CREATE != 0,
                         x.flags & libc::XATTR_REPLACE != 0,
                     )?;
+                    changed.push(x.ino);
                     Ok(None)
                 }
                 Op::Listxattr(i) => Ok(Some(Res::Names(Names {
@@ -271,6 +422,7 @@ impl Served {
                 }))),
                 Op::Removexattr(x) => {
                     fs.removexattr(x.ino, &x.name)?;
+                    changed.push(x.ino);
                     Ok(None)
                 }
                 Op::Fallocate(f) => {
@@ -278,16 +430,17 @@ impl Served {
                     if f.mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
                         return Err(FsError::NotSupported);
                     }
+                    changed.push(f.ino);
                     attr(fs.fallocate(f.ino, f.offset, f.length, keep)?)
                 }
                 Op::Readlink(i) => Ok(Some(Res::Data(fs.readlink(i.ino)?.into()))),
                 Op::Open(i) => {
-                    let a = fs.getattr(i.ino)?;
+                    let r = attr(fs.getattr(i.ino)?);
                     drop(fs);
                     if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
                         *s.opens.entry(i.ino).or_insert(0) += 1;
                     }
-                    attr(a)
+                    r
                 }
                 Op::Release(i) => {
                     drop(fs);
@@ -426,6 +579,7 @@ impl Served {
                 return NsReply {
                     errno: libc::EINPROGRESS,
                     detail: "still waiting for the lock".into(),
+                    attr_ttl_ms: 0,
                     result: None,
                 };
             }
@@ -437,6 +591,7 @@ fn fail(e: &FsError) -> NsReply {
     NsReply {
         errno: e.errno(),
         detail: e.to_string(),
+        attr_ttl_ms: 0,
         result: None,
     }
 }
@@ -508,6 +663,9 @@ impl NamespaceService {
             lease: self.lease,
             locks: Mutex::new(LockTable::default()),
             lock_changed: tokio::sync::Notify::new(),
+            leases: Mutex::new(HashMap::new()),
+            recalls: Mutex::new(HashMap::new()),
+            next_recall: std::sync::atomic::AtomicU64::new(1),
         });
         self.volumes
             .write()
@@ -587,6 +745,7 @@ impl Namespace for NamespaceService {
                 last_seen: now,
                 replies: VecDeque::new(),
                 opens: HashMap::new(),
+                callbacks: None,
             },
         );
         info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
@@ -625,6 +784,40 @@ impl Namespace for NamespaceService {
             tokio::task::spawn_blocking(move || served.drop_session(id, s))
                 .await
                 .ok();
+        }
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    type CallbacksStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<Recall, Status>> + Send + 'static>,
+    >;
+
+    async fn callbacks(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<Self::CallbacksStream>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        served
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get_mut(&r.session)
+            .ok_or_else(|| Status::not_found("session expired"))?
+            .callbacks = Some(tx);
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn ack(&self, req: Request<AckRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        self.check(&req)?;
+        let r = req.into_inner();
+        let served = self.volume(&r.volume_id)?;
+        if let Some(done) = served.recalls.lock().expect("recalls").remove(&r.id) {
+            let _ = done.send(());
         }
         Ok(Response::new(HeartbeatReply {}))
     }
@@ -695,9 +888,13 @@ impl Namespace for NamespaceService {
             }
             _ => {
                 let s2 = served.clone();
-                tokio::task::spawn_blocking(move || s2.execute(session, &r))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
+                let (reply, changed) =
+                    tokio::task::spawn_blocking(move || s2.execute(session, &r))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                // Nobody else may still see the old attributes once this returns.
+                served.recall(session, &changed).await;
+                reply
             }
         };
         // "Still waiting" is asked again under a new number: do not replay it.

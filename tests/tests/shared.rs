@@ -461,3 +461,34 @@ fn kill_9_of_the_coordinator_mid_workload_leaves_a_clean_namespace() {
         assert_eq!(&fs::read(m1.join(p)).unwrap(), body, "{}", p.display());
     }
 }
+
+#[test]
+fn cached_attributes_are_recalled_before_a_change_returns() {
+    require_root!();
+    let (_c, m) = mounted_everywhere("attrs");
+    let (a, b) = (m[1].join("f"), m[2].join("f"));
+    fs::write(&a, b"").unwrap();
+    for i in 1..=50u32 {
+        // B looks (and may cache the attributes under a lease) ...
+        let before = fs::metadata(&b).unwrap();
+        assert_eq!(before.len(), (i as u64 - 1) * 100);
+        // ... A changes size and mode ...
+        let mut f = fs::OpenOptions::new().append(true).open(&a).unwrap();
+        f.write_all(&[b'x'; 100]).unwrap();
+        drop(f);
+        let mode = if i % 2 == 0 { 0o640 } else { 0o604 };
+        fs::set_permissions(&a, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        // ... and B's very next look sees both: no stale cached attributes.
+        let after = fs::metadata(&b).unwrap();
+        assert_eq!(after.len(), i as u64 * 100, "size after write {i}");
+        assert_eq!(after.mode() & 0o777, mode, "mode after chmod {i}");
+    }
+    // A directory's attributes too: a create on A shows in B's view of the directory.
+    let dir_b = fs::metadata(&m[2]).unwrap();
+    fs::write(m[1].join("new"), b"1").unwrap();
+    let dir_b2 = fs::metadata(&m[2]).unwrap();
+    assert!(
+        dir_b2.mtime_nsec() != dir_b.mtime_nsec() || dir_b2.mtime() != dir_b.mtime(),
+        "directory mtime moved on B"
+    );
+}
