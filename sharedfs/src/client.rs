@@ -136,7 +136,9 @@ impl Rpc {
         let me = self as *const Self as usize;
         LOCAL.with(|cell| {
             let mut local = cell.borrow_mut();
-            let stale = local.as_ref().is_none_or(|l| l.addr != addr || l.owner != me);
+            let stale = local
+                .as_ref()
+                .is_none_or(|l| l.addr != addr || l.owner != me);
             if stale {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -457,6 +459,7 @@ impl Client {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_node(
         &self,
         req: &Request,
@@ -1129,7 +1132,7 @@ impl Mount {
         let rpc = Rpc::connect(
             volume_id, host, path, addr, client, resolve, connect, private, rt,
         )
-            .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
+        .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
         rpc.clone().heartbeat_loop(Duration::from_secs(3));
         let mut config = fuser::Config::default();
         config.mount_options = vec![

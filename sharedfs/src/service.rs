@@ -888,10 +888,9 @@ impl Namespace for NamespaceService {
             }
             _ => {
                 let s2 = served.clone();
-                let (reply, changed) =
-                    tokio::task::spawn_blocking(move || s2.execute(session, &r))
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
+                let (reply, changed) = tokio::task::spawn_blocking(move || s2.execute(session, &r))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 // Nobody else may still see the old attributes once this returns.
                 served.recall(session, &changed).await;
                 reply

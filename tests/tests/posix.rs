@@ -22,7 +22,9 @@ fn pjdfstest_passes_on_a_shared_mount() {
     let c = Cluster::start(2, Opts::default());
     c.shoal(
         0,
-        &["volume", "create", "posix", "--size", "2G", "--repl", "2", "--shared"],
+        &[
+            "volume", "create", "posix", "--size", "2G", "--repl", "2", "--shared",
+        ],
     )
     .expect_ok("create");
     // Mounted on the node that is not the coordinator: every call crosses the network.
