@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use shoal_blockd::meta::{EmbeddedStore, MetaStore};
 use shoal_blockd::peers::Peers;
 use shoal_blockd::pool::Pool;
-use shoal_blockd::records::{self, Keys, VolumeRecord, RECORD_VERSION};
+use shoal_blockd::records::{self, Keys, VolumeRecord};
 use shoal_blockd::volume_io::{Replica, Target, VolumeIo};
 use shoal_proto::block::block_server::BlockServer;
 
@@ -76,30 +76,7 @@ fn setup(local: bool, remotes: usize) -> Setup {
         names.push(name);
         fakes.push(fake);
     }
-    let rec = VolumeRecord {
-        v: RECORD_VERSION,
-        id: VOL.into(),
-        name: "v".into(),
-        size_bytes: 64 << 20,
-        repl: names.len() as u32,
-        block_size: 4096,
-        fs: "none".into(),
-        labels: Default::default(),
-        io_priority: "medium".into(),
-        shared: false,
-        replicas: names.clone(),
-        attached_node: Some("me".into()),
-        device_path: String::new(),
-        mount_path: String::new(),
-        formatted: false,
-        epoch: 3,
-        created_unix: 0,
-        in_sync: Some(names),
-        left_at: Default::default(),
-        resync: Default::default(),
-        resync_bytes: Default::default(),
-        retired: Vec::new(),
-    };
+    let rec = common::volume_record(VOL, names.clone(), names, 3);
     rt.block_on(meta.put(&keys.volume(VOL), &records::encode(&rec)))
         .unwrap();
     let io = Arc::new(VolumeIo::new(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use shoal_blockd::meta::{EmbeddedStore, MetaStore};
 use shoal_blockd::peers::Peers;
 use shoal_blockd::pool::Pool;
-use shoal_blockd::records::{self, Keys, VolumeRecord, RECORD_VERSION};
+use shoal_blockd::records::{self, Keys, VolumeRecord};
 use shoal_blockd::volume_io::{Replica, Target, VolumeIo};
 use shoal_proto::block::block_server::BlockServer;
 use tokio::task::JoinHandle;
@@ -82,34 +82,10 @@ async fn setup(remotes: usize, in_sync: Option<Vec<&str>>) -> Setup {
         fakes.push(fake);
     }
     let names: Vec<String> = replicas.iter().map(|r| r.node.clone()).collect();
-    let rec = VolumeRecord {
-        v: RECORD_VERSION,
-        id: VOL.into(),
-        name: "v".into(),
-        size_bytes: 64 << 20,
-        repl: names.len() as u32,
-        block_size: 4096,
-        fs: "none".into(),
-        labels: Default::default(),
-        io_priority: "medium".into(),
-        shared: false,
-        replicas: names.clone(),
-        attached_node: Some("me".into()),
-        device_path: String::new(),
-        mount_path: String::new(),
-        formatted: false,
-        epoch: 7,
-        created_unix: 0,
-        in_sync: Some(
-            in_sync
-                .map(|v| v.into_iter().map(String::from).collect())
-                .unwrap_or(names),
-        ),
-        left_at: Default::default(),
-        resync: Default::default(),
-        resync_bytes: Default::default(),
-        retired: Vec::new(),
-    };
+    let in_sync = in_sync
+        .map(|v| v.into_iter().map(String::from).collect())
+        .unwrap_or_else(|| names.clone());
+    let rec = common::volume_record(VOL, names, in_sync, 7);
     meta.put(&keys.volume(VOL), &records::encode(&rec))
         .await
         .unwrap();

@@ -896,12 +896,12 @@ impl Filesystem for Client {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.rpc.call(req, Op::Fsync(Ino { ino: ino.0 }));
-        self.empty(reply, r);
+        // A directory's changes are in the same journal: the same flush.
+        self.fsync(req, ino, fh, datasync, reply);
     }
 
     fn readdir(

@@ -80,6 +80,16 @@ pub struct Served {
 }
 
 impl Served {
+    /// Runs `f` on a live session (renewing it); NOT_FOUND when it expired.
+    fn with_session<T>(&self, id: u64, f: impl FnOnce(&mut Session) -> T) -> Result<T, Status> {
+        let mut ss = self.sessions.lock().expect("sessions");
+        let s = ss
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found("session expired"))?;
+        s.last_seen = Instant::now();
+        Ok(f(s))
+    }
+
     fn open_count(&self, ino: u64) -> u32 {
         self.sessions
             .lock()
@@ -762,11 +772,7 @@ impl Namespace for NamespaceService {
         self.check(&req)?;
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
-        let mut ss = served.sessions.lock().expect("sessions");
-        let s = ss
-            .get_mut(&r.session)
-            .ok_or_else(|| Status::not_found("session expired"))?;
-        s.last_seen = Instant::now();
+        served.with_session(r.session, |_| ())?;
         Ok(Response::new(HeartbeatReply {}))
     }
 
@@ -800,13 +806,7 @@ impl Namespace for NamespaceService {
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        served
-            .sessions
-            .lock()
-            .expect("sessions")
-            .get_mut(&r.session)
-            .ok_or_else(|| Status::not_found("session expired"))?
-            .callbacks = Some(tx);
+        served.with_session(r.session, |s| s.callbacks = Some(tx))?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
         )))
@@ -865,20 +865,19 @@ impl Namespace for NamespaceService {
         self.check(&req)?;
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
-        {
-            let mut ss = served.sessions.lock().expect("sessions");
-            let s = ss
-                .get_mut(&r.session)
-                .ok_or_else(|| Status::not_found("session expired"))?;
-            s.last_seen = Instant::now();
-            if let Some((_, reply)) = s.replies.iter().find(|(q, _)| *q == r.seq) {
-                debug!(
-                    session = r.session,
-                    seq = r.seq,
-                    "retried request: first reply"
-                );
-                return Ok(Response::new(reply.clone()));
-            }
+        let replayed = served.with_session(r.session, |s| {
+            s.replies
+                .iter()
+                .find(|(q, _)| *q == r.seq)
+                .map(|(_, reply)| reply.clone())
+        })?;
+        if let Some(reply) = replayed {
+            debug!(
+                session = r.session,
+                seq = r.seq,
+                "retried request: first reply"
+            );
+            return Ok(Response::new(reply));
         }
         let keep = mutates(&r.op);
         let (session, seq) = (r.session, r.seq);

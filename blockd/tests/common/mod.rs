@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shoal_blockd::records::{VolumeRecord, RECORD_VERSION};
 use shoal_proto::block::block_server::Block;
 use shoal_proto::block::*;
 use tonic::{Request, Response, Status};
@@ -105,5 +106,38 @@ impl Block for FakeReplica {
         _r: Request<WriteRegionRequest>,
     ) -> Result<Response<WriteReply>, Status> {
         Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// A 64 MiB volume record with `replicas`, attached to node "me" at `epoch`.
+pub fn volume_record(
+    id: &str,
+    replicas: Vec<String>,
+    in_sync: Vec<String>,
+    epoch: u64,
+) -> VolumeRecord {
+    VolumeRecord {
+        v: RECORD_VERSION,
+        id: id.into(),
+        name: "v".into(),
+        size_bytes: 64 << 20,
+        repl: replicas.len() as u32,
+        block_size: 4096,
+        fs: "none".into(),
+        labels: Default::default(),
+        io_priority: "medium".into(),
+        shared: false,
+        replicas,
+        attached_node: Some("me".into()),
+        device_path: String::new(),
+        mount_path: String::new(),
+        formatted: false,
+        epoch,
+        created_unix: 0,
+        in_sync: Some(in_sync),
+        left_at: Default::default(),
+        resync: Default::default(),
+        resync_bytes: Default::default(),
+        retired: Vec::new(),
     }
 }
