@@ -1,6 +1,7 @@
 //! `shoal`: the one binary. `shoal node start` runs a node; every other subcommand is
 //! the admin CLI, talking gRPC to a node's control API (`--endpoint`).
 
+mod mount_helper;
 mod node_cmd;
 mod output;
 mod table;
@@ -87,6 +88,10 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.first().is_some_and(|a| mount_helper::is_helper(a)) {
+        std::process::exit(mount_helper::main(&argv[1..]));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -53,6 +53,17 @@ fn fs_err(e: FsError) -> Error {
     }
 }
 
+/// Whether `path` is a mount point now (from /proc/self/mountinfo).
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == want)
+}
+
 /// The namespace's uuid: the volume id's first 16 bytes of hex.
 fn uuid_of(rec: &VolumeRecord) -> [u8; 16] {
     let mut u = [0u8; 16];
@@ -90,6 +101,12 @@ impl SharedNamespaces for Shared {
         resolve: Resolver,
     ) -> Result<()> {
         let mut mounts = self.mounts.lock().expect("mounts");
+        // Unmounted behind our back (`umount DIR`): forget it.
+        if mounts.contains_key(path) && !is_mountpoint(path) {
+            if let Some(stale) = mounts.remove(path) {
+                let _ = stale.stop();
+            }
+        }
         if mounts.contains_key(path) {
             return Err(Error::FailedPrecondition(format!(
                 "{} is already a Shoal mount",
@@ -129,9 +146,16 @@ impl SharedNamespaces for Shared {
         match m {
             None => Ok(false),
             Some(m) => {
-                m.stop()
-                    .map_err(|e| Error::Internal(format!("unmounting {}: {e}", path.display())))?;
-                Ok(true)
+                let gone = !is_mountpoint(path);
+                match m.stop() {
+                    Ok(()) => Ok(true),
+                    // Already unmounted with umount(8): nothing left to do.
+                    Err(_) if gone => Ok(true),
+                    Err(e) => Err(Error::Internal(format!(
+                        "unmounting {}: {e}",
+                        path.display()
+                    ))),
+                }
             }
         }
     }

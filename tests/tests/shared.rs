@@ -520,3 +520,74 @@ fn a_file_unlinked_on_one_host_stays_readable_where_it_is_open() {
         || used() + (3 << 20) < with_file,
     );
 }
+
+#[test]
+fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
+    require_root!();
+    let helper = Path::new("/sbin/mount.fuse.shoal");
+    if std::os::unix::fs::symlink(shoal_tests::shoal_bin(), helper).is_err()
+        && fs::read_link(helper).ok() != Some(shoal_tests::shoal_bin())
+    {
+        eprintln!("SKIP: cannot install {}", helper.display());
+        return;
+    }
+    struct Unlink<'a>(&'a Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(self.0);
+        }
+    }
+    let _cleanup = Unlink(helper);
+    let c = Cluster::start(2, Opts::default());
+    c.shoal(
+        0,
+        &["volume", "create", "fstab", "--size", "1G", "--shared"],
+    )
+    .expect_ok("create");
+    let (a, b) = (c.path().join("a"), c.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    for (dir, node) in [(&a, 0), (&b, 1)] {
+        let opts = format!("rw,_netdev,endpoint={}", c.nodes[node].endpoint());
+        let out = std::process::Command::new("mount")
+            .args(["-t", "fuse.shoal", "-o", &opts, "fstab"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t fuse.shoal: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(is_mounted(dir));
+    }
+    fs::write(a.join("x"), b"via mount(8)").unwrap();
+    assert_eq!(fs::read(b.join("x")).unwrap(), b"via mount(8)");
+    // A bad volume name is a clear mount error, not a hang.
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "fuse.shoal",
+            "-o",
+            &format!("endpoint={}", c.nodes[0].endpoint()),
+            "nosuch",
+        ])
+        .arg(c.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+        "{out:?}"
+    );
+    // umount(8), then mounting the same place again through the CLI.
+    assert!(std::process::Command::new("umount")
+        .arg(&b)
+        .status()
+        .unwrap()
+        .success());
+    assert!(!is_mounted(&b));
+    c.shoal(1, &["volume", "mount", "fstab", b.to_str().unwrap()])
+        .expect_ok("mount again after umount");
+    assert_eq!(fs::read(b.join("x")).unwrap(), b"via mount(8)");
+}

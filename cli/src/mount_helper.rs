@@ -1,0 +1,142 @@
+//! `mount.fuse.shoal` (and `mount.shoal`): what `mount -t fuse.shoal VOLUME DIR` and an
+//! fstab line (`web /mnt/web fuse.shoal defaults,_netdev 0 0`) run when the `shoal`
+//! binary is linked under that name in /sbin. It asks the local node to mount the shared
+//! volume there, exactly as `shoal volume mount VOLUME DIR` does.
+//!
+//! Options: `endpoint=HOST:PORT` picks the node (default `SHOAL_ENDPOINT` or the node's
+//! default address); the usual generic options (`rw`, `defaults`, `_netdev`, `nofail`,
+//! `noauto`, `user`, ...) are accepted and ignored; `remount` is refused.
+
+use anyhow::{anyhow, bail};
+use shoal_proto::control::MountRequest;
+
+/// The names this binary answers to as a mount helper.
+pub fn is_helper(argv0: &str) -> bool {
+    let base = argv0.rsplit('/').next().unwrap_or(argv0);
+    base == "mount.fuse.shoal" || base == "mount.shoal"
+}
+
+/// Parsed `mount.fuse.shoal SOURCE DIR [-o OPTS] [-n] [-v] [-f] [-s]`.
+#[derive(Debug, PartialEq, Eq)]
+struct Args {
+    volume: String,
+    dir: String,
+    endpoint: Option<String>,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Args> {
+    let mut pos = Vec::new();
+    let mut endpoint = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => {
+                let opts = it.next().ok_or_else(|| anyhow!("-o needs options"))?;
+                for o in opts.split(',').filter(|o| !o.is_empty()) {
+                    match o.split_once('=') {
+                        Some(("endpoint", v)) => endpoint = Some(v.to_string()),
+                        _ if o == "remount" => {
+                            bail!("remount is not supported for Shoal mounts: unmount and mount again")
+                        }
+                        // Generic options mount(8) and fstab pass along.
+                        _ => {}
+                    }
+                }
+            }
+            "-n" | "-v" | "-f" | "-s" => {}
+            "-t" => {
+                it.next();
+            }
+            s if s.starts_with('-') => bail!("unknown option {s}"),
+            s => pos.push(s.to_string()),
+        }
+    }
+    let [volume, dir]: [String; 2] = pos
+        .try_into()
+        .map_err(|p: Vec<String>| anyhow!("expected VOLUME DIR, got {} argument(s)", p.len()))?;
+    let volume = volume.trim_start_matches("shoal:").to_string();
+    Ok(Args {
+        volume,
+        dir,
+        endpoint,
+    })
+}
+
+/// Runs the helper; the exit code follows mount(8): 0 ok, 1 usage, 32 mount failure.
+pub fn main(args: &[String]) -> i32 {
+    let a = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mount.fuse.shoal: {e}");
+            eprintln!("usage: mount -t fuse.shoal [-o endpoint=HOST:PORT] VOLUME DIR");
+            return 1;
+        }
+    };
+    let endpoint = a
+        .endpoint
+        .or_else(|| std::env::var("SHOAL_ENDPOINT").ok())
+        .unwrap_or_else(|| shoal_blockd::config::DEFAULT_LISTEN.to_string());
+    let dir = match std::fs::canonicalize(&a.dir) {
+        Ok(p) => p.to_string_lossy().into_owned(),
+        Err(e) => {
+            eprintln!("mount.fuse.shoal: mount point {}: {e}", a.dir);
+            return 32;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mount.fuse.shoal: {e}");
+            return 32;
+        }
+    };
+    let res = rt.block_on(async {
+        let mut c = crate::connect(&endpoint).await?;
+        c.mount_volume(MountRequest {
+            name: a.volume.clone(),
+            path: dir.clone(),
+        })
+        .await
+        .map_err(crate::status_error)?;
+        Ok::<_, anyhow::Error>(())
+    });
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mount.fuse.shoal: {e:#}");
+            32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_what_mount_passes() {
+        assert_eq!(
+            parse(&args("web /mnt/web -o rw,_netdev,endpoint=10.0.0.2:9710")).unwrap(),
+            Args {
+                volume: "web".into(),
+                dir: "/mnt/web".into(),
+                endpoint: Some("10.0.0.2:9710".into())
+            }
+        );
+        assert_eq!(parse(&args("shoal:web /m -n")).unwrap().volume, "web");
+        assert!(parse(&args("web")).is_err());
+        assert!(parse(&args("web /m -o remount,ro"))
+            .unwrap_err()
+            .to_string()
+            .contains("remount"));
+        assert!(parse(&args("web /m -x")).is_err());
+        assert!(is_helper("/sbin/mount.fuse.shoal") && !is_helper("shoal"));
+    }
+}
