@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod inode;
 pub mod journal;
 pub mod layout;
+pub mod leases;
 pub mod locks;
 pub mod pages;
 pub mod service;

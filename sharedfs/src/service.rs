@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::error::FsError;
 use crate::fs::{Cred, Fs, RenameMode, SetAttr as FsSetAttr};
 use crate::inode::{Inode, Time as FsTime};
+use crate::leases::LeaseTable;
 use crate::locks::{Held, LockTable, Mode, Owner};
 
 /// How long a session lives without a heartbeat.
@@ -72,8 +73,8 @@ pub struct Served {
     locks: Mutex<LockTable>,
     /// Wakes F_SETLKW waiters whenever locks are released.
     lock_changed: tokio::sync::Notify,
-    /// Attribute leases: inode -> session -> expiry.
-    leases: Mutex<HashMap<u64, HashMap<u64, Instant>>>,
+    /// Who may cache which inode's attributes.
+    leases: Mutex<LeaseTable>,
     /// Recalls waiting for their acknowledgement.
     recalls: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
     next_recall: std::sync::atomic::AtomicU64,
@@ -136,6 +137,7 @@ impl Served {
 
     /// Frees what a session held: its locks (waking waiters) and its open files.
     fn drop_session(&self, id: u64, s: Session) {
+        self.leases.lock().expect("leases").drop_session(id);
         self.locks.lock().expect("locks").release_session(id);
         self.lock_changed.notify_waiters();
         for ino in s.opens.keys() {
@@ -206,9 +208,7 @@ impl Served {
             self.leases
                 .lock()
                 .expect("leases")
-                .entry(ino)
-                .or_default()
-                .insert(session, Instant::now() + ATTR_LEASE);
+                .grant(session, ino, Instant::now());
         }
         listening
     }
@@ -220,30 +220,11 @@ impl Served {
             return;
         }
         let now = Instant::now();
-        let mut targets: HashMap<u64, (Vec<u64>, Instant)> = HashMap::new();
-        {
-            let mut leases = self.leases.lock().expect("leases");
-            for ino in inodes {
-                let Some(holders) = leases.get_mut(ino) else {
-                    continue;
-                };
-                holders.retain(|s, exp| {
-                    if *exp <= now {
-                        return false;
-                    }
-                    if *s == from {
-                        return true;
-                    }
-                    let t = targets.entry(*s).or_insert((vec![], *exp));
-                    t.0.push(*ino);
-                    t.1 = t.1.max(*exp);
-                    false
-                });
-                if holders.is_empty() {
-                    leases.remove(ino);
-                }
-            }
-        }
+        let targets = self
+            .leases
+            .lock()
+            .expect("leases")
+            .take_conflicting(from, inodes, now);
         if targets.is_empty() {
             return;
         }
@@ -673,7 +654,7 @@ impl NamespaceService {
             lease: self.lease,
             locks: Mutex::new(LockTable::default()),
             lock_changed: tokio::sync::Notify::new(),
-            leases: Mutex::new(HashMap::new()),
+            leases: Mutex::new(LeaseTable::new(ATTR_LEASE)),
             recalls: Mutex::new(HashMap::new()),
             next_recall: std::sync::atomic::AtomicU64::new(1),
         });
