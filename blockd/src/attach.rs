@@ -319,16 +319,7 @@ impl Node {
             tokio::task::spawn_blocking(move || hooks.serve(&r, served))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))??;
-            let stop = Arc::new(AtomicBool::new(false));
-            resync::spawn(
-                io,
-                resync::WorkerCtx {
-                    membership: self.membership.clone(),
-                    peers: self.peers.clone(),
-                    rebuild_after: self.cfg.rebuild_after,
-                    stop: stop.clone(),
-                },
-            );
+            let stop = self.start_resync(io);
             let att = Attachment {
                 stop,
                 name: rec.name.clone(),
@@ -361,16 +352,7 @@ impl Node {
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
         // The resync worker starts once the device is served; teardown stops it.
-        let stop = Arc::new(AtomicBool::new(false));
-        resync::spawn(
-            io,
-            resync::WorkerCtx {
-                membership: self.membership.clone(),
-                peers: self.peers.clone(),
-                rebuild_after: self.cfg.rebuild_after,
-                stop: stop.clone(),
-            },
-        );
+        let stop = self.start_resync(io);
         let mut att = Attachment {
             stop,
             name: rec.name.clone(),
@@ -402,6 +384,21 @@ impl Node {
                 Err(e)
             }
         }
+    }
+
+    /// Starts the volume's resync worker; setting the returned flag stops it.
+    fn start_resync(&self, io: Arc<VolumeIo>) -> Arc<AtomicBool> {
+        let stop = Arc::new(AtomicBool::new(false));
+        resync::spawn(
+            io,
+            resync::WorkerCtx {
+                membership: self.membership.clone(),
+                peers: self.peers.clone(),
+                rebuild_after: self.cfg.rebuild_after,
+                stop: stop.clone(),
+            },
+        );
+        stop
     }
 
     /// Unmounts and releases everything of one attachment, best effort, in order.

@@ -409,6 +409,13 @@ fn attr_of(r: Option<Res>) -> Result<FileAttr, Errno> {
     }
 }
 
+fn entry_of(parent: INodeNo, name: &OsStr) -> Entry {
+    Entry {
+        parent: parent.0,
+        name: name.as_bytes().to_vec(),
+    }
+}
+
 fn data_of(r: Option<Res>) -> Vec<u8> {
     match r {
         Some(Res::Data(d)) => d.to_vec(),
@@ -684,24 +691,12 @@ impl Filesystem for Client {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.rpc.call(
-            req,
-            Op::Unlink(Entry {
-                parent: parent.0,
-                name: name.as_bytes().to_vec(),
-            }),
-        );
+        let r = self.rpc.call(req, Op::Unlink(entry_of(parent, name)));
         self.empty(reply, r);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.rpc.call(
-            req,
-            Op::Rmdir(Entry {
-                parent: parent.0,
-                name: name.as_bytes().to_vec(),
-            }),
-        );
+        let r = self.rpc.call(req, Op::Rmdir(entry_of(parent, name)));
         self.empty(reply, r);
     }
 
