@@ -416,10 +416,11 @@ fn entry_of(parent: INodeNo, name: &OsStr) -> Entry {
     }
 }
 
-fn data_of(r: Option<Res>) -> Vec<u8> {
+/// The payload of a data reply, without copying it (reads go straight to the kernel).
+fn data_of(r: Option<Res>) -> bytes::Bytes {
     match r {
-        Some(Res::Data(d)) => d.to_vec(),
-        _ => Vec::new(),
+        Some(Res::Data(d)) => d,
+        _ => bytes::Bytes::new(),
     }
 }
 

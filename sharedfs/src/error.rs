@@ -68,30 +68,6 @@ impl FsError {
             FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
         }
     }
-
-    /// The error for an errno received over the wire.
-    pub fn from_errno(errno: i32, detail: &str) -> Self {
-        match errno {
-            libc::ENOENT => FsError::NotFound,
-            libc::EEXIST => FsError::Exists,
-            libc::ENOTDIR => FsError::NotDir,
-            libc::EISDIR => FsError::IsDir,
-            libc::ENOTEMPTY => FsError::NotEmpty,
-            libc::ENOSPC => FsError::NoSpace,
-            libc::ENAMETOOLONG => FsError::NameTooLong,
-            libc::EINVAL => FsError::Invalid(detail.to_string()),
-            libc::EFBIG => FsError::TooBig,
-            libc::ENODATA => FsError::NoAttr,
-            libc::ERANGE => FsError::Range,
-            libc::EPERM => FsError::Perm,
-            libc::EACCES => FsError::Access,
-            libc::EMLINK => FsError::TooManyLinks,
-            libc::EXDEV => FsError::CrossDevice,
-            libc::EAGAIN => FsError::WouldBlock,
-            libc::EOPNOTSUPP => FsError::NotSupported,
-            _ => FsError::Io(detail.to_string()),
-        }
-    }
 }
 
 pub type Result<T, E = FsError> = std::result::Result<T, E>;

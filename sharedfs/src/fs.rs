@@ -212,10 +212,6 @@ impl Fs {
         Ok(fs)
     }
 
-    pub fn uuid(&self) -> [u8; 16] {
-        self.store.checkpoint.uuid
-    }
-
     pub fn geometry(&self) -> Geometry {
         self.store.checkpoint.geometry
     }

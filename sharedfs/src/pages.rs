@@ -161,10 +161,6 @@ impl PageStore {
         Ok(self.dirty.get_mut(&no).expect("just inserted"))
     }
 
-    pub fn has_changes(&self) -> bool {
-        !self.dirty.is_empty()
-    }
-
     /// Drops the open transaction.
     pub fn abort(&mut self) {
         self.dirty.clear();

@@ -26,6 +26,9 @@ impl BlockDev for VolumeDev {
         self.0.size()
     }
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if len <= MAX_IO {
+            return self.0.read(offset, len as u32).map_err(io_err);
+        }
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
             let n = (len - out.len()).min(MAX_IO);
