@@ -8,6 +8,8 @@ use clap::Args;
 use std::sync::Arc;
 
 use shoal_blockd::{Node, NodeConfig};
+use shoal_docker_plugin::backend::NodeBackend;
+use shoal_docker_plugin::Plugin;
 use shoal_proto::ns::namespace_server::NamespaceServer;
 use shoal_sharedfs::hooks::Shared;
 use shoal_sharedfs::service::NamespaceService;
@@ -58,6 +60,10 @@ pub struct StartArgs {
     /// coordinator drops it (and frees what it held).
     #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::service::DEFAULT_LEASE.as_secs_f64())]
     session_lease: f64,
+    /// Unix socket for the Docker volume plugin (driver name = file name without
+    /// `.sock`); "" serves none (several nodes on one host: give one node the socket).
+    #[arg(long, env = "SHOAL_DOCKER_SOCKET", default_value = shoal_docker_plugin::server::DEFAULT_SOCKET)]
+    docker_socket: String,
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -106,8 +112,20 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let docker_socket = Some(args.docker_socket)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
     rt.block_on(async move {
         let listener = Node::bind(cfg.listen).await?;
+        let docker_listener = match &docker_socket {
+            Some(path) => Some(
+                shoal_docker_plugin::server::bind(path)
+                    .await
+                    .with_context(|| format!("--docker-socket {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mount_root = cfg.data_dir.join("docker");
         let node = Node::open(cfg).await?;
         let service = NamespaceService::new(node.peers.clone(), lease);
         let shared = Arc::new(Shared::new(
@@ -122,8 +140,19 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 .max_decoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES),
         );
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        if let (Some(l), Some(path)) = (docker_listener, docker_socket) {
+            let plugin = Arc::new(Plugin::new(NodeBackend(node.clone()), mount_root));
+            tokio::spawn(shoal_docker_plugin::serve(plugin, l, path, async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            }));
+        }
         println!("node {} serving", node.id);
-        node.serve(listener, routes, shutdown_signal()).await?;
+        let shutdown = async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        };
+        node.serve(listener, routes, shutdown).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     // FUSE sessions and gRPC tasks are gone; do not wait for idle background tasks.

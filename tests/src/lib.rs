@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod docker;
+
 /// The `shoal` binary under test.
 pub fn shoal_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SHOAL_BIN") {
@@ -107,7 +109,7 @@ pub struct Etcd {
     host: String,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -189,6 +191,9 @@ pub struct Opts {
     /// Run each node in its own network namespace (a host with its own address on a
     /// bridge), so a test can cut a node off the network.
     pub netns: bool,
+    /// Docker plugin socket per node (by index; "default" for the node's default);
+    /// nodes without one serve no plugin, so several nodes share this host.
+    pub docker_sockets: Vec<String>,
 }
 
 impl Default for Opts {
@@ -200,6 +205,7 @@ impl Default for Opts {
             labels: Vec::new(),
             extra_args: Vec::new(),
             netns: false,
+            docker_sockets: Vec::new(),
         }
     }
 }
@@ -319,6 +325,14 @@ impl Cluster {
         if let Some(e) = &self.etcd {
             args.push("--kvdb".into());
             args.push(e.url.clone());
+        }
+        // "default": no flag, the node serves Docker's default socket.
+        match self.opts.docker_sockets.get(i).map(String::as_str) {
+            Some("default") => {}
+            other => {
+                args.push("--docker-socket".into());
+                args.push(other.unwrap_or_default().to_string());
+            }
         }
         args.extend(self.opts.extra_args.iter().cloned());
         args

@@ -25,6 +25,8 @@ fn the_readme_demo_runs_and_cleans_up() {
         }
         c.env("SHOAL_BIN", shoal_bin())
             .env("SHOAL_DEMO_DIR", &demo_dir)
+            // The Docker tests own the plugin sockets on this host.
+            .env("SHOAL_DEMO_DOCKER_SOCKET", "")
             .output()
             .unwrap()
     };
