@@ -15,6 +15,10 @@ have losetup || need_apt+=(util-linux)
 have fio || need_apt+=(fio)
 have ip || need_apt+=(iproute2)
 have bc || need_apt+=(bc)
+# The Docker plugin tests: a real engine, a busybox to build a tiny image from, a registry.
+have dockerd || need_apt+=(docker.io)
+[ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
+have docker-registry || need_apt+=(docker-registry)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"

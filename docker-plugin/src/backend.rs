@@ -27,7 +27,10 @@ pub struct VolumeInfo {
 pub trait Backend: Send + Sync + 'static {
     /// Creates a volume; a volume of that name that exists already is success (Docker
     /// retries Create, and two hosts may create the same global volume).
-    fn create(&self, req: CreateVolumeRequest) -> impl Future<Output = Result<(), PluginError>> + Send;
+    fn create(
+        &self,
+        req: CreateVolumeRequest,
+    ) -> impl Future<Output = Result<(), PluginError>> + Send;
     /// [`PluginError::NotFound`] when no such volume exists.
     fn get(&self, name: &str) -> impl Future<Output = Result<VolumeInfo, PluginError>> + Send;
     fn list(&self) -> impl Future<Output = Result<Vec<VolumeInfo>, PluginError>> + Send;
@@ -35,7 +38,11 @@ pub trait Backend: Send + Sync + 'static {
     fn remove(&self, name: &str) -> impl Future<Output = Result<(), PluginError>> + Send;
     /// Mounts the volume's filesystem at `path` on this host. Returns true when it
     /// attached a non-shared volume here for it (to be detached after the last unmount).
-    fn mount(&self, name: &str, path: &Path) -> impl Future<Output = Result<bool, PluginError>> + Send;
+    fn mount(
+        &self,
+        name: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<bool, PluginError>> + Send;
     fn unmount(
         &self,
         name: &str,

@@ -24,7 +24,9 @@ pub enum PluginError {
 impl From<shoal_blockd::Error> for PluginError {
     fn from(e: shoal_blockd::Error) -> Self {
         match e {
-            shoal_blockd::Error::NotFound(what) => PluginError::Backend(format!("{what} not found")),
+            shoal_blockd::Error::NotFound(what) => {
+                PluginError::Backend(format!("{what} not found"))
+            }
             shoal_blockd::Error::InvalidArgument(m) => PluginError::InvalidOption(m),
             other => PluginError::Backend(other.to_string()),
         }

@@ -37,9 +37,12 @@ fn normalize_key(key: &str) -> String {
     key.trim().to_ascii_lowercase().replace('-', "_")
 }
 
+/// An inline spec taken apart: the volume's name and its `key=value` options.
+pub type InlineSpec = (String, Vec<(String, String)>);
+
 /// Splits an inline spec (`size=5G,repl=2,name=web`) into its name and options; `None`
 /// when `docker_name` is a plain name.
-pub fn parse_inline(docker_name: &str) -> Result<Option<(String, Vec<(String, String)>)>, PluginError> {
+pub fn parse_inline(docker_name: &str) -> Result<Option<InlineSpec>, PluginError> {
     if !docker_name.contains('=') {
         return Ok(None);
     }
@@ -125,7 +128,10 @@ pub fn create_request(
         Some((_, inline)) => inline,
         None => Vec::new(),
     };
-    all.extend(opts.iter().map(|(k, v)| (normalize_key(k), v.trim().to_string())));
+    all.extend(
+        opts.iter()
+            .map(|(k, v)| (normalize_key(k), v.trim().to_string())),
+    );
 
     let mut req = CreateVolumeRequest {
         name,

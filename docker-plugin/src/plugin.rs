@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{Backend, VolumeInfo};
 use crate::error::PluginError;
@@ -132,6 +132,12 @@ impl<B: Backend> Plugin<B> {
             };
             match out {
                 Ok(body) => Reply::ok(body),
+                // Docker asks every driver for a name before it creates a volume: a
+                // miss is routine, not worth a warning.
+                Err(e @ PluginError::NotFound(_)) => {
+                    debug!(error = %e, "not found");
+                    Reply::from(e)
+                }
                 Err(e) => {
                     warn!(error = %e, "refused");
                     Reply::from(e)
@@ -290,7 +296,9 @@ mod tests {
         }
         async fn get(&self, name: &str) -> Result<VolumeInfo, PluginError> {
             let v = self.volumes.lock().unwrap();
-            let r = v.get(name).ok_or_else(|| PluginError::NotFound(name.into()))?;
+            let r = v
+                .get(name)
+                .ok_or_else(|| PluginError::NotFound(name.into()))?;
             Ok(VolumeInfo {
                 name: r.name.clone(),
                 created_unix: 0,
@@ -307,7 +315,10 @@ mod tests {
         }
         async fn remove(&self, name: &str) -> Result<(), PluginError> {
             self.volumes.lock().unwrap().remove(name);
-            self.log.lock().unwrap().push(("remove".into(), name.into()));
+            self.log
+                .lock()
+                .unwrap()
+                .push(("remove".into(), name.into()));
             Ok(())
         }
         async fn mount(&self, name: &str, _path: &Path) -> Result<bool, PluginError> {
@@ -315,7 +326,10 @@ mod tests {
             Ok(false)
         }
         async fn unmount(&self, name: &str, _: &Path, _: bool) -> Result<(), PluginError> {
-            self.log.lock().unwrap().push(("unmount".into(), name.into()));
+            self.log
+                .lock()
+                .unwrap()
+                .push(("unmount".into(), name.into()));
             Ok(())
         }
     }
@@ -331,19 +345,44 @@ mod tests {
     #[tokio::test]
     async fn mount_counting_keeps_the_volume_for_the_last_holder() {
         let p = plugin();
-        let r = call(&p, "/VolumeDriver.Create", json!({"Name": "size=1G,repl=2,name=web"})).await;
+        let r = call(
+            &p,
+            "/VolumeDriver.Create",
+            json!({"Name": "size=1G,repl=2,name=web"}),
+        )
+        .await;
         assert_eq!(r.body["Err"], "");
         let inline = "size=1G,repl=2,name=web";
-        let m1 = call(&p, "/VolumeDriver.Mount", json!({"Name": inline, "ID": "c1"})).await;
+        let m1 = call(
+            &p,
+            "/VolumeDriver.Mount",
+            json!({"Name": inline, "ID": "c1"}),
+        )
+        .await;
         assert_eq!(m1.body["Mountpoint"], "/mnt/shoal/web");
-        let m2 = call(&p, "/VolumeDriver.Mount", json!({"Name": "web", "ID": "c2"})).await;
+        let m2 = call(
+            &p,
+            "/VolumeDriver.Mount",
+            json!({"Name": "web", "ID": "c2"}),
+        )
+        .await;
         assert_eq!(m2.body["Mountpoint"], "/mnt/shoal/web");
         let rm = call(&p, "/VolumeDriver.Remove", json!({"Name": "web"})).await;
         assert!(rm.body["Err"].as_str().unwrap().contains("in use by 2"));
-        call(&p, "/VolumeDriver.Unmount", json!({"Name": "web", "ID": "c1"})).await;
+        call(
+            &p,
+            "/VolumeDriver.Unmount",
+            json!({"Name": "web", "ID": "c1"}),
+        )
+        .await;
         let path = call(&p, "/VolumeDriver.Path", json!({"Name": "web"})).await;
         assert_eq!(path.body["Mountpoint"], "/mnt/shoal/web");
-        call(&p, "/VolumeDriver.Unmount", json!({"Name": "web", "ID": "c2"})).await;
+        call(
+            &p,
+            "/VolumeDriver.Unmount",
+            json!({"Name": "web", "ID": "c2"}),
+        )
+        .await;
         let path = call(&p, "/VolumeDriver.Path", json!({"Name": "web"})).await;
         assert_eq!(path.body["Mountpoint"], "");
         let rm = call(&p, "/VolumeDriver.Remove", json!({"Name": "web"})).await;
@@ -357,7 +396,12 @@ mod tests {
         let p = plugin();
         let missing = call(&p, "/VolumeDriver.Get", json!({"Name": "nope"})).await;
         assert!(missing.body["Err"].as_str().unwrap().contains("not found"));
-        call(&p, "/VolumeDriver.Create", json!({"Name": "db", "Opts": {"repl": "3"}})).await;
+        call(
+            &p,
+            "/VolumeDriver.Create",
+            json!({"Name": "db", "Opts": {"repl": "3"}}),
+        )
+        .await;
         let g = call(&p, "/VolumeDriver.Get", json!({"Name": "db"})).await;
         assert_eq!(g.body["Volume"]["Name"], "db");
         assert_eq!(g.body["Volume"]["Status"]["repl"], 3);
@@ -379,11 +423,27 @@ mod tests {
         let r = call(&p, "/VolumeDriver.Mount", json!({"Name": "web"})).await;
         assert!(r.body["Err"].as_str().unwrap().contains("missing field ID"));
         let r = call(&p, "/VolumeDriver.Create", json!({"Opts": {}})).await;
-        assert!(r.body["Err"].as_str().unwrap().contains("missing field Name"));
-        let r = call(&p, "/VolumeDriver.Create", json!({"Name": "v", "Opts": {"size": 5}})).await;
+        assert!(r.body["Err"]
+            .as_str()
+            .unwrap()
+            .contains("missing field Name"));
+        let r = call(
+            &p,
+            "/VolumeDriver.Create",
+            json!({"Name": "v", "Opts": {"size": 5}}),
+        )
+        .await;
         assert_eq!(r.status, 400);
-        let r = call(&p, "/VolumeDriver.Create", json!({"Name": "v", "Opts": {"bogus": "1"}})).await;
-        assert!(r.body["Err"].as_str().unwrap().contains("unknown option \"bogus\""));
+        let r = call(
+            &p,
+            "/VolumeDriver.Create",
+            json!({"Name": "v", "Opts": {"bogus": "1"}}),
+        )
+        .await;
+        assert!(r.body["Err"]
+            .as_str()
+            .unwrap()
+            .contains("unknown option \"bogus\""));
         let r = call(&p, "/VolumeDriver.Frobnicate", json!({})).await;
         assert_eq!(r.status, 404);
         assert!(p.backend.events().is_empty());

@@ -65,14 +65,19 @@ async fn answer<B: Backend>(
     if req.method() != Method::POST {
         return Ok(respond(Reply::error(
             405,
-            format!("method {} not allowed: the plugin protocol uses POST", req.method()),
+            format!(
+                "method {} not allowed: the plugin protocol uses POST",
+                req.method()
+            ),
         )));
     }
     let endpoint = req.uri().path().to_string();
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            let too_big = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
             let (status, msg) = if too_big {
                 (413, format!("request body is over {MAX_BODY} bytes"))
             } else {

@@ -252,8 +252,12 @@ impl Rpc {
     /// Renews the session until the mount goes away.
     pub fn heartbeat_loop(self: Arc<Self>, every: Duration) {
         std::thread::spawn(move || {
-            while !self.stopping.load(Ordering::Relaxed) {
+            loop {
                 std::thread::sleep(every);
+                // Unmounted while asleep: the session is closed, renewing it would fail.
+                if self.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
                 let mut c = self.client();
                 let req = HeartbeatRequest {
                     volume_id: self.volume_id.clone(),

@@ -76,6 +76,21 @@ fn copy_into(root: &Path, path: &Path) {
     std::fs::copy(path, &dest).unwrap();
 }
 
+/// Removes test plugin sockets nobody serves any more (left by a test that was killed):
+/// Docker retries a dead plugin socket for half a minute on every global lookup.
+fn sweep_dead_plugin_sockets() {
+    let Ok(dir) = std::fs::read_dir("/run/docker/plugins") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        if name.starts_with("shoaltest-") && std::os::unix::net::UnixStream::connect(&p).is_err() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
 pub struct Dockerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -100,19 +115,13 @@ impl Dockerd {
             .arg(dir.path().join("exec"))
             .arg("--pidfile")
             .arg(dir.path().join("dockerd.pid"))
-            .args([
-                "--bridge",
-                "none",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--storage-driver",
-                "overlay2",
-            ])
+            .args(["--bridge", "none", "--iptables=false", "--ip6tables=false"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start dockerd");
+        sweep_dead_plugin_sockets();
         let mut d = Dockerd {
             dir,
             child: Some(child),

@@ -519,6 +519,16 @@ impl Drop for Cluster {
             }
         }
         cleanup_mounts(self.dir.path());
+        // A killed node leaves its plugin socket behind, and Docker would wait on it.
+        for s in &self.opts.docker_sockets {
+            let path = match s.as_str() {
+                "default" => "/run/docker/plugins/shoal.sock",
+                p => p,
+            };
+            if path.starts_with('/') && std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         if let Some(e) = &mut self.etcd {
             e.stop();
         }

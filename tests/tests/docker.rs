@@ -47,8 +47,17 @@ fn docker_creates_shoal_volumes_from_options_and_inline_specs() {
     let drv = "shoal";
 
     d.ok(&[
-        "volume", "create", "-d", drv, "--opt", "size=64M", "--opt", "repl=2", "--opt",
-        "shared=true", "web",
+        "volume",
+        "create",
+        "-d",
+        drv,
+        "--opt",
+        "size=64M",
+        "--opt",
+        "repl=2",
+        "--opt",
+        "shared=true",
+        "web",
     ]);
     let v = c.json(0, &["volume", "inspect", "web"]);
     assert_eq!(v["size_bytes"], 64 << 20, "{v}");
@@ -65,15 +74,33 @@ fn docker_creates_shoal_volumes_from_options_and_inline_specs() {
         "size=32M,repl=2,shared=true,name=inl",
     ]);
     let v = c.json(1, &["volume", "inspect", "inl"]);
-    assert_eq!((v["size_bytes"].as_u64(), v["repl"].as_u64()), (Some(32 << 20), Some(2)));
+    assert_eq!(
+        (v["size_bytes"].as_u64(), v["repl"].as_u64()),
+        (Some(32 << 20), Some(2))
+    );
     assert_eq!(v["shared"], true);
 
     // Every option of `shoal volume create`, by name.
     let node1 = c.nodes[1].id();
     let pin = format!("nodes={node1}");
     d.ok(&[
-        "volume", "create", "-d", drv, "-o", "size=16M", "-o", "fs=ext4", "-o",
-        "block_size=8K", "-o", "io_priority=high", "-o", "label=app=wp", "-o", &pin, "full",
+        "volume",
+        "create",
+        "-d",
+        drv,
+        "-o",
+        "size=16M",
+        "-o",
+        "fs=ext4",
+        "-o",
+        "block_size=8K",
+        "-o",
+        "io_priority=high",
+        "-o",
+        "label=app=wp",
+        "-o",
+        &pin,
+        "full",
     ]);
     let v = c.json(0, &["volume", "inspect", "full"]);
     assert_eq!(v["fs"], "ext4", "{v}");
@@ -116,25 +143,53 @@ fn docker_creates_shoal_volumes_from_options_and_inline_specs() {
 
     // `docker run` with the driver on a volume that does not exist creates it.
     let out = d.ok(&run(&[
-        "--rm", "--volume-driver", drv, "-v", "auto:/data", IMAGE, "sh", "-c",
+        "--rm",
+        "--volume-driver",
+        drv,
+        "-v",
+        "auto:/data",
+        IMAGE,
+        "sh",
+        "-c",
         "echo hi > /data/f && cat /data/f",
     ]));
     assert_eq!(out.trim(), "hi");
     let v = c.json(0, &["volume", "inspect", "auto"]);
     assert_eq!(v["size_bytes"], 10u64 << 30, "{v}");
-    assert_eq!((v["fs"].as_str(), v["repl"].as_u64()), (Some("ext4"), Some(1)));
+    assert_eq!(
+        (v["fs"].as_str(), v["repl"].as_u64()),
+        (Some("ext4"), Some(1))
+    );
 
     // A volume made with the CLI on another node is found by name, no driver given.
-    c.shoal(1, &["volume", "create", "cli-made", "--size", "64M", "--shared"])
-        .expect_ok("cli create");
-    d.ok(&run(&["--rm", "-v", "cli-made:/data", IMAGE, "sh", "-c", "echo x > /data/x"]));
+    c.shoal(
+        1,
+        &["volume", "create", "cli-made", "--size", "64M", "--shared"],
+    )
+    .expect_ok("cli create");
+    d.ok(&run(&[
+        "--rm",
+        "-v",
+        "cli-made:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo x > /data/x",
+    ]));
     assert!(d.ok(&["volume", "ls"]).contains("cli-made"));
 
     // After a node restart the socket is back and Docker uses it again.
     c.stop(0);
     c.restart(0);
     c.wait_all_online();
-    let out = d.ok(&run(&["--rm", "-v", "cli-made:/data", IMAGE, "cat", "/data/x"]));
+    let out = d.ok(&run(&[
+        "--rm",
+        "-v",
+        "cli-made:/data",
+        IMAGE,
+        "cat",
+        "/data/x",
+    ]));
     assert_eq!(out.trim(), "x");
 
     d.ok(&["volume", "rm", "inl"]);
@@ -148,27 +203,75 @@ fn two_containers_and_docker_cp_share_one_mount() {
     let (sock, drv) = plugin_socket("count");
     let c = cluster(2, &[&sock]);
     let d = Dockerd::start();
-    d.ok(&["volume", "create", "-d", &drv, "-o", "size=64M", "-o", "shared=true", "web"]);
+    d.ok(&[
+        "volume",
+        "create",
+        "-d",
+        &drv,
+        "-o",
+        "size=64M",
+        "-o",
+        "shared=true",
+        "web",
+    ]);
     let mnt = plugin_mount(&c, 0, "web");
 
-    d.ok(&run(&["-d", "--name", "c1", "-v", "web:/data", IMAGE, "sleep", "600"]));
+    d.ok(&run(&[
+        "-d",
+        "--name",
+        "c1",
+        "-v",
+        "web:/data",
+        IMAGE,
+        "sleep",
+        "600",
+    ]));
     assert!(is_mounted(&mnt));
     // A second container comes and goes: the first keeps its volume.
     d.ok(&run(&[
-        "--rm", "--name", "c2", "-v", "web:/data", IMAGE, "sh", "-c",
+        "--rm",
+        "--name",
+        "c2",
+        "-v",
+        "web:/data",
+        IMAGE,
+        "sh",
+        "-c",
         "echo from-c2 > /data/c2.txt",
     ]));
     assert!(is_mounted(&mnt), "c2 leaving unmounted c1's volume");
-    assert_eq!(d.ok(&["exec", "c1", "cat", "/data/c2.txt"]).trim(), "from-c2");
-    d.ok(&["exec", "c1", "sh", "-c", "echo still-writable > /data/c1.txt"]);
+    assert_eq!(
+        d.ok(&["exec", "c1", "cat", "/data/c2.txt"]).trim(),
+        "from-c2"
+    );
+    d.ok(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "echo still-writable > /data/c1.txt",
+    ]);
 
     // docker cp into a stopped container mounts the volume under one more ID.
-    d.ok(&["create", "--network", "none", "--name", "c3", "-v", "web:/data", IMAGE, "true"]);
+    d.ok(&[
+        "create",
+        "--network",
+        "none",
+        "--name",
+        "c3",
+        "-v",
+        "web:/data",
+        IMAGE,
+        "true",
+    ]);
     let local = d.path().join("copied.txt");
     std::fs::write(&local, b"copied in").unwrap();
     d.ok(&["cp", local.to_str().unwrap(), "c3:/data/copied.txt"]);
     assert!(is_mounted(&mnt), "docker cp unmounted c1's volume");
-    assert_eq!(d.ok(&["exec", "c1", "cat", "/data/copied.txt"]).trim(), "copied in");
+    assert_eq!(
+        d.ok(&["exec", "c1", "cat", "/data/copied.txt"]).trim(),
+        "copied in"
+    );
 
     // In use by c1: Docker refuses to remove it.
     d.err(&["volume", "rm", "web"], "in use");
@@ -178,11 +281,16 @@ fn two_containers_and_docker_cp_share_one_mount() {
     c.shoal(1, &["volume", "mount", "web", other.to_str().unwrap()])
         .expect_ok("mount on node 1");
     assert_eq!(
-        std::fs::read_to_string(other.join("c1.txt")).unwrap().trim(),
+        std::fs::read_to_string(other.join("c1.txt"))
+            .unwrap()
+            .trim(),
         "still-writable"
     );
     d.ok(&["rm", "-f", "c1", "c3"]);
-    assert!(!is_mounted(&mnt), "the last container left, the mount stays");
+    assert!(
+        !is_mounted(&mnt),
+        "the last container left, the mount stays"
+    );
     let err = d.err(&["volume", "rm", "web"], "is in use: mounted at");
     assert!(err.contains(other.to_str().unwrap()), "{err}");
     c.shoal(1, &["volume", "unmount", other.to_str().unwrap()])
@@ -203,7 +311,19 @@ fn containers_and_another_host_share_files_and_locks() {
     let (sock, drv) = plugin_socket("share");
     let c = cluster(2, &[&sock]);
     let d = Dockerd::start();
-    d.ok(&["volume", "create", "-d", &drv, "-o", "size=128M", "-o", "repl=2", "-o", "shared=true", "site"]);
+    d.ok(&[
+        "volume",
+        "create",
+        "-d",
+        &drv,
+        "-o",
+        "size=128M",
+        "-o",
+        "repl=2",
+        "-o",
+        "shared=true",
+        "site",
+    ]);
     let host = c.path().join("site-node1");
     c.shoal(1, &["volume", "mount", "site", host.to_str().unwrap()])
         .expect_ok("mount on node 1");
@@ -212,7 +332,16 @@ fn containers_and_another_host_share_files_and_locks() {
     let mut ids = vec![];
     for name in ["w1", "w2"] {
         ids.push(d.ok(&run(&[
-            "-d", "--name", name, "--hostname", name, "-v", "site:/data", IMAGE, "sh", "-c",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "-v",
+            "site:/data",
+            IMAGE,
+            "sh",
+            "-c",
             COUNT_IN_CONTAINER,
         ])));
     }
@@ -240,10 +369,21 @@ fn containers_and_another_host_share_files_and_locks() {
         assert_eq!(done.trim(), name);
     }
     let total = std::fs::read_to_string(host.join("counter")).unwrap();
-    assert_eq!(total.trim(), "150", "lost updates across containers and hosts");
+    assert_eq!(
+        total.trim(),
+        "150",
+        "lost updates across containers and hosts"
+    );
     // And what the host wrote, a container reads.
     std::fs::write(host.join("from-host.txt"), b"hello containers").unwrap();
-    let out = d.ok(&run(&["--rm", "-v", "site:/data", IMAGE, "cat", "/data/from-host.txt"]));
+    let out = d.ok(&run(&[
+        "--rm",
+        "-v",
+        "site:/data",
+        IMAGE,
+        "cat",
+        "/data/from-host.txt",
+    ]));
     assert_eq!(out, "hello containers");
 }
 
@@ -256,20 +396,41 @@ fn a_non_shared_volume_is_refused_to_a_second_host_while_in_use() {
     // Two engines: host A talks to node 0's plugin, host B to node 1's.
     let host_a = Dockerd::start();
     let host_b = Dockerd::start();
-    host_a.ok(&["volume", "create", "-d", &drv_a, "-o", "size=64M", "-o", "repl=2", "db"]);
+    host_a.ok(&[
+        "volume", "create", "-d", &drv_a, "-o", "size=64M", "-o", "repl=2", "db",
+    ]);
     host_a.ok(&run(&[
-        "-d", "--name", "db1", "-v", "db:/data", IMAGE, "sh", "-c",
+        "-d",
+        "--name",
+        "db1",
+        "-v",
+        "db:/data",
+        IMAGE,
+        "sh",
+        "-c",
         "echo row1 > /data/table && sync && sleep 600",
     ]));
     wait_until(Duration::from_secs(20), "db1 wrote its file", || {
-        host_a.docker(&["exec", "db1", "cat", "/data/table"]).stdout.trim() == "row1"
+        host_a
+            .docker(&["exec", "db1", "cat", "/data/table"])
+            .stdout
+            .trim()
+            == "row1"
     });
     let v = c.json(0, &["volume", "inspect", "db"]);
     assert_eq!(v["attached_node"], c.nodes[0].id().as_str());
 
     // Host B (through its own node) may not mount it while host A uses it.
     host_b.err(
-        &run(&["--rm", "--volume-driver", &drv_b, "-v", "db:/data", IMAGE, "true"]),
+        &run(&[
+            "--rm",
+            "--volume-driver",
+            &drv_b,
+            "-v",
+            "db:/data",
+            IMAGE,
+            "true",
+        ]),
         "is attached to node",
     );
     let p = c.path().join("db-node1");
@@ -281,7 +442,14 @@ fn a_non_shared_volume_is_refused_to_a_second_host_while_in_use() {
     let v = c.json(0, &["volume", "inspect", "db"]);
     assert_eq!(v["state"], "detached", "{v}");
     let out = host_b.ok(&run(&[
-        "--rm", "--volume-driver", &drv_b, "-v", "db:/data", IMAGE, "cat", "/data/table",
+        "--rm",
+        "--volume-driver",
+        &drv_b,
+        "-v",
+        "db:/data",
+        IMAGE,
+        "cat",
+        "/data/table",
     ]));
     assert_eq!(out.trim(), "row1");
 }
@@ -305,7 +473,11 @@ fn post(sock: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     (status, body)
 }
 
@@ -327,10 +499,20 @@ fn strangers_on_the_plugin_socket_get_json_errors_and_the_plugin_stays_up() {
     assert!(err_of(&b).contains("missing field ID"), "{b}");
     let (_, b) = post(&sock, "POST", "/VolumeDriver.Create", br#"{"Opts":{}}"#);
     assert!(err_of(&b).contains("missing field Name"), "{b}");
-    let (st, b) = post(&sock, "POST", "/VolumeDriver.Create", br#"{"Name":"v","Opts":{"size":5}}"#);
+    let (st, b) = post(
+        &sock,
+        "POST",
+        "/VolumeDriver.Create",
+        br#"{"Name":"v","Opts":{"size":5}}"#,
+    );
     assert_eq!(st, 400, "{b}");
     assert!(!err_of(&b).is_empty());
-    let (_, b) = post(&sock, "POST", "/VolumeDriver.Create", br#"{"Name":"../../etc"}"#);
+    let (_, b) = post(
+        &sock,
+        "POST",
+        "/VolumeDriver.Create",
+        br#"{"Name":"../../etc"}"#,
+    );
     assert!(err_of(&b).contains("volume name"), "{b}");
     let (_, b) = post(&sock, "POST", "/VolumeDriver.Create", br#"[1,2,3]"#);
     assert!(!err_of(&b).is_empty(), "{b}");
@@ -351,17 +533,33 @@ fn strangers_on_the_plugin_socket_get_json_errors_and_the_plugin_stays_up() {
             .unwrap();
     }
     // Unmount of a volume never mounted, Remove of one that does not exist.
-    let (_, b) = post(&sock, "POST", "/VolumeDriver.Unmount", br#"{"Name":"ghost","ID":"x"}"#);
+    let (_, b) = post(
+        &sock,
+        "POST",
+        "/VolumeDriver.Unmount",
+        br#"{"Name":"ghost","ID":"x"}"#,
+    );
     assert_eq!(err_of(&b), "");
-    let (_, b) = post(&sock, "POST", "/VolumeDriver.Remove", br#"{"Name":"ghost"}"#);
+    let (_, b) = post(
+        &sock,
+        "POST",
+        "/VolumeDriver.Remove",
+        br#"{"Name":"ghost"}"#,
+    );
     assert!(err_of(&b).contains("not found"), "{b}");
 
     // Still answering, and nothing was created.
     let (st, b) = post(&sock, "POST", "/Plugin.Activate", b"");
     assert_eq!(st, 200);
-    assert_eq!(serde_json::from_str::<Value>(&b).unwrap()["Implements"][0], "VolumeDriver");
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["Implements"][0],
+        "VolumeDriver"
+    );
     let (_, b) = post(&sock, "POST", "/VolumeDriver.List", b"{}");
-    assert_eq!(serde_json::from_str::<Value>(&b).unwrap()["Volumes"], serde_json::json!([]));
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).unwrap()["Volumes"],
+        serde_json::json!([])
+    );
     assert_eq!(c.json(0, &["volume", "list"]), serde_json::json!([]));
 }
 
@@ -408,7 +606,9 @@ impl Drop for Registry {
 }
 
 fn digest_in(out: &str) -> String {
-    let at = out.find("sha256:").unwrap_or_else(|| panic!("no digest in {out}"));
+    let at = out
+        .find("sha256:")
+        .unwrap_or_else(|| panic!("no digest in {out}"));
     out[at..at + 71].to_string()
 }
 
@@ -420,9 +620,16 @@ fn a_registry_on_two_nodes_serves_what_was_pushed_through_either() {
         return;
     }
     let c = cluster(2, &[]);
-    c.shoal(0, &["volume", "create", "registry", "--size", "2G", "--repl", "2", "--shared"])
-        .expect_ok("create");
-    let roots: Vec<PathBuf> = (0..2).map(|i| c.path().join(format!("registry-{i}"))).collect();
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "registry", "--size", "2G", "--repl", "2", "--shared",
+        ],
+    )
+    .expect_ok("create");
+    let roots: Vec<PathBuf> = (0..2)
+        .map(|i| c.path().join(format!("registry-{i}")))
+        .collect();
     for (i, r) in roots.iter().enumerate() {
         c.shoal(i, &["volume", "mount", "registry", r.to_str().unwrap()])
             .expect_ok("mount");
@@ -433,7 +640,11 @@ fn a_registry_on_two_nodes_serves_what_was_pushed_through_either() {
 
     let ctx = d.path().join("app");
     std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), format!("FROM {IMAGE}\nCOPY payload /payload\n")).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {IMAGE}\nCOPY payload /payload\n"),
+    )
+    .unwrap();
     for round in 0..20 {
         // A new layer every round, so each push stores new blobs.
         let payload: Vec<u8> = (0..200_000).map(|_| rand::random::<u8>()).collect();
@@ -441,13 +652,20 @@ fn a_registry_on_two_nodes_serves_what_was_pushed_through_either() {
         let push_tag = format!("{}/shoal/app:r{round}", reg_a.addr);
         let pull_tag = format!("{}/shoal/app:r{round}", reg_b.addr);
         let build = Command::new("/usr/bin/docker")
-            .env("DOCKER_HOST", format!("unix://{}", d.path().join("docker.sock").display()))
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", d.path().join("docker.sock").display()),
+            )
             .env("DOCKER_BUILDKIT", "0")
             .args(["build", "-q", "-t", &push_tag])
             .arg(&ctx)
             .output()
             .unwrap();
-        assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
+        assert!(
+            build.status.success(),
+            "{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
         let pushed = digest_in(&d.ok(&["push", &push_tag]));
         d.ok(&["rmi", &push_tag]);
         let pulled = digest_in(&d.ok(&["pull", &pull_tag]));
@@ -455,7 +673,10 @@ fn a_registry_on_two_nodes_serves_what_was_pushed_through_either() {
         // The layer came back through the other node, byte for byte.
         let out = d.ok(&run(&["--rm", &pull_tag, "sha256sum", "/payload"]));
         let want = hex::encode(Sha256::digest(&payload));
-        assert!(out.starts_with(&want), "round {round}: payload differs: {out} vs {want}");
+        assert!(
+            out.starts_with(&want),
+            "round {round}: payload differs: {out} vs {want}"
+        );
         d.ok(&["rmi", &pull_tag]);
     }
 }
