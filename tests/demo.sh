@@ -79,6 +79,20 @@ cat "$DEMO/site-node2/uploads/note.txt"
 df -h "$DEMO/site-node2" | tail -1
 echo "== shoal volume inspect site (replicas and the two mounts)"
 "$SHOAL" volume inspect site
+
+# Docker, when an engine runs on this host: a container reads the shared volume by name
+# through node 2's plugin (driver "shoal"). No image can be pulled here, so a tiny one
+# is built from the host's static busybox.
+if [ -n "$(docker_socket 2)" ] && docker info >/dev/null 2>&1 && [ -x /usr/bin/busybox ]; then
+  echo "== docker run -v site:/site (the Docker engine on this host, driver shoal)"
+  img="$DEMO/image"; mkdir -p "$img/root/bin"; cp /usr/bin/busybox "$img/root/bin/"
+  printf 'FROM scratch\nCOPY root /\nENTRYPOINT ["/bin/busybox"]\n' >"$img/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build -q -t shoal-demo-busybox "$img" >/dev/null
+  docker run --rm --network none -v site:/site shoal-demo-busybox cat /site/uploads/note.txt
+  docker volume inspect site --format '{{.Driver}} {{.Scope}} repl={{index .Status "repl"}}'
+else
+  echo "== (no Docker engine answering here: skipped docker run -v site:/site; see docs/docker.md)"
+fi
 echo
 echo "The cluster is still running (logs in $DEMO). Try: SHOAL_ENDPOINT=127.0.0.2:9710 $SHOAL status"
 echo "Stop it with: bash tests/demo.sh stop"

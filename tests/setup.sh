@@ -15,6 +15,7 @@ have losetup || need_apt+=(util-linux)
 have fio || need_apt+=(fio)
 have ip || need_apt+=(iproute2)
 have bc || need_apt+=(bc)
+have sqlite3 || need_apt+=(sqlite3)
 # The Docker plugin tests: a real engine, a busybox to build a tiny image from, a registry.
 have dockerd || need_apt+=(docker.io)
 [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)

@@ -25,6 +25,7 @@ pub mod node;
 pub mod peers;
 pub mod placement;
 pub mod pool;
+pub mod range_lock;
 pub mod read_cache;
 pub mod records;
 pub mod replication;

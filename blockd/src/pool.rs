@@ -37,6 +37,8 @@ struct ReplicaFile {
     file: File,
     versions: RegionVersions,
     stripes: Vec<Mutex<()>>,
+    /// Writes below this version are late (sent before the replica's resync began).
+    floor: AtomicU64,
     /// Allocated bytes last seen for this file (`st_blocks * 512`).
     allocated: AtomicI64,
 }
@@ -152,6 +154,7 @@ impl Pool {
             allocated: AtomicI64::new((meta.blocks() * 512) as i64),
             versions: RegionVersions::open(&self.versions_path(volume_id))?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            floor: AtomicU64::new(0),
             file,
         });
         open.insert(volume_id.to_string(), r.clone());
@@ -218,7 +221,7 @@ impl Pool {
         // Under the region lock: a fence (Open) or a newer write cannot slip in between
         // the check and the write.
         r.versions.admit(stamp.epoch)?;
-        Self::refuse_stale(&r, regions.clone(), stamp)?;
+        Self::refuse_late(&r, stamp)?;
         self.reserve(&r, offset, data.len() as u64)?;
         let res = r.file.write_all_at(data, offset);
         self.account(&r)?;
@@ -232,17 +235,17 @@ impl Pool {
         Ok(())
     }
 
-    /// Refuses a change older than what a region already holds: a write that timed out
-    /// and arrives late must not overwrite newer data.
-    fn refuse_stale(r: &ReplicaFile, regions: std::ops::Range<u64>, stamp: Stamp) -> Result<()> {
-        for region in regions {
-            let have = r.versions.get(region)?;
-            if have > stamp.version {
-                return Err(Error::FailedPrecondition(format!(
-                    "stale write: region {region} holds version {have}, newer than {}",
-                    stamp.version
-                )));
-            }
+    /// Refuses a change sent before this replica's resync began: a write that timed out
+    /// and arrives late must not overwrite what the resync copied. (Writes of one
+    /// coordinator that do not overlap may arrive in any order; overlapping ones are
+    /// ordered by the coordinator, so a version older than the region's is normal.)
+    fn refuse_late(r: &ReplicaFile, stamp: Stamp) -> Result<()> {
+        let floor = r.floor.load(Ordering::SeqCst);
+        if stamp.version < floor {
+            return Err(Error::FailedPrecondition(format!(
+                "late write: version {} was sent before this replica's resync (from version {floor})",
+                stamp.version
+            )));
         }
         Ok(())
     }
@@ -274,11 +277,22 @@ impl Pool {
 
     /// Fences the replica at `epoch` (refusing older coordinators from now on) and
     /// returns the epoch it follows. Creates the (empty, sparse) replica if missing.
-    pub fn open_replica(&self, volume_id: &str, size: u64, epoch: u64) -> Result<u64> {
+    /// Writes below `min_version` are refused from now on (0 leaves that as it is).
+    pub fn open_replica(
+        &self,
+        volume_id: &str,
+        size: u64,
+        epoch: u64,
+        min_version: u64,
+    ) -> Result<u64> {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
         r.versions.admit(epoch)?;
+        // Under every stripe: no write passes the check while the floor moves.
+        let all = r.lock(0..STRIPES as u64);
+        r.floor.fetch_max(min_version, Ordering::SeqCst);
+        drop(all);
         Ok(r.versions.epoch())
     }
 
@@ -377,7 +391,7 @@ impl Pool {
         let regions = regions_of(offset, len);
         let _g = r.lock(regions.clone());
         r.versions.admit(stamp.epoch)?;
-        Self::refuse_stale(&r, regions.clone(), stamp)?;
+        Self::refuse_late(&r, stamp)?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
         self.account(&r)
@@ -549,6 +563,32 @@ mod tests {
     }
 
     #[test]
+    fn out_of_order_writes_land_and_late_ones_are_refused_after_a_resync_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let size = 16 * MIB;
+        let st = |version| Stamp { epoch: 1, version };
+        // Two writes to one region that do not overlap may arrive in either order; the
+        // region keeps the newer version.
+        pool.write("v", size, 4096, b"new", false, st(12)).unwrap();
+        pool.write("v", size, 0, b"old", false, st(11)).unwrap();
+        assert_eq!(pool.changed_regions("v", size, 0).unwrap(), vec![(0, 12)]);
+        let (data, _) = pool.read_region("v", size, 0).unwrap();
+        assert_eq!((&data[..3], &data[4096..4099]), (&b"old"[..], &b"new"[..]));
+        // A resync is about to start from version 20: anything sent before is late.
+        pool.open_replica("v", size, 1, 20).unwrap();
+        let err = pool
+            .write("v", size, 0, b"late", false, st(13))
+            .unwrap_err();
+        assert!(err.to_string().contains("late write"), "{err}");
+        assert!(pool.discard("v", size, 0, 4096, st(19)).is_err());
+        pool.write("v", size, 0, b"ok", false, st(20)).unwrap();
+        // A lower floor later does not lower it.
+        pool.open_replica("v", size, 1, 5).unwrap();
+        assert!(pool.write("v", size, 0, b"x", false, st(15)).is_err());
+    }
+
+    #[test]
     fn versions_follow_writes_and_old_epochs_are_fenced() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
@@ -574,7 +614,7 @@ mod tests {
             vec![(5, 8), (6, 8)]
         );
         // A new coordinator fences the replica; the old one is refused everywhere.
-        assert_eq!(pool.open_replica("v", size, 2).unwrap(), 2);
+        assert_eq!(pool.open_replica("v", size, 2, 0).unwrap(), 2);
         let err = pool.write("v", size, 0, b"x", false, st(1, 9)).unwrap_err();
         assert!(err.to_string().contains("stale epoch"), "{err}");
         assert!(pool.flush("v", size, 1).is_err());

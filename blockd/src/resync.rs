@@ -195,16 +195,20 @@ struct Side<'a> {
 }
 
 impl Side<'_> {
-    fn open(&self) -> Result<()> {
+    /// Fences the replica at this coordinator's epoch; from now on it refuses writes
+    /// below `min_version`.
+    fn open(&self, min_version: u64) -> Result<()> {
         let io = self.io;
         if io.is_local(&self.node) {
-            io.pool().open_replica(&io.volume_id, io.size(), io.epoch)?;
+            io.pool()
+                .open_replica(&io.volume_id, io.size(), io.epoch, min_version)?;
             return Ok(());
         }
         let mut c = self.client()?;
         let req = OpenRequest {
             replica: io.replica_ref(),
             epoch: io.epoch,
+            min_version,
         };
         self.call(async move { c.open(req).await.map(|_| ()) })
     }
@@ -341,7 +345,9 @@ fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
         io,
         node: source_node,
     };
-    target.open()?;
+    // Every write below this version that could still reach the target is one that
+    // timed out before it left the write set: it must not land over what is copied.
+    target.open(io.next_version())?;
     let started_at = io.catch_up(node);
     let (cursor, resumed_after) = previous
         .as_ref()
@@ -375,7 +381,7 @@ fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
             ));
         }
         let copied = {
-            let _lock = io.lock_regions(region..region + 1);
+            let _lock = io.lock_range(region * REGION_BYTES, REGION_BYTES);
             let (data, version) = source.read_region(region)?;
             let len = data.len() as u64;
             target.write_region(region, data, version)?;

@@ -191,7 +191,10 @@ impl Block for BlockService {
         let r = req.into_inner();
         let rep = replica(r.replica)?;
         let epoch = self
-            .blocking(move |n| n.pool.open_replica(&rep.volume_id, rep.size_bytes, r.epoch))
+            .blocking(move |n| {
+                n.pool
+                    .open_replica(&rep.volume_id, rep.size_bytes, r.epoch, r.min_version)
+            })
             .await?;
         Ok(Response::new(bpb::OpenReply { epoch }))
     }

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,14 +31,11 @@ use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::PeerBlockClient;
 use crate::pool::{Pool, Stamp};
+use crate::range_lock::{RangeGuard, RangeLock};
 use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
 use crate::replication::{self, Outcome};
-use crate::versions::{first_version, regions_of};
-
-/// Coordinator-side region lock stripes: writes to one region are ordered the same way
-/// on every replica, and a resync copy of a region never races a write to it.
-const REGION_STRIPES: usize = 256;
+use crate::versions::first_version;
 
 /// Where one replica lives.
 #[derive(Clone)]
@@ -76,7 +73,9 @@ pub struct VolumeIo {
     next_version: AtomicU64,
     /// Versions handed out and not yet completed.
     inflight: Mutex<BTreeSet<u64>>,
-    stripes: Vec<Mutex<()>>,
+    /// Overlapping writes, resync copies and cache-filling reads go one at a time, in
+    /// the same order to every replica; the rest go in parallel.
+    ranges: RangeLock,
     /// Writes hold it shared; changing who is in sync holds it exclusively.
     barrier: RwLock<()>,
     pub meta: MetaStore,
@@ -123,7 +122,7 @@ impl VolumeIo {
             }),
             next_version: AtomicU64::new(first_version(rec.epoch)),
             inflight: Mutex::new(BTreeSet::new()),
-            stripes: (0..REGION_STRIPES).map(|_| Mutex::new(())).collect(),
+            ranges: RangeLock::default(),
             barrier: RwLock::new(()),
             meta,
             keys,
@@ -177,16 +176,9 @@ impl VolumeIo {
         self.next_version.load(Ordering::SeqCst)
     }
 
-    /// Locks the coordinator stripes of `regions` in a fixed order.
-    pub fn lock_regions(&self, regions: std::ops::Range<u64>) -> Vec<MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> = regions
-            .map(|r| (r % REGION_STRIPES as u64) as usize)
-            .collect();
-        idx.sort_unstable();
-        idx.dedup();
-        idx.into_iter()
-            .map(|i| self.stripes[i].lock().expect("stripe lock"))
-            .collect()
+    /// Holds the byte range `[offset, offset + len)` against overlapping writes.
+    pub fn lock_range(&self, offset: u64, len: u64) -> RangeGuard<'_> {
+        self.ranges.lock(offset, len)
     }
 
     /// Fences every in-sync replica at this coordinator's epoch. Replicas that do not
@@ -200,12 +192,13 @@ impl VolumeIo {
                 let req = OpenRequest {
                     replica: replica.clone(),
                     epoch,
+                    min_version: 0,
                 };
                 async move { c.open(req).await.map(|_| ()) }
             },
             || {
                 self.pool
-                    .open_replica(&self.volume_id, self.size, epoch)
+                    .open_replica(&self.volume_id, self.size, epoch, 0)
                     .map(|_| ())
             },
         );
@@ -387,7 +380,7 @@ impl VolumeIo {
     {
         self.check_fenced()?;
         let _barrier = self.barrier.read().expect("barrier");
-        let _regions = self.lock_regions(regions_of(offset, len));
+        let _range = self.lock_range(offset, len);
         let version = self.next_version.fetch_add(1, Ordering::SeqCst);
         self.inflight.lock().expect("inflight").insert(version);
         let stamp = Stamp {
@@ -512,7 +505,7 @@ impl VolumeIo {
             return self.read_remote(&in_sync, offset, len);
         };
         // Region locks keep a write from landing between the remote read and the fill.
-        let _regions = self.lock_regions(regions_of(offset, len as u64));
+        let _range = self.lock_range(offset, len as u64);
         if let Some(hit) = cache.get(offset, len) {
             return Ok(hit);
         }

@@ -6,6 +6,10 @@ use thiserror::Error;
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
+    /// An inode the caller named by number is gone (another host removed it after the
+    /// caller looked it up): the kernel looks the path up again.
+    #[error("stale file handle")]
+    Stale,
     #[error("file exists")]
     Exists,
     #[error("not a directory")]
@@ -49,6 +53,7 @@ impl FsError {
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,
+            FsError::Stale => libc::ESTALE,
             FsError::Exists => libc::EEXIST,
             FsError::NotDir => libc::ENOTDIR,
             FsError::IsDir => libc::EISDIR,

@@ -179,7 +179,14 @@ impl Served {
         };
         let mut changed = Vec::new();
         let leased = std::cell::Cell::new(false);
-        let reply = match self.run(session, cred, op, &mut changed, &leased) {
+        let result = match self.run(session, cred, op, &mut changed, &leased) {
+            // An operation on an inode (not a name) that another host removed since this
+            // mount looked it up: ESTALE makes the kernel walk the path again (open and
+            // stat retry once), as over NFS, instead of failing with ENOENT.
+            Err(FsError::NotFound) if by_inode(op) => Err(FsError::Stale),
+            other => other,
+        };
+        let reply = match result {
             Ok(result) => NsReply {
                 errno: 0,
                 detail: String::new(),
@@ -887,4 +894,22 @@ impl Namespace for NamespaceService {
         }
         Ok(Response::new(reply))
     }
+}
+
+/// Operations that name their inode by number (the kernel's handle), not by name.
+fn by_inode(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Getattr(_)
+            | Op::Setattr(_)
+            | Op::Open(_)
+            | Op::Read(_)
+            | Op::Write(_)
+            | Op::Readlink(_)
+            | Op::Getxattr(_)
+            | Op::Setxattr(_)
+            | Op::Listxattr(_)
+            | Op::Removexattr(_)
+            | Op::Fallocate(_)
+    )
 }

@@ -591,3 +591,209 @@ fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
         .expect_ok("mount again after umount");
     assert_eq!(fs::read(b.join("x")).unwrap(), b"via mount(8)");
 }
+
+#[test]
+fn renames_and_unlinks_racing_on_two_hosts_have_one_outcome_each() {
+    require_root!();
+    let (_c, m) = mounted_everywhere("races");
+    let (a, b) = (m[0].clone(), m[1].clone());
+
+    // Atomic replace (write a temporary file, rename it over the live one) on A while B
+    // keeps reading: B always finds the file, always whole, never an older version
+    // than one it saw.
+    fs::write(a.join("current"), "v0000\n".repeat(2000)).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (wa, wd) = (a.clone(), done.clone());
+    let writer = std::thread::spawn(move || {
+        for v in 1..=200 {
+            let tmp = wa.join(format!(".tmp-{v}"));
+            fs::write(&tmp, format!("v{v:04}\n").repeat(2000)).unwrap();
+            fs::rename(&tmp, wa.join("current")).unwrap();
+        }
+        wd.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (mut last, mut reads) = (0u32, 0);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) || reads == 0 {
+        let text = fs::read_to_string(b.join("current")).expect("the live file is always there");
+        assert_eq!(text.len(), 12_000, "a partial version");
+        let first = &text[..6];
+        assert!(text.lines().all(|l| l == &first[..5]), "mixed versions");
+        let v: u32 = first[1..5].parse().unwrap();
+        assert!(v >= last, "went back from version {last} to {v}");
+        last = v;
+        reads += 1;
+    }
+    writer.join().unwrap();
+    let text = fs::read_to_string(b.join("current")).unwrap();
+    assert!(
+        text.starts_with("v0200\n"),
+        "B sees the last version once A is done"
+    );
+
+    // Both hosts unlink the same 100 files: each is removed exactly once.
+    fs::create_dir(a.join("u")).unwrap();
+    for i in 0..100 {
+        fs::write(a.join(format!("u/f{i}")), b"x").unwrap();
+    }
+    let unlinkers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(h, root)| {
+            std::thread::spawn(move || {
+                let mut won = vec![];
+                for k in 0..100 {
+                    let i = if h == 0 { k } else { 99 - k };
+                    match fs::remove_file(root.join(format!("u/f{i}"))) {
+                        Ok(()) => won.push(i),
+                        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let mut won: Vec<i32> = unlinkers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    won.sort();
+    assert_eq!(
+        won,
+        (0..100).collect::<Vec<_>>(),
+        "each unlink succeeds once"
+    );
+    assert_eq!(fs::read_dir(b.join("u")).unwrap().count(), 0);
+
+    // Both hosts rename the same 100 files to names of their own: exactly one wins each.
+    fs::create_dir(a.join("r")).unwrap();
+    for i in 0..100 {
+        fs::write(a.join(format!("r/src{i}")), format!("{i}")).unwrap();
+    }
+    let renamers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(h, root)| {
+            std::thread::spawn(move || {
+                let mut n = 0;
+                for i in 0..100 {
+                    let from = root.join(format!("r/src{i}"));
+                    match fs::rename(&from, root.join(format!("r/h{h}-{i}"))) {
+                        Ok(()) => n += 1,
+                        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let wins: i32 = renamers.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(wins, 100);
+    for i in 0..100 {
+        let h0 = a.join(format!("r/h0-{i}")).exists();
+        let h1 = b.join(format!("r/h1-{i}")).exists();
+        assert!(h0 ^ h1, "file {i}: renamed by both hosts or by none");
+        let p = if h0 {
+            format!("r/h0-{i}")
+        } else {
+            format!("r/h1-{i}")
+        };
+        assert_eq!(fs::read_to_string(m[2].join(p)).unwrap(), format!("{i}"));
+    }
+}
+
+/// SQLite with its default rollback journal (no WAL) from two hosts at once: its
+/// `fcntl` locks and its re-reads of the file header must see the other host's commits.
+#[test]
+fn sqlite_used_from_two_hosts_at_once_stays_consistent() {
+    require_root!();
+    if std::process::Command::new("sqlite3")
+        .arg("-version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: needs sqlite3 (apt-get install sqlite3)");
+        return;
+    }
+    let (_c, m) = mounted_everywhere("sqlite");
+    let sql = |root: &Path, script: &str| {
+        let mut child = std::process::Command::new("sqlite3")
+            .arg(root.join("app.db"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "sqlite3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    sql(
+        &m[0],
+        "PRAGMA journal_mode=DELETE;\
+         CREATE TABLE counter(id INTEGER PRIMARY KEY, n INTEGER);\
+         INSERT INTO counter VALUES (1, 0);\
+         CREATE TABLE log(host INTEGER, i INTEGER, n INTEGER);",
+    );
+    let hosts: Vec<_> = (0..2)
+        .map(|h| {
+            let root = m[h].clone();
+            std::thread::spawn(move || {
+                // One sqlite3 process per host, 150 write transactions that read the
+                // counter and write it back: a lost or torn commit shows in the totals.
+                let mut script = String::from(".timeout 30000\n");
+                for i in 0..150 {
+                    script.push_str(&format!(
+                        "BEGIN IMMEDIATE;\
+                         INSERT INTO log SELECT {h}, {i}, n FROM counter WHERE id = 1;\
+                         UPDATE counter SET n = n + 1 WHERE id = 1;\
+                         COMMIT;\n"
+                    ));
+                }
+                let mut child = std::process::Command::new("sqlite3")
+                    .arg(root.join("app.db"))
+                    .stdin(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(script.as_bytes())
+                    .unwrap();
+                let out = child.wait_with_output().unwrap();
+                assert!(
+                    out.status.success() && out.stderr.is_empty(),
+                    "host {h}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            })
+        })
+        .collect();
+    for h in hosts {
+        h.join().unwrap();
+    }
+    for root in [&m[0], &m[1], &m[2]] {
+        assert_eq!(sql(root, "PRAGMA integrity_check;"), "ok");
+        assert_eq!(sql(root, "SELECT n FROM counter;"), "300");
+        // Every transaction saw the previous one's counter: the values read are 0..299,
+        // each once.
+        assert_eq!(
+            sql(
+                root,
+                "SELECT count(DISTINCT n), min(n), max(n), count(*) FROM log;"
+            ),
+            "300|0|299|300"
+        );
+    }
+}
