@@ -23,8 +23,10 @@ use crate::resync;
 use crate::shared::{Resolver, SharedNamespaces};
 use crate::volume_io::{self, VolumeIo};
 
-/// FUSE session threads per attached volume: enough for the loop device's parallel I/O.
-const FUSE_THREADS: usize = 4;
+/// FUSE session threads per attached volume: the loop device submits direct I/O
+/// asynchronously, and each thread carries one request to the replicas at a time
+/// (measured: 4 threads held repl-2 sequential writes near 240 MiB/s, 16 near 300-350).
+const FUSE_THREADS: usize = 16;
 
 /// A volume attached on this node.
 pub struct Attachment {

@@ -78,6 +78,13 @@ impl Filesystem for DeviceFs {
         // Best effort: the kernel caps these at what it supports.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // The loop device submits direct I/O asynchronously; without this the kernel
+        // turns each of its requests into a synchronous one, and a volume has one write
+        // in flight at a time.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        // Let the kernel queue as many requests as there are session threads to take them.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //!
 //! Covered: partial failures (one replica fails, one hangs, one answers), a timeout
 //! that is not yet due, writes concurrent with a resync (catch-up and rejoin), a failed
-//! catch-up replica that must not degrade the volume, and an epoch change under a write.
+//! catch-up replica that must not degrade the volume, an epoch change under a write, and
+//! the ordering of overlapping writes (disjoint ones are not held up by a hung one).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -202,6 +203,40 @@ async fn a_hung_replica_stalls_the_write_exactly_one_timeout() {
     let start = Instant::now();
     finished(s.write(4096, 2)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_that_do_not_overlap_fly_together_and_overlapping_ones_wait_in_order() {
+    let s = setup(1, None).await;
+    s.set(0, Mode::HangWriteAt(0));
+    let before = s.fakes[0].arrived.load(Ordering::SeqCst);
+    let w1 = s.write(0, 1);
+    s.arrived(0, before + 1).await;
+    // Same 1 MiB region, other bytes: not held up by the hung write.
+    let start = Instant::now();
+    finished(s.write(4096, 2)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "a disjoint write waited");
+    // The same bytes: waits for the first write, then lands after it everywhere.
+    let w3 = s.write(0, 3);
+    settle_real_time().await;
+    assert!(
+        !w3.is_finished(),
+        "an overlapping write overtook the one in flight"
+    );
+    tokio::time::advance(TIMEOUT).await;
+    finished(w1).await.unwrap();
+    finished(w3).await.unwrap();
+    let io = s.io.clone();
+    let back = tokio::task::spawn_blocking(move || io.read(0, 8192))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &back[..4096],
+        &[3u8; 4096][..],
+        "the later write is what stays"
+    );
+    assert_eq!(&back[4096..], &[2u8; 4096][..]);
 }
 
 #[tokio::test(start_paused = true)]

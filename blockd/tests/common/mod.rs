@@ -15,6 +15,10 @@ pub enum Mode {
     Answer,
     Fail,
     Hang,
+    /// Hang writes at this offset, answer everything else (not every test binary that
+    /// shares this module uses it).
+    #[allow(dead_code)]
+    HangWriteAt(u64),
 }
 
 /// A replica whose behaviour the test sets.
@@ -39,12 +43,17 @@ impl Default for FakeReplica {
 
 impl FakeReplica {
     async fn act(&self) -> Result<(), Status> {
+        self.act_on(None).await
+    }
+
+    async fn act_on(&self, write_at: Option<u64>) -> Result<(), Status> {
         self.arrived.fetch_add(1, Ordering::SeqCst);
         let mode = *self.mode.lock().unwrap();
         match mode {
             Mode::Answer => Ok(()),
+            Mode::HangWriteAt(at) if write_at != Some(at) => Ok(()),
             Mode::Fail => Err(Status::internal("disk on fire")),
-            Mode::Hang => {
+            Mode::Hang | Mode::HangWriteAt(_) => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 Ok(())
             }
@@ -61,8 +70,8 @@ impl Block for FakeReplica {
             data: vec![0u8; len].into(),
         }))
     }
-    async fn write(&self, _r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        self.act().await?;
+    async fn write(&self, r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        self.act_on(Some(r.get_ref().offset)).await?;
         *self.writes.lock().unwrap() += 1;
         Ok(Response::new(WriteReply {}))
     }
