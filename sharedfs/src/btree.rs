@@ -136,6 +136,122 @@ impl Node {
     }
 }
 
+/// One step down the tree, read straight from a node's encoding (no decoding, no
+/// allocation: lookups are the namespace's hottest path).
+enum Step {
+    /// A leaf: the byte range of the value stored under the key, if any.
+    Leaf(Option<std::ops::Range<usize>>),
+    /// An internal node: the child that holds the key.
+    Child(u64),
+}
+
+fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
+    let n = u16::from_le_bytes([b[1], b[2]]) as usize;
+    let bad = || corrupt(no, "entry past the end");
+    let u16_at = |at: usize| -> Result<usize> {
+        b.get(at..at + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+            .ok_or_else(bad)
+    };
+    let mut at = HEADER;
+    match b[0] {
+        LEAF => {
+            for _ in 0..n {
+                let (kl, vl) = (u16_at(at)?, u16_at(at + 2)?);
+                let k = b.get(at + 4..at + 4 + kl).ok_or_else(bad)?;
+                let v = at + 4 + kl..at + 4 + kl + vl;
+                if v.end > b.len() {
+                    return Err(bad());
+                }
+                match k.cmp(key) {
+                    std::cmp::Ordering::Less => at = v.end,
+                    std::cmp::Ordering::Equal => return Ok(Step::Leaf(Some(v))),
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            Ok(Step::Leaf(None))
+        }
+        INTERNAL => {
+            let child = |at: usize| -> Result<u64> {
+                b.get(at..at + 8)
+                    .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+                    .ok_or_else(bad)
+            };
+            let mut c = child(at)?;
+            at += 8;
+            for _ in 0..n {
+                let kl = u16_at(at)?;
+                let k = b.get(at + 2..at + 2 + kl).ok_or_else(bad)?;
+                if k > key {
+                    break;
+                }
+                c = child(at + 2 + kl)?;
+                at += 2 + kl + 8;
+            }
+            Ok(Step::Child(c))
+        }
+        k => Err(corrupt(no, &format!("kind {k}"))),
+    }
+}
+
+/// Puts `key` = `val` into a leaf's encoding in place of decoding it: Some(new image)
+/// when the leaf still fits in a block, None when it must split (the caller decodes).
+fn splice_leaf(no: u64, b: &[u8], key: &[u8], val: &[u8]) -> Result<Option<Vec<u8>>> {
+    let n = u16::from_le_bytes([b[1], b[2]]) as usize;
+    let bad = || corrupt(no, "entry past the end");
+    let u16_at = |at: usize| -> Result<usize> {
+        b.get(at..at + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+            .ok_or_else(bad)
+    };
+    // Where the new entry goes, what it replaces, and where the entries end.
+    let (mut at, mut pos, mut old_end, mut replaces) = (HEADER, None, 0, false);
+    for _ in 0..n {
+        let (kl, vl) = (u16_at(at)?, u16_at(at + 2)?);
+        let end = at + 4 + kl + vl;
+        let k = b.get(at + 4..at + 4 + kl).ok_or_else(bad)?;
+        if end > b.len() {
+            return Err(bad());
+        }
+        if pos.is_none() {
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => {
+                    pos = Some(at);
+                    old_end = end;
+                    replaces = true;
+                }
+                std::cmp::Ordering::Greater => {
+                    pos = Some(at);
+                    old_end = at;
+                }
+            }
+        }
+        at = end;
+    }
+    let used = at;
+    let (pos, old_end) = match pos {
+        Some(p) => (p, old_end),
+        None => (used, used),
+    };
+    let entry = 4 + key.len() + val.len();
+    let new_used = used - (old_end - pos) + entry;
+    if new_used > BLOCK {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(BLOCK);
+    out.extend_from_slice(&b[..pos]);
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(val.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(val);
+    out.extend_from_slice(&b[old_end..used]);
+    let count = if replaces { n } else { n + 1 } as u16;
+    out[1..3].copy_from_slice(&count.to_le_bytes());
+    out.resize(BLOCK, 0);
+    Ok(Some(out))
+}
+
 fn load(s: &mut dyn NodeStore, no: u64) -> Result<Node> {
     let p = s.node(no)?;
     Node::decode(no, &p)
@@ -167,14 +283,10 @@ pub fn create(s: &mut dyn NodeStore) -> Result<u64> {
 pub fn get(s: &mut dyn NodeStore, root: u64, key: &[u8]) -> Result<Option<Vec<u8>>> {
     let mut no = root;
     for _ in 0..64 {
-        match load(s, no)? {
-            Node::Leaf { keys, mut vals } => {
-                return Ok(keys
-                    .binary_search_by(|k| k.as_slice().cmp(key))
-                    .ok()
-                    .map(|i| std::mem::take(&mut vals[i])));
-            }
-            Node::Internal { keys, children } => no = children[child_index(&keys, key)],
+        let page = s.node(no)?;
+        match step(no, &page, key)? {
+            Step::Leaf(found) => return Ok(found.map(|r| page[r].to_vec())),
+            Step::Child(c) => no = c,
         }
     }
     Err(corrupt(root, "deeper than 64 levels (a cycle?)"))
@@ -231,6 +343,24 @@ fn insert(
     if depth > 64 {
         return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
     }
+    // The common cases touch the encoding only: going down, and a leaf that still fits.
+    let page = s.node(no)?;
+    match step(no, &page, key)? {
+        Step::Leaf(_) => {
+            if let Some(image) = splice_leaf(no, &page, key, val)? {
+                s.put_node(no, image)?;
+                return Ok(None);
+            }
+        }
+        Step::Child(c) => {
+            drop(page);
+            match insert(s, c, key, val, depth + 1)? {
+                None => return Ok(None),
+                Some(split) => return insert_split(s, no, split),
+            }
+        }
+    }
+    drop(page);
     let mut node = load(s, no)?;
     match &mut node {
         Node::Leaf { keys, vals } => match keys.binary_search_by(|k| k.as_slice().cmp(key)) {
@@ -240,17 +370,29 @@ fn insert(
                 vals.insert(i, val.to_vec());
             }
         },
-        Node::Internal { keys, children } => {
-            let i = child_index(keys, key);
-            match insert(s, children[i], key, val, depth + 1)? {
-                None => return Ok(None),
-                Some((sep, right)) => {
-                    keys.insert(i, sep);
-                    children.insert(i + 1, right);
-                }
-            }
-        }
+        Node::Internal { .. } => unreachable!("internal nodes take the path above"),
     }
+    finish_insert(s, no, node)
+}
+
+/// A child of internal node `no` split: add its separator and right half here.
+fn insert_split(
+    s: &mut dyn NodeStore,
+    no: u64,
+    (sep, right): (Vec<u8>, u64),
+) -> Result<Option<(Vec<u8>, u64)>> {
+    let mut node = load(s, no)?;
+    let Node::Internal { keys, children } = &mut node else {
+        return Err(corrupt(no, "a leaf where an internal node was"));
+    };
+    let i = child_index(keys, &sep);
+    keys.insert(i, sep);
+    children.insert(i + 1, right);
+    finish_insert(s, no, node)
+}
+
+/// Stores a changed node, splitting it when it outgrew its block.
+fn finish_insert(s: &mut dyn NodeStore, no: u64, node: Node) -> Result<Option<(Vec<u8>, u64)>> {
     if node.size() <= BLOCK {
         store(s, no, &node)?;
         return Ok(None);
@@ -325,6 +467,33 @@ fn remove(
     if depth > 64 {
         return Err(corrupt(no, "deeper than 64 levels (a cycle?)"));
     }
+    // The common cases read the encoding only: going down, a missing key, and a leaf
+    // that keeps other entries (cut out of its image).
+    let page = s.node(no)?;
+    match step(no, &page, key)? {
+        Step::Leaf(None) => return Ok((false, false)),
+        Step::Leaf(Some(v)) => {
+            let n = u16::from_le_bytes([page[1], page[2]]);
+            if n > 1 {
+                let kl = key.len();
+                let start = v.start - 4 - kl;
+                let mut out = Vec::with_capacity(BLOCK);
+                out.extend_from_slice(&page[..start]);
+                out.extend_from_slice(&page[v.end..]);
+                out[1..3].copy_from_slice(&(n - 1).to_le_bytes());
+                out.resize(BLOCK, 0);
+                s.put_node(no, out)?;
+                return Ok((true, false));
+            }
+        }
+        Step::Child(c) => {
+            let (f, child_empty) = remove(s, c, key, false, depth + 1)?;
+            if !child_empty {
+                return Ok((f, false));
+            }
+        }
+    }
+    drop(page);
     let mut node = load(s, no)?;
     let found;
     let empty;
@@ -339,12 +508,9 @@ fn remove(
             Err(_) => return Ok((false, false)),
         },
         Node::Internal { keys, children } => {
+            // The child under `key` just became empty (found above).
             let i = child_index(keys, key);
-            let (f, child_empty) = remove(s, children[i], key, false, depth + 1)?;
-            if !child_empty {
-                return Ok((f, false));
-            }
-            found = f;
+            found = true;
             s.free_node(children[i])?;
             children.remove(i);
             if i == 0 {
