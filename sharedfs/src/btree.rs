@@ -145,14 +145,17 @@ enum Step {
     Child(u64),
 }
 
+/// The u16 at `at` in node `no`'s encoding `b`.
+fn u16_in(no: u64, b: &[u8], at: usize) -> Result<usize> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+        .ok_or_else(|| corrupt(no, "entry past the end"))
+}
+
 fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
     let n = u16::from_le_bytes([b[1], b[2]]) as usize;
     let bad = || corrupt(no, "entry past the end");
-    let u16_at = |at: usize| -> Result<usize> {
-        b.get(at..at + 2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-            .ok_or_else(bad)
-    };
+    let u16_at = |at: usize| u16_in(no, b, at);
     let mut at = HEADER;
     match b[0] {
         LEAF => {
@@ -199,11 +202,7 @@ fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
 fn splice_leaf(no: u64, b: &[u8], key: &[u8], val: &[u8]) -> Result<Option<Vec<u8>>> {
     let n = u16::from_le_bytes([b[1], b[2]]) as usize;
     let bad = || corrupt(no, "entry past the end");
-    let u16_at = |at: usize| -> Result<usize> {
-        b.get(at..at + 2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-            .ok_or_else(bad)
-    };
+    let u16_at = |at: usize| u16_in(no, b, at);
     // Where the new entry goes, what it replaces, and where the entries end.
     let (mut at, mut pos, mut old_end, mut replaces) = (HEADER, None, 0, false);
     for _ in 0..n {

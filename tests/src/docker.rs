@@ -170,16 +170,22 @@ impl Dockerd {
             "FROM scratch\nCOPY root /\nENV PATH=/bin:/usr/bin\n",
         )
         .unwrap();
+        self.build(IMAGE, &ctx);
+    }
+
+    /// `docker build -t TAG CTX` with the classic builder (BuildKit needs more than this
+    /// engine is given).
+    pub fn build(&self, tag: &str, ctx: &Path) {
         let out = Command::new(client())
             .env("DOCKER_HOST", &self.host)
             .env("DOCKER_BUILDKIT", "0")
-            .args(["build", "-q", "-t", IMAGE])
-            .arg(&ctx)
+            .args(["build", "-q", "-t", tag])
+            .arg(ctx)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "docker build: {}",
+            "docker build {tag}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

@@ -651,21 +651,7 @@ fn a_registry_on_two_nodes_serves_what_was_pushed_through_either() {
         std::fs::write(ctx.join("payload"), &payload).unwrap();
         let push_tag = format!("{}/shoal/app:r{round}", reg_a.addr);
         let pull_tag = format!("{}/shoal/app:r{round}", reg_b.addr);
-        let build = Command::new("/usr/bin/docker")
-            .env(
-                "DOCKER_HOST",
-                format!("unix://{}", d.path().join("docker.sock").display()),
-            )
-            .env("DOCKER_BUILDKIT", "0")
-            .args(["build", "-q", "-t", &push_tag])
-            .arg(&ctx)
-            .output()
-            .unwrap();
-        assert!(
-            build.status.success(),
-            "{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
+        d.build(&push_tag, &ctx);
         let pushed = digest_in(&d.ok(&["push", &push_tag]));
         d.ok(&["rmi", &push_tag]);
         let pulled = digest_in(&d.ok(&["pull", &pull_tag]));

@@ -701,6 +701,32 @@ fn renames_and_unlinks_racing_on_two_hosts_have_one_outcome_each() {
     }
 }
 
+/// Runs an SQL script with the sqlite3 shell on `root/app.db`; its output, trimmed.
+/// Panics on any error message.
+fn sql(root: &Path, script: &str) -> String {
+    let mut child = std::process::Command::new("sqlite3")
+        .arg(root.join("app.db"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "sqlite3 on {}: {}",
+        root.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// SQLite with its default rollback journal (no WAL) from two hosts at once: its
 /// `fcntl` locks and its re-reads of the file header must see the other host's commits.
 #[test]
@@ -715,28 +741,6 @@ fn sqlite_used_from_two_hosts_at_once_stays_consistent() {
         return;
     }
     let (_c, m) = mounted_everywhere("sqlite");
-    let sql = |root: &Path, script: &str| {
-        let mut child = std::process::Command::new("sqlite3")
-            .arg(root.join("app.db"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "sqlite3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     sql(
         &m[0],
         "PRAGMA journal_mode=DELETE;\
@@ -759,24 +763,7 @@ fn sqlite_used_from_two_hosts_at_once_stays_consistent() {
                          COMMIT;\n"
                     ));
                 }
-                let mut child = std::process::Command::new("sqlite3")
-                    .arg(root.join("app.db"))
-                    .stdin(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(script.as_bytes())
-                    .unwrap();
-                let out = child.wait_with_output().unwrap();
-                assert!(
-                    out.status.success() && out.stderr.is_empty(),
-                    "host {h}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                sql(&root, &script);
             })
         })
         .collect();
