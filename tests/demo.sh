@@ -87,7 +87,7 @@ if [ -n "$(docker_socket 2)" ] && docker info >/dev/null 2>&1 && [ -x /usr/bin/b
   echo "== docker run -v site:/site (the Docker engine on this host, driver shoal)"
   img="$DEMO/image"; mkdir -p "$img/root/bin"; cp /usr/bin/busybox "$img/root/bin/"
   printf 'FROM scratch\nCOPY root /\nENTRYPOINT ["/bin/busybox"]\n' >"$img/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t shoal-demo-busybox "$img" >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q -t shoal-demo-busybox "$img" >/dev/null 2>&1
   docker run --rm --network none -v site:/site shoal-demo-busybox cat /site/uploads/note.txt
   docker volume inspect site --format '{{.Driver}} {{.Scope}} repl={{index .Status "repl"}}'
 else
