@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tests/setup.sh
+# Tests install /sbin/mount.fuse.shoal (the mount helper) pointing at this build: take it
+# away again afterwards.
+helper_cleanup() {
+  if [[ $(readlink /sbin/mount.fuse.shoal 2>/dev/null) == "$PWD/target/"* ]]; then
+    rm -f /sbin/mount.fuse.shoal
+  fi
+}
+trap helper_cleanup EXIT
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace

@@ -34,6 +34,10 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 /// How often a node deletes replica files of volumes that no longer exist.
 const GC_EVERY: Duration = Duration::from_secs(30);
 
+/// How long a stopping node waits for open calls (callback streams of shared mounts
+/// never end by themselves) before it detaches its volumes and exits.
+pub const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The state of a running node, shared by its services.
 pub struct Node {
     pub cfg: NodeConfig,
@@ -148,7 +152,8 @@ impl Node {
         }))
     }
 
-    /// Serves the gRPC API on an already-bound listener until `shutdown` completes.
+    /// Serves the gRPC API on an already-bound listener until `shutdown` completes (and at
+    /// most [`SHUTDOWN_DRAIN`] longer while calls are still open).
     /// `extra` are more gRPC services on the same port (the namespace API).
     pub async fn serve(
         self: Arc<Self>,
@@ -169,7 +174,8 @@ impl Node {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         info!(address = %self.cfg.listen, "serving");
-        tonic::transport::Server::builder()
+        let (stopping, stop) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES * 4)
@@ -177,9 +183,22 @@ impl Node {
             .add_routes(extra)
             .add_service(control)
             .add_service(block)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                let _ = stopping.send(());
+            });
+        // A graceful stop waits for every open call, and shared mounts (here and on other
+        // nodes) keep a callback stream open for as long as they live: give calls a
+        // moment to finish, then go on with the shutdown.
+        tokio::select! {
+            served = server => {
+                served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+            }
+            _ = async {
+                let _ = stop.await;
+                tokio::time::sleep(SHUTDOWN_DRAIN).await;
+            } => warn!("calls still open {SHUTDOWN_DRAIN:?} after the stop signal: closing them"),
+        }
         info!("shutting down: detaching local volumes");
         self.detach_all_local().await;
         self.membership.leave().await;

@@ -5,7 +5,8 @@
 //!
 //! Options: `endpoint=HOST:PORT` picks the node (default `SHOAL_ENDPOINT` or the node's
 //! default address); the usual generic options (`rw`, `defaults`, `_netdev`, `nofail`,
-//! `noauto`, `user`, ...) are accepted and ignored; `remount` is refused.
+//! `noauto`, `user`, ...) are accepted and ignored. `remount` (with `ro` or `rw`) changes
+//! the mount's read-only flag in the kernel, as `mount -o remount,ro DIR` expects.
 
 use anyhow::{anyhow, bail};
 use shoal_proto::control::MountRequest;
@@ -22,11 +23,14 @@ struct Args {
     volume: String,
     dir: String,
     endpoint: Option<String>,
+    /// `-o remount`: Some(read-only?) instead of a new mount.
+    remount: Option<bool>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut pos = Vec::new();
     let mut endpoint = None;
+    let (mut remount, mut read_only) = (false, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -35,9 +39,9 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                 for o in opts.split(',').filter(|o| !o.is_empty()) {
                     match o.split_once('=') {
                         Some(("endpoint", v)) => endpoint = Some(v.to_string()),
-                        _ if o == "remount" => {
-                            bail!("remount is not supported for Shoal mounts: unmount and mount again")
-                        }
+                        _ if o == "remount" => remount = true,
+                        _ if o == "ro" => read_only = true,
+                        _ if o == "rw" => read_only = false,
                         // Generic options mount(8) and fstab pass along.
                         _ => {}
                     }
@@ -59,6 +63,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         volume,
         dir,
         endpoint,
+        remount: remount.then_some(read_only),
     })
 }
 
@@ -83,6 +88,36 @@ pub fn main(args: &[String]) -> i32 {
             return 32;
         }
     };
+    if let Some(read_only) = a.remount {
+        // The session stays; only the kernel's flag on the mount changes.
+        use nix::mount::MsFlags;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // Read-only is refused (EBUSY) while the kernel still finishes closes and
+        // removals of files just let go; those settle within moments.
+        let mut tries = 0;
+        return loop {
+            match nix::mount::mount(
+                None::<&str>,
+                dir.as_str(),
+                None::<&str>,
+                flags,
+                None::<&str>,
+            ) {
+                Ok(()) => break 0,
+                Err(nix::errno::Errno::EBUSY) if tries < 40 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    eprintln!("mount.fuse.shoal: remount {dir}: {e}");
+                    break 32;
+                }
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -127,15 +162,20 @@ mod tests {
             Args {
                 volume: "web".into(),
                 dir: "/mnt/web".into(),
-                endpoint: Some("10.0.0.2:9710".into())
+                endpoint: Some("10.0.0.2:9710".into()),
+                remount: None,
             }
         );
         assert_eq!(parse(&args("shoal:web /m -n")).unwrap().volume, "web");
         assert!(parse(&args("web")).is_err());
-        assert!(parse(&args("web /m -o remount,ro"))
-            .unwrap_err()
-            .to_string()
-            .contains("remount"));
+        assert_eq!(
+            parse(&args("shoal:web /m -o remount,ro")).unwrap().remount,
+            Some(true)
+        );
+        assert_eq!(
+            parse(&args("shoal:web /m -o rw,remount")).unwrap().remount,
+            Some(false)
+        );
         assert!(parse(&args("web /m -x")).is_err());
         assert!(is_helper("/sbin/mount.fuse.shoal") && !is_helper("shoal"));
     }

@@ -1106,6 +1106,33 @@ impl Filesystem for Client {
     }
 }
 
+/// Mounts a FUSE filesystem of type `fuse.shoal` at `path` and returns the `/dev/fuse`
+/// descriptor that serves it. Mounted here rather than by fuser, which always mounts as
+/// plain `fuse`: with the subtype, `/proc/mounts` and `df -T` say what it is, and
+/// `mount -o remount,ro` goes to `mount.fuse.shoal` (or, without that helper, straight
+/// to the kernel) instead of `mount.fuse`, which cannot remount it.
+fn mount_fuse(volume_name: &str, path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let fd = nix::fcntl::open(
+        "/dev/fuse",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other",
+        fd.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some(format!("shoal:{volume_name}").as_str()),
+        path,
+        Some("fuse.shoal"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )?;
+    Ok(fd)
+}
+
 /// A mounted client.
 pub struct Mount {
     pub volume_id: String,
@@ -1135,19 +1162,17 @@ impl Mount {
         .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
         rpc.clone().heartbeat_loop(Duration::from_secs(3));
         let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName(format!("shoal:{volume_name}")),
-            fuser::MountOption::Subtype("shoal".into()),
-            fuser::MountOption::DefaultPermissions,
-        ];
         // Containers run as any user: everyone may use the mount, the modes decide.
         config.acl = fuser::SessionACL::All;
         // Threads blocked in F_SETLKW must not starve the unlock that frees them.
         config.n_threads = Some(16);
         config.clone_fd = true;
-        let session = match fuser::spawn_mount(Client::new(rpc.clone()), path, &config) {
+        let session = match mount_fuse(volume_name, path).and_then(|fd| {
+            fuser::Session::from_fd(Client::new(rpc.clone()), fd, config.acl, config)?.spawn()
+        }) {
             Ok(s) => s,
             Err(e) => {
+                let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
                 rpc.close();
                 return Err(e);
             }
@@ -1165,7 +1190,16 @@ impl Mount {
     /// Unmounts and closes the session.
     pub fn stop(mut self) -> std::io::Result<()> {
         let res = match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => {
+                // The mount is ours (see `mount_fuse`): unmount it, then the session ends.
+                match nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
+                    // Already gone: someone ran umount(8).
+                    Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
+                        s.umount_and_join()
+                    }
+                    Err(e) => Err(std::io::Error::from(e)),
+                }
+            }
             None => Ok(()),
         };
         self.rpc.close();

@@ -524,6 +524,8 @@ fn a_file_unlinked_on_one_host_stays_readable_where_it_is_open() {
 #[test]
 fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
     require_root!();
+    // Installed as a user would, and left in place: the POSIX test remounts through it
+    // at the same time (tests/run.sh removes it at the end).
     let helper = Path::new("/sbin/mount.fuse.shoal");
     if std::os::unix::fs::symlink(shoal_tests::shoal_bin(), helper).is_err()
         && fs::read_link(helper).ok() != Some(shoal_tests::shoal_bin())
@@ -531,13 +533,6 @@ fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
         eprintln!("SKIP: cannot install {}", helper.display());
         return;
     }
-    struct Unlink<'a>(&'a Path);
-    impl Drop for Unlink<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(self.0);
-        }
-    }
-    let _cleanup = Unlink(helper);
     let c = Cluster::start(2, Opts::default());
     c.shoal(
         0,
