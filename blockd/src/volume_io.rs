@@ -73,6 +73,10 @@ pub struct VolumeIo {
     next_version: AtomicU64,
     /// Versions handed out and not yet completed.
     inflight: Mutex<BTreeSet<u64>>,
+    /// In-sync replicas that did not answer a write that then failed everywhere: that
+    /// write may still land on them. Before the next write reaches one, its floor is
+    /// raised to this version so the late one is refused (node -> floor).
+    pending_floor: Mutex<HashMap<String, u64>>,
     /// Overlapping writes, resync copies and cache-filling reads go one at a time, in
     /// the same order to every replica; the rest go in parallel.
     ranges: RangeLock,
@@ -122,6 +126,7 @@ impl VolumeIo {
             }),
             next_version: AtomicU64::new(first_version(rec.epoch)),
             inflight: Mutex::new(BTreeSet::new()),
+            pending_floor: Mutex::new(HashMap::new()),
             ranges: RangeLock::default(),
             barrier: RwLock::new(()),
             meta,
@@ -387,8 +392,24 @@ impl VolumeIo {
             epoch: self.epoch,
             version,
         };
-        let answers = self.fan_out(&self.write_set(), call(version), || local(stamp));
+        let targets = self.write_set();
+        self.raise_pending_floors(&targets)?;
+        let answers = self.fan_out(&targets, call(version), || local(stamp));
+        let unanswered: Vec<String> = answers
+            .iter()
+            .filter(|(n, r)| r.is_err() && *n != self.local_node)
+            .map(|(n, _)| n.clone())
+            .collect();
         let result = self.settle(answers, None);
+        if result.is_err() && !unanswered.is_empty() {
+            // Failed everywhere, so no replica left the in-sync set: remember that this
+            // write may still arrive late at those that did not answer.
+            let mut pending = self.pending_floor.lock().expect("pending floor");
+            for n in unanswered {
+                let f = pending.entry(n).or_insert(0);
+                *f = (*f).max(version + 1);
+            }
+        }
         if let Some(cache) = &self.cache {
             // Still under the region locks: no read can refill these pages in between.
             on_cache(cache, result.is_ok());
@@ -399,6 +420,49 @@ impl VolumeIo {
         // A failed write stays "in flight" for good: whatever replica leaves the in-sync
         // set later is recorded as holding versions below it, so its region is copied.
         result
+    }
+
+    /// Raises the floor of replicas that may still receive a failed write late (see
+    /// `pending_floor`) before anything newer is sent to them; fails when one does not
+    /// answer (sending a newer write could let the late one overtake it).
+    fn raise_pending_floors(&self, targets: &BTreeSet<String>) -> Result<()> {
+        let due: Vec<(String, u64)> = {
+            let pending = self.pending_floor.lock().expect("pending floor");
+            targets
+                .iter()
+                .filter_map(|n| pending.get(n).map(|f| (n.clone(), *f)))
+                .collect()
+        };
+        for (node, floor) in due {
+            let Some(mut c) = self.remote(&node) else {
+                continue;
+            };
+            let req = OpenRequest {
+                replica: self.replica_ref(),
+                epoch: self.epoch,
+                min_version: floor,
+            };
+            let timeout = self.timeout;
+            let answer = self
+                .rt
+                .block_on(async move { tokio::time::timeout(timeout, c.open(req)).await });
+            match answer {
+                Ok(Ok(_)) => {
+                    let mut pending = self.pending_floor.lock().expect("pending floor");
+                    if pending.get(&node) == Some(&floor) {
+                        pending.remove(&node);
+                    }
+                }
+                Ok(Err(status)) => return Err(Error::from(status)),
+                Err(_) => {
+                    return Err(Error::NodeUnreachable {
+                        node,
+                        reason: format!("no answer within {timeout:?} to raise its floor"),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset` on every replica.

@@ -240,6 +240,32 @@ async fn writes_that_do_not_overlap_fly_together_and_overlapping_ones_wait_in_or
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_write_that_failed_everywhere_cannot_land_after_a_newer_one() {
+    // Only the remote replica is in sync: when it does not answer, the write fails and
+    // the replica stays in sync, with that write possibly still on its way.
+    let s = setup(1, Some(vec!["r0"])).await;
+    s.set(0, Mode::HangWriteAt(0));
+    let before = s.fakes[0].arrived.load(Ordering::SeqCst);
+    let w1 = s.write(0, 1);
+    s.arrived(0, before + 1).await;
+    tokio::time::advance(TIMEOUT).await;
+    assert!(finished(w1).await.is_err(), "no in-sync replica has it");
+    assert!(s.record().await.in_sync().contains(&"r0".to_string()));
+    let v1 = s.fakes[0].log.lock().unwrap().last().unwrap().1;
+    // The next write first raises the replica's floor above the failed one, then goes.
+    s.set(0, Mode::Answer);
+    finished(s.write(0, 2)).await.unwrap();
+    let log = s.fakes[0].log.lock().unwrap().clone();
+    let tail = &log[log.len() - 2..];
+    assert_eq!(tail[0], ("open", v1 + 1), "{log:?}");
+    assert_eq!(tail[1].0, "write");
+    assert!(tail[1].1 > v1);
+    // Once raised, it is not asked again.
+    finished(s.write(8192, 3)).await.unwrap();
+    assert_eq!(s.fakes[0].log.lock().unwrap().last().unwrap().0, "write");
+}
+
+#[tokio::test(start_paused = true)]
 async fn one_fails_one_hangs_one_answers_both_leave_in_one_update() {
     let s = setup(3, None).await;
     s.set(0, Mode::Fail);

@@ -23,14 +23,15 @@ struct Args {
     volume: String,
     dir: String,
     endpoint: Option<String>,
-    /// `-o remount`: Some(read-only?) instead of a new mount.
-    remount: Option<bool>,
+    /// `-o remount`: Some(read-only wanted: Some(ro) when `ro`/`rw` was given, None to keep
+    /// the current mode) instead of a new mount.
+    remount: Option<Option<bool>>,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut pos = Vec::new();
     let mut endpoint = None;
-    let (mut remount, mut read_only) = (false, false);
+    let (mut remount, mut read_only) = (false, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -40,8 +41,8 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                     match o.split_once('=') {
                         Some(("endpoint", v)) => endpoint = Some(v.to_string()),
                         _ if o == "remount" => remount = true,
-                        _ if o == "ro" => read_only = true,
-                        _ if o == "rw" => read_only = false,
+                        _ if o == "ro" => read_only = Some(true),
+                        _ if o == "rw" => read_only = Some(false),
                         // Generic options mount(8) and fstab pass along.
                         _ => {}
                     }
@@ -88,7 +89,12 @@ pub fn main(args: &[String]) -> i32 {
             return 32;
         }
     };
-    if let Some(read_only) = a.remount {
+    if let Some(wanted) = a.remount {
+        // Neither ro nor rw given: keep what the mount is now.
+        let read_only = wanted.unwrap_or_else(|| {
+            nix::sys::statvfs::statvfs(dir.as_str())
+                .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+        });
         // The session stays; only the kernel's flag on the mount changes.
         use nix::mount::MsFlags;
         let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
@@ -170,11 +176,17 @@ mod tests {
         assert!(parse(&args("web")).is_err());
         assert_eq!(
             parse(&args("shoal:web /m -o remount,ro")).unwrap().remount,
-            Some(true)
+            Some(Some(true))
         );
         assert_eq!(
             parse(&args("shoal:web /m -o rw,remount")).unwrap().remount,
-            Some(false)
+            Some(Some(false))
+        );
+        assert_eq!(
+            parse(&args("shoal:web /m -o remount,noexec"))
+                .unwrap()
+                .remount,
+            Some(None)
         );
         assert!(parse(&args("web /m -x")).is_err());
         assert!(is_helper("/sbin/mount.fuse.shoal") && !is_helper("shoal"));

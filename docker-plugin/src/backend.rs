@@ -154,16 +154,31 @@ impl Backend for NodeBackend {
 
     async fn mount(&self, name: &str, path: &Path) -> Result<bool, PluginError> {
         let rec = self.record(name).await?;
-        let attach_here = !rec.shared && rec.attached_node.is_none();
+        // Attached here by this mount (also when taken over from a dead node): detached
+        // again after the last unmount, so another host can have it.
+        let attach_here = !rec.shared && rec.attached_node.as_deref() != Some(self.0.id.as_str());
         let shown = path.to_string_lossy();
-        self.0.mount(name, &shown).await?;
+        if let Err(e) = self.0.mount(name, &shown).await {
+            if attach_here && self.record(name).await?.attached_node.as_deref() == Some(&self.0.id)
+            {
+                // Attached, then the mount failed: do not keep it from other hosts.
+                if let Err(d) = self.0.detach(name).await {
+                    tracing::warn!(volume = %name, error = %d, "detach after a failed mount");
+                }
+            }
+            return Err(e.into());
+        }
         Ok(attach_here)
     }
 
     async fn unmount(&self, name: &str, path: &Path, detach: bool) -> Result<(), PluginError> {
         self.0.unmount(&path.to_string_lossy()).await?;
         if detach {
-            self.0.detach(name).await?;
+            // The unmount is done and stays done; a failed detach is only logged (the
+            // volume stays attached here until `shoal volume detach`).
+            if let Err(e) = self.0.detach(name).await {
+                tracing::warn!(volume = %name, error = %e, "detach after the last unmount failed");
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -449,11 +450,21 @@ fn system_time(t: SystemTime) -> shoal_proto::ns::Time {
 /// See the module doc.
 pub struct Client {
     rpc: Arc<Rpc>,
+    /// Handles of opens: each open gets its own, so a lock taken through one open is
+    /// told from one taken through a later open with the same kernel lock owner.
+    next_fh: std::sync::atomic::AtomicU64,
 }
 
 impl Client {
     pub fn new(rpc: Arc<Rpc>) -> Self {
-        Self { rpc }
+        Self {
+            rpc,
+            next_fh: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Names are never cached (every path walk asks); attributes for their lease.
@@ -521,7 +532,7 @@ impl Filesystem for Client {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -539,6 +550,7 @@ impl Filesystem for Client {
                 typ,
                 pid,
                 wait: false,
+                fh: fh.0,
             }),
         );
         match r {
@@ -553,7 +565,7 @@ impl Filesystem for Client {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -570,6 +582,7 @@ impl Filesystem for Client {
             typ,
             pid,
             wait: sleep,
+            fh: fh.0,
         });
         loop {
             match self.rpc.call(req, op.clone()) {
@@ -780,7 +793,7 @@ impl Filesystem for Client {
 
     fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.rpc.call(req, Op::Open(Ino { ino: ino.0 })) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(_) => reply.opened(self.new_fh(), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
         }
     }
@@ -858,7 +871,7 @@ impl Filesystem for Client {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -870,6 +883,7 @@ impl Filesystem for Client {
         let op = Op::Release(Release {
             ino: ino.0,
             lock_owner: lock_owner.map(|o| o.0),
+            fh: fh.0,
         });
         if lock_owner.is_some() {
             let r = self.rpc.call(req, op);
@@ -1076,7 +1090,7 @@ impl Filesystem for Client {
                 &TTL,
                 &a,
                 Generation(0),
-                FileHandle(0),
+                self.new_fh(),
                 FopenFlags::FOPEN_DIRECT_IO,
             ),
             Err(e) => reply.error(e),
@@ -1104,6 +1118,18 @@ impl Filesystem for Client {
         );
         self.empty(reply, r);
     }
+}
+
+/// Whether `path` is still the mount made with device number `dev`.
+fn is_our_mount(path: &Path, dev: u64) -> bool {
+    let Some(parent) = path.parent() else {
+        return false;
+    };
+    let (Ok(here), Ok(above)) = (std::fs::metadata(path), std::fs::metadata(parent)) else {
+        // A dead FUSE connection makes stat fail: still a mount point, and ours.
+        return true;
+    };
+    here.dev() == dev && here.dev() != above.dev()
 }
 
 /// Mounts a FUSE filesystem of type `fuse.shoal` at `path` and returns the `/dev/fuse`
@@ -1139,6 +1165,8 @@ pub struct Mount {
     pub path: PathBuf,
     rpc: Arc<Rpc>,
     session: Option<fuser::BackgroundSession>,
+    /// Device number of the mount (to tell it from whatever else is mounted there later).
+    dev: u64,
 }
 
 impl Mount {
@@ -1167,16 +1195,26 @@ impl Mount {
         // Threads blocked in F_SETLKW must not starve the unlock that frees them.
         config.n_threads = Some(16);
         config.clone_fd = true;
-        let session = match mount_fuse(volume_name, path).and_then(|fd| {
-            fuser::Session::from_fd(Client::new(rpc.clone()), fd, config.acl, config)?.spawn()
-        }) {
-            Ok(s) => s,
+        let fd = match mount_fuse(volume_name, path) {
+            Ok(fd) => fd,
             Err(e) => {
-                let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
                 rpc.close();
                 return Err(e);
             }
         };
+        let session =
+            match fuser::Session::from_fd(Client::new(rpc.clone()), fd, config.acl, config)
+                .and_then(|s| s.spawn())
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+                    rpc.close();
+                    return Err(e);
+                }
+            };
+        // Only now: a stat of the new mount waits for the session to answer.
+        let dev = std::fs::metadata(path).map(|m| m.dev()).unwrap_or(0);
         rpc.clone().callback_loop(session.notifier());
         info!(volume = volume_id, path = %path.display(), "shared namespace mounted");
         Ok(Self {
@@ -1184,25 +1222,40 @@ impl Mount {
             path: path.to_path_buf(),
             rpc,
             session: Some(session),
+            dev,
         })
     }
 
-    /// Unmounts and closes the session.
-    pub fn stop(mut self) -> std::io::Result<()> {
-        let res = match self.session.take() {
-            Some(s) => {
-                // The mount is ours (see `mount_fuse`): unmount it, then the session ends.
-                match nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
-                    // Already gone: someone ran umount(8).
-                    Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
-                        s.umount_and_join()
-                    }
-                    Err(e) => Err(std::io::Error::from(e)),
+    /// Unmounts and closes the session. A mount in use (open files, a process inside)
+    /// is left as it is and EBUSY returned, as umount(8) does; the mount stays served.
+    pub fn stop(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        // Only our own mount: if someone unmounted it and mounted something else at this
+        // path meanwhile, that is not ours to take away.
+        let ours = is_our_mount(&self.path, self.dev);
+        if ours {
+            if let Err(e) = nix::mount::umount2(&self.path, nix::mount::MntFlags::empty()) {
+                if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+                    self.session = Some(s);
+                    return Err(std::io::Error::from(e));
                 }
             }
-            None => Ok(()),
-        };
+        }
+        // The session thread ends when the kernel lets go of the connection, which a
+        // bind copy of the mount elsewhere (a container's) can delay: wait a moment,
+        // then leave the thread to finish on its own rather than block the caller.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !s.guard.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if s.guard.is_finished() {
+            let _ = s.join();
+        } else {
+            warn!(path = %self.path.display(), "the FUSE connection outlives the unmount (a bind copy in use?)");
+        }
         self.rpc.close();
-        res
+        Ok(())
     }
 }

@@ -103,7 +103,7 @@ impl SharedNamespaces for Shared {
         let mut mounts = self.mounts.lock().expect("mounts");
         // Unmounted behind our back (`umount DIR`): forget it.
         if mounts.contains_key(path) && !is_mountpoint(path) {
-            if let Some(stale) = mounts.remove(path) {
+            if let Some(mut stale) = mounts.remove(path) {
                 let _ = stale.stop();
             }
         }
@@ -142,21 +142,24 @@ impl SharedNamespaces for Shared {
     }
 
     fn unmount(&self, path: &Path) -> Result<bool> {
-        let m = self.mounts.lock().expect("mounts").remove(path);
-        match m {
-            None => Ok(false),
-            Some(m) => {
-                let gone = !is_mountpoint(path);
-                match m.stop() {
-                    Ok(()) => Ok(true),
-                    // Already unmounted with umount(8): nothing left to do.
-                    Err(_) if gone => Ok(true),
-                    Err(e) => Err(Error::Internal(format!(
-                        "unmounting {}: {e}",
-                        path.display()
-                    ))),
-                }
+        let mut mounts = self.mounts.lock().expect("mounts");
+        let Some(mut m) = mounts.remove(path) else {
+            return Ok(false);
+        };
+        match m.stop() {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Still in use: it stays mounted and served.
+                mounts.insert(path.to_path_buf(), m);
+                Err(Error::FailedPrecondition(format!(
+                    "{} is busy (files open or a process inside): not unmounted",
+                    path.display()
+                )))
             }
+            Err(e) => Err(Error::Internal(format!(
+                "unmounting {}: {e}",
+                path.display()
+            ))),
         }
     }
 

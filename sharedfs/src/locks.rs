@@ -32,6 +32,9 @@ pub struct Held {
     pub end: u64,
     /// The pid the requester gave (reported by F_GETLK; meaningful on its host only).
     pub pid: u32,
+    /// The open (the mount's file handle) the lock was last taken through; 0: unknown.
+    /// A flock'd file's close releases only what was taken through it.
+    pub fh: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,21 +77,37 @@ impl LockTable {
         if let Some(c) = self.test(ino, &want) {
             return Err(c);
         }
-        self.apply(
-            ino,
-            Some(want.mode),
-            want.owner,
-            want.start,
-            want.end,
-            want.pid,
-        );
+        self.apply(ino, Some(want.mode), want);
         Ok(())
     }
 
     /// Releases `owner`'s locks on `[start, end]`, then grants waiters that can go.
     /// Returns the waiters granted.
     pub fn unlock(&mut self, ino: u64, owner: Owner, start: u64, end: u64) -> Vec<u64> {
-        self.apply(ino, None, owner, start, end, 0);
+        let range = Held {
+            owner,
+            mode: Mode::Read,
+            start,
+            end,
+            pid: 0,
+            fh: 0,
+        };
+        self.apply(ino, None, range);
+        self.grant()
+    }
+
+    /// Drops the locks and waiters of `owner` on `ino` taken through the open `fh` (the
+    /// close of a flock'd file), then grants waiters that can go. Locks the same owner id
+    /// took through a newer open stay: the kernel reuses a closed file's owner id.
+    pub fn release_open(&mut self, ino: u64, owner: Owner, fh: u64) -> Vec<u64> {
+        if let Some(v) = self.held.get_mut(&ino) {
+            v.retain(|h| !(h.owner == owner && h.fh == fh));
+            if v.is_empty() {
+                self.held.remove(&ino);
+            }
+        }
+        self.waiters
+            .retain(|w| !(w.ino == ino && w.lock.owner == owner && w.lock.fh == fh));
         self.grant()
     }
 
@@ -150,15 +169,15 @@ impl LockTable {
 
     /// Sets `owner`'s coverage of `[start, end]` to `mode` (None: unlocked), splitting
     /// and merging the owner's own ranges.
-    fn apply(
-        &mut self,
-        ino: u64,
-        mode: Option<Mode>,
-        owner: Owner,
-        start: u64,
-        end: u64,
-        pid: u32,
-    ) {
+    fn apply(&mut self, ino: u64, mode: Option<Mode>, want: Held) {
+        let Held {
+            owner,
+            start,
+            end,
+            pid,
+            fh,
+            ..
+        } = want;
         let list = self.held.entry(ino).or_default();
         let mut out = Vec::with_capacity(list.len() + 2);
         for h in list.drain(..) {
@@ -187,10 +206,12 @@ impl LockTable {
                 start,
                 end,
                 pid,
+                fh,
             };
-            // Merge with the owner's adjacent locks of the same mode.
+            // Merge with the owner's adjacent locks of the same mode (and open).
             out.retain(|h| {
                 let adjacent = h.owner == owner
+                    && h.fh == fh
                     && h.mode == mode
                     && (h.end.checked_add(1) == Some(new.start)
                         || new.end.checked_add(1) == Some(h.start));
@@ -221,14 +242,7 @@ impl LockTable {
                 .iter()
                 .any(|b| b.ino == w.ino && conflicts(&b.lock, &w.lock));
             if !behind && self.test(w.ino, &w.lock).is_none() {
-                self.apply(
-                    w.ino,
-                    Some(w.lock.mode),
-                    w.lock.owner,
-                    w.lock.start,
-                    w.lock.end,
-                    w.lock.pid,
-                );
+                self.apply(w.ino, Some(w.lock.mode), w.lock);
                 self.granted.insert(w.id);
                 granted.push(w.id);
             } else {
@@ -255,7 +269,41 @@ mod tests {
             start,
             end,
             pid: 1,
+            fh: 0,
         }
+    }
+
+    #[test]
+    fn a_late_close_releases_only_what_was_taken_through_its_own_open() {
+        // The kernel names a flock owner after the open file; a closed file's id comes
+        // back for the next open, and the old close reaches the coordinator late.
+        let mut t = LockTable::default();
+        let x = o(1, 77);
+        let other = lock(o(2, 9), Mode::Write, 0, 10);
+        t.try_lock(
+            5,
+            Held {
+                fh: 1,
+                ..lock(x, Mode::Write, 0, u64::MAX)
+            },
+        )
+        .unwrap();
+        t.try_lock(
+            5,
+            Held {
+                fh: 2,
+                ..lock(x, Mode::Write, 0, u64::MAX)
+            },
+        )
+        .unwrap();
+        t.release_open(5, x, 1);
+        assert!(
+            t.test(5, &other).is_some(),
+            "the newer open's lock went with the old close"
+        );
+        t.release_open(5, x, 2);
+        assert!(t.test(5, &other).is_none());
+        assert!(t.held(5).is_empty());
     }
 
     #[test]

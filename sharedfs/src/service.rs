@@ -443,10 +443,14 @@ impl Served {
                 Op::Release(i) => {
                     drop(fs);
                     if let Some(owner) = i.lock_owner {
-                        self.locks
-                            .lock()
-                            .expect("locks")
-                            .release_owner(i.ino, Owner { session, owner });
+                        let owner = Owner { session, owner };
+                        let mut locks = self.locks.lock().expect("locks");
+                        if i.fh != 0 {
+                            locks.release_open(i.ino, owner, i.fh);
+                        } else {
+                            locks.release_owner(i.ino, owner);
+                        }
+                        drop(locks);
                         self.lock_changed.notify_waiters();
                     }
                     let mut last = false;
@@ -535,6 +539,7 @@ fn held(session: u64, l: &Lk) -> Result<Held, FsError> {
         start: l.start,
         end: l.end,
         pid: l.pid,
+        fh: l.fh,
     })
 }
 

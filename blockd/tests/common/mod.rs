@@ -29,6 +29,8 @@ pub struct FakeReplica {
     pub writes: Arc<Mutex<u32>>,
     /// Requests that reached it, answered or not.
     pub arrived: Arc<AtomicU32>,
+    /// ("write", version) and ("open", min_version) in arrival order.
+    pub log: Arc<Mutex<Vec<(&'static str, u64)>>>,
 }
 
 impl Default for FakeReplica {
@@ -37,6 +39,7 @@ impl Default for FakeReplica {
             mode: Arc::new(Mutex::new(Mode::Answer)),
             writes: Arc::new(Mutex::new(0)),
             arrived: Arc::new(AtomicU32::new(0)),
+            log: Arc::new(Mutex::new(Vec::new())),
         }
     }
 }
@@ -71,6 +74,10 @@ impl Block for FakeReplica {
         }))
     }
     async fn write(&self, r: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(("write", r.get_ref().version));
         self.act_on(Some(r.get_ref().offset)).await?;
         *self.writes.lock().unwrap() += 1;
         Ok(Response::new(WriteReply {}))
@@ -93,6 +100,10 @@ impl Block for FakeReplica {
         Ok(Response::new(UsageReply::default()))
     }
     async fn open(&self, r: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(("open", r.get_ref().min_version));
         self.act().await?;
         Ok(Response::new(OpenReply {
             epoch: r.into_inner().epoch,
