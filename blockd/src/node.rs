@@ -197,7 +197,7 @@ impl Node {
             _ = async {
                 let _ = stop.await;
                 tokio::time::sleep(SHUTDOWN_DRAIN).await;
-            } => warn!("calls still open {SHUTDOWN_DRAIN:?} after the stop signal: closing them"),
+            } => warn!("calls still open {SHUTDOWN_DRAIN:?} after the stop signal: shutting down without them"),
         }
         info!("shutting down: detaching local volumes");
         self.detach_all_local().await;

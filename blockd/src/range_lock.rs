@@ -8,12 +8,22 @@
 
 use std::sync::{Condvar, Mutex};
 
-/// Held ranges, as half-open `[start, end)` byte intervals. Few are held at once (one per
-/// request in flight), so a list is enough.
+/// Held ranges, as half-open `[start, end)` byte intervals, and the waiters in arrival
+/// order. Few are held at once (one per request in flight), so lists are enough.
 #[derive(Debug, Default)]
 pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
+    state: Mutex<State>,
     freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    held: Vec<(u64, u64)>,
+    /// (ticket, range) of those waiting. A range waits for earlier waiters it overlaps
+    /// too, so a wide range (a resync copy of a region) is not starved by a stream of
+    /// small writes that each fit beside the others.
+    waiting: Vec<(u64, (u64, u64))>,
+    next_ticket: u64,
 }
 
 /// Releases its range when dropped.
@@ -32,19 +42,31 @@ impl RangeLock {
     /// empty range is held at once and excludes nothing.
     pub fn lock(&self, start: u64, len: u64) -> RangeGuard<'_> {
         let range = (start, start.saturating_add(len));
-        let mut held = self.held.lock().expect("range lock");
-        if len > 0 {
-            while held.iter().any(|h| overlaps(*h, range)) {
-                held = self.freed.wait(held).expect("range lock");
-            }
-            held.push(range);
+        if len == 0 {
+            return RangeGuard { lock: self, range };
         }
+        let mut st = self.state.lock().expect("range lock");
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.waiting.push((ticket, range));
+        let blocked = |st: &State| {
+            st.held.iter().any(|h| overlaps(*h, range))
+                || st
+                    .waiting
+                    .iter()
+                    .any(|(t, w)| *t < ticket && overlaps(*w, range))
+        };
+        while blocked(&st) {
+            st = self.freed.wait(st).expect("range lock");
+        }
+        st.waiting.retain(|(t, _)| *t != ticket);
+        st.held.push(range);
         RangeGuard { lock: self, range }
     }
 
     /// Ranges held now (for tests).
     pub fn held(&self) -> usize {
-        self.held.lock().expect("range lock").len()
+        self.state.lock().expect("range lock").held.len()
     }
 }
 
@@ -53,11 +75,11 @@ impl Drop for RangeGuard<'_> {
         if self.range.0 == self.range.1 {
             return;
         }
-        let mut held = self.lock.held.lock().expect("range lock");
-        if let Some(i) = held.iter().position(|h| *h == self.range) {
-            held.swap_remove(i);
+        let mut st = self.lock.state.lock().expect("range lock");
+        if let Some(i) = st.held.iter().position(|h| *h == self.range) {
+            st.held.swap_remove(i);
         }
-        drop(held);
+        drop(st);
         self.lock.freed.notify_all();
     }
 }
@@ -101,6 +123,37 @@ mod tests {
         drop(first);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+        assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn a_wide_range_is_not_starved_by_narrow_ones_beside_each_other() {
+        let l = Arc::new(RangeLock::default());
+        let first = l.lock(0, 4096);
+        let entered = Arc::new(AtomicBool::new(false));
+        let (l2, e2) = (l.clone(), entered.clone());
+        // A whole-region copy waits for the write in flight...
+        let wide = std::thread::spawn(move || {
+            let _g = l2.lock(0, 1 << 20);
+            e2.store(true, Ordering::SeqCst);
+        });
+        while l.state.lock().unwrap().waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ...and a later write beside the first, inside its range, waits behind it
+        // instead of slipping in (which could go on for ever under steady writes).
+        let (l3, e3) = (l.clone(), entered.clone());
+        let narrow = std::thread::spawn(move || {
+            let _g = l3.lock(8192, 4096);
+            assert!(
+                e3.load(Ordering::SeqCst),
+                "the narrow write overtook the wide one"
+            );
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        drop(first);
+        wide.join().unwrap();
+        narrow.join().unwrap();
         assert_eq!(l.held(), 0);
     }
 
