@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -453,6 +453,8 @@ pub struct Client {
     /// Handles of opens: each open gets its own, so a lock taken through one open is
     /// told from one taken through a later open with the same kernel lock owner.
     next_fh: std::sync::atomic::AtomicU64,
+    /// (inode, lock owner) pairs that took a lock here: their close must release them.
+    posix_owners: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 impl Client {
@@ -460,6 +462,7 @@ impl Client {
         Self {
             rpc,
             next_fh: std::sync::atomic::AtomicU64::new(1),
+            posix_owners: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -586,7 +589,16 @@ impl Filesystem for Client {
         });
         loop {
             match self.rpc.call(req, op.clone()) {
-                Ok(_) => return reply.ok(),
+                Ok(_) => {
+                    if typ != libc::F_UNLCK {
+                        // Remembered so the close (FLUSH) of this owner releases it.
+                        self.posix_owners
+                            .lock()
+                            .expect("posix owners")
+                            .insert((ino.0, lock_owner.0));
+                    }
+                    return reply.ok();
+                }
                 // Queued at the coordinator and not granted yet: ask again.
                 Err(e) if e == Errno::EINPROGRESS => continue,
                 Err(e) => return reply.error(e),
@@ -857,14 +869,37 @@ impl Filesystem for Client {
 
     fn flush(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes are synchronous to the coordinator: nothing is buffered here.
-        reply.ok();
+        // Writes are synchronous to the coordinator: nothing is buffered here. But a
+        // close drops the process's POSIX locks on the file (the kernel keeps no record
+        // of them and sends no unlock): do it, when this owner locked this file at all.
+        let held = self
+            .posix_owners
+            .lock()
+            .expect("posix owners")
+            .remove(&(ino.0, lock_owner.0));
+        if !held {
+            return reply.ok();
+        }
+        let op = Op::Setlk(Lk {
+            ino: ino.0,
+            owner: lock_owner.0,
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK,
+            pid: 0,
+            wait: false,
+            fh: fh.0,
+        });
+        match self.rpc.call(req, op) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(
@@ -880,6 +915,13 @@ impl Filesystem for Client {
         // The kernel passes the owner when the file's flock locks must go: that must be
         // done before close() returns. A plain close only lowers an open count at the
         // coordinator, and is sent without waiting.
+        if let Some(o) = lock_owner {
+            // A flock'd file: its locks go with this close (below), so forget them here.
+            self.posix_owners
+                .lock()
+                .expect("posix owners")
+                .remove(&(ino.0, o.0));
+        }
         let op = Op::Release(Release {
             ino: ino.0,
             lock_owner: lock_owner.map(|o| o.0),

@@ -779,3 +779,41 @@ fn sqlite_used_from_two_hosts_at_once_stays_consistent() {
         );
     }
 }
+
+/// A process that exits (or closes the file) holding an `fcntl` lock loses it, as on a
+/// local filesystem: the kernel keeps no record of a FUSE mount's locks and sends no
+/// unlock, only the close (FLUSH), which must release them at the coordinator.
+#[test]
+fn a_process_that_exits_holding_a_posix_lock_releases_it_for_other_hosts() {
+    require_root!();
+    let (_c, m) = mounted_everywhere("exitlock");
+    fs::write(m[0].join("db"), b"").unwrap();
+    // A child on host A locks and exits without unlocking.
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import os,fcntl; fd=os.open('{}',os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX); os._exit(0)",
+            m[0].join("db").display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m[1].join("db"))
+        .unwrap();
+    fcntl_lock(&f, libc::F_WRLCK, false).expect("the exited process's lock was released");
+    fcntl_lock(&f, libc::F_UNLCK, false).unwrap();
+    // Closing any descriptor of the file drops the process's locks too (POSIX).
+    let a1 = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m[0].join("db"))
+        .unwrap();
+    let a2 = fs::File::open(m[0].join("db")).unwrap();
+    fcntl_lock(&a1, libc::F_WRLCK, false).unwrap();
+    drop(a2);
+    fcntl_lock(&f, libc::F_WRLCK, false).expect("released by the close of another descriptor");
+    drop(a1);
+}
