@@ -76,8 +76,9 @@ fn copy_into(root: &Path, path: &Path) {
     std::fs::copy(path, &dest).unwrap();
 }
 
-/// Removes test plugin sockets nobody serves any more (left by a test that was killed):
-/// Docker retries a dead plugin socket for half a minute on every global lookup.
+/// Removes test plugin sockets (and a default `shoal.sock`) nobody serves any more, left
+/// by a node that was killed: Docker retries a dead plugin socket for half a minute on
+/// every global lookup.
 fn sweep_dead_plugin_sockets() {
     let Ok(dir) = std::fs::read_dir("/run/docker/plugins") else {
         return;
@@ -85,7 +86,8 @@ fn sweep_dead_plugin_sockets() {
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let p = e.path();
-        if name.starts_with("shoaltest-") && std::os::unix::net::UnixStream::connect(&p).is_err() {
+        let ours = name.starts_with("shoaltest-") || name == "shoal.sock";
+        if ours && std::os::unix::net::UnixStream::connect(&p).is_err() {
             let _ = std::fs::remove_file(&p);
         }
     }
