@@ -139,10 +139,20 @@ impl Node {
 /// One step down the tree, read straight from a node's encoding (no decoding, no
 /// allocation: lookups are the namespace's hottest path).
 enum Step {
-    /// A leaf: the byte range of the value stored under the key, if any.
-    Leaf(Option<std::ops::Range<usize>>),
+    /// A leaf: the entry stored under the key, if any.
+    Leaf(Option<LeafEntry>),
     /// An internal node: the child that holds the key.
     Child(u64),
+}
+
+/// Where one leaf entry sits in a node's encoding.
+#[derive(Debug, Clone)]
+struct LeafEntry {
+    /// Offset of its header (key and value lengths).
+    at: usize,
+    key: std::ops::Range<usize>,
+    /// Its value; the entry ends where the value does.
+    value: std::ops::Range<usize>,
 }
 
 /// The u16 at `at` in node `no`'s encoding `b`.
@@ -152,38 +162,50 @@ fn u16_in(no: u64, b: &[u8], at: usize) -> Result<usize> {
         .ok_or_else(|| corrupt(no, "entry past the end"))
 }
 
-fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
+/// The entries of leaf `no`'s encoding `b`, in key order, read in place (the walk
+/// stops being meaningful after the first error, which callers return).
+fn leaf_entries(no: u64, b: &[u8]) -> impl Iterator<Item = Result<LeafEntry>> + '_ {
     let n = u16::from_le_bytes([b[1], b[2]]) as usize;
-    let bad = || corrupt(no, "entry past the end");
-    let u16_at = |at: usize| u16_in(no, b, at);
     let mut at = HEADER;
+    (0..n).map(move |_| {
+        let (kl, vl) = (u16_in(no, b, at)?, u16_in(no, b, at + 2)?);
+        let key = at + 4..at + 4 + kl;
+        let value = key.end..key.end + vl;
+        if value.end > b.len() {
+            return Err(corrupt(no, "entry past the end"));
+        }
+        let e = LeafEntry { at, key, value };
+        at = e.value.end;
+        Ok(e)
+    })
+}
+
+fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
     match b[0] {
         LEAF => {
-            for _ in 0..n {
-                let (kl, vl) = (u16_at(at)?, u16_at(at + 2)?);
-                let k = b.get(at + 4..at + 4 + kl).ok_or_else(bad)?;
-                let v = at + 4 + kl..at + 4 + kl + vl;
-                if v.end > b.len() {
-                    return Err(bad());
-                }
-                match k.cmp(key) {
-                    std::cmp::Ordering::Less => at = v.end,
-                    std::cmp::Ordering::Equal => return Ok(Step::Leaf(Some(v))),
+            for e in leaf_entries(no, b) {
+                let e = e?;
+                match b[e.key.clone()].cmp(key) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => return Ok(Step::Leaf(Some(e))),
                     std::cmp::Ordering::Greater => break,
                 }
             }
             Ok(Step::Leaf(None))
         }
         INTERNAL => {
+            let n = u16::from_le_bytes([b[1], b[2]]) as usize;
+            let bad = || corrupt(no, "entry past the end");
             let child = |at: usize| -> Result<u64> {
                 b.get(at..at + 8)
                     .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
                     .ok_or_else(bad)
             };
+            let mut at = HEADER;
             let mut c = child(at)?;
             at += 8;
             for _ in 0..n {
-                let kl = u16_at(at)?;
+                let kl = u16_in(no, b, at)?;
                 let k = b.get(at + 2..at + 2 + kl).ok_or_else(bad)?;
                 if k > key {
                     break;
@@ -200,52 +222,33 @@ fn step(no: u64, b: &[u8], key: &[u8]) -> Result<Step> {
 /// Puts `key` = `val` into a leaf's encoding in place of decoding it: Some(new image)
 /// when the leaf still fits in a block, None when it must split (the caller decodes).
 fn splice_leaf(no: u64, b: &[u8], key: &[u8], val: &[u8]) -> Result<Option<Vec<u8>>> {
-    let n = u16::from_le_bytes([b[1], b[2]]) as usize;
-    let bad = || corrupt(no, "entry past the end");
-    let u16_at = |at: usize| u16_in(no, b, at);
-    // Where the new entry goes, what it replaces, and where the entries end.
-    let (mut at, mut pos, mut old_end, mut replaces) = (HEADER, None, 0, false);
-    for _ in 0..n {
-        let (kl, vl) = (u16_at(at)?, u16_at(at + 2)?);
-        let end = at + 4 + kl + vl;
-        let k = b.get(at + 4..at + 4 + kl).ok_or_else(bad)?;
-        if end > b.len() {
-            return Err(bad());
-        }
-        if pos.is_none() {
-            match k.cmp(key) {
+    let n = u16::from_le_bytes([b[1], b[2]]);
+    // Where the entries end, and the byte range the new entry replaces (empty: an insert).
+    let (mut used, mut replaced) = (HEADER, None);
+    for e in leaf_entries(no, b) {
+        let e = e?;
+        if replaced.is_none() {
+            match b[e.key.clone()].cmp(key) {
                 std::cmp::Ordering::Less => {}
-                std::cmp::Ordering::Equal => {
-                    pos = Some(at);
-                    old_end = end;
-                    replaces = true;
-                }
-                std::cmp::Ordering::Greater => {
-                    pos = Some(at);
-                    old_end = at;
-                }
+                std::cmp::Ordering::Equal => replaced = Some(e.at..e.value.end),
+                std::cmp::Ordering::Greater => replaced = Some(e.at..e.at),
             }
         }
-        at = end;
+        used = e.value.end;
     }
-    let used = at;
-    let (pos, old_end) = match pos {
-        Some(p) => (p, old_end),
-        None => (used, used),
-    };
-    let entry = 4 + key.len() + val.len();
-    let new_used = used - (old_end - pos) + entry;
-    if new_used > BLOCK {
+    let replaced = replaced.unwrap_or(used..used);
+    let replaces = !replaced.is_empty();
+    if used - replaced.len() + 4 + key.len() + val.len() > BLOCK {
         return Ok(None);
     }
     let mut out = Vec::with_capacity(BLOCK);
-    out.extend_from_slice(&b[..pos]);
+    out.extend_from_slice(&b[..replaced.start]);
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(&(val.len() as u16).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(val);
-    out.extend_from_slice(&b[old_end..used]);
-    let count = if replaces { n } else { n + 1 } as u16;
+    out.extend_from_slice(&b[replaced.end..used]);
+    let count = if replaces { n } else { n + 1 };
     out[1..3].copy_from_slice(&count.to_le_bytes());
     out.resize(BLOCK, 0);
     Ok(Some(out))
@@ -284,7 +287,7 @@ pub fn get(s: &mut dyn NodeStore, root: u64, key: &[u8]) -> Result<Option<Vec<u8
     for _ in 0..64 {
         let page = s.node(no)?;
         match step(no, &page, key)? {
-            Step::Leaf(found) => return Ok(found.map(|r| page[r].to_vec())),
+            Step::Leaf(found) => return Ok(found.map(|e| page[e.value].to_vec())),
             Step::Child(c) => no = c,
         }
     }
@@ -471,14 +474,12 @@ fn remove(
     let page = s.node(no)?;
     match step(no, &page, key)? {
         Step::Leaf(None) => return Ok((false, false)),
-        Step::Leaf(Some(v)) => {
+        Step::Leaf(Some(e)) => {
             let n = u16::from_le_bytes([page[1], page[2]]);
             if n > 1 {
-                let kl = key.len();
-                let start = v.start - 4 - kl;
                 let mut out = Vec::with_capacity(BLOCK);
-                out.extend_from_slice(&page[..start]);
-                out.extend_from_slice(&page[v.end..]);
+                out.extend_from_slice(&page[..e.at]);
+                out.extend_from_slice(&page[e.value.end..]);
                 out[1..3].copy_from_slice(&(n - 1).to_le_bytes());
                 out.resize(BLOCK, 0);
                 s.put_node(no, out)?;
