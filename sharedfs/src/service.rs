@@ -40,6 +40,11 @@ const ATTR_LEASE: Duration = Duration::from_secs(3);
 /// What the mount is told: shorter than the lease, so its cache is gone before the
 /// coordinator stops waiting for it even when the reply took a while to arrive.
 const ATTR_TTL: Duration = Duration::from_secs(2);
+/// How long an inode that lost its last name stays openable by number after a mount
+/// was last told about it. A path walk looks the name up and then opens the inode in a
+/// second request; another host may unlink or rename over the name in between (the
+/// atomic-replace pattern), and the open must still find the file it looked up.
+const UNLINK_GRACE: Duration = ATTR_LEASE;
 
 struct Session {
     host: String,
@@ -78,9 +83,29 @@ pub struct Served {
     /// Recalls waiting for their acknowledgement.
     recalls: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
     next_recall: std::sync::atomic::AtomicU64,
+    /// When each inode was last handed to a mount (pruned after [`UNLINK_GRACE`]).
+    handed: Mutex<HashMap<u64, Instant>>,
+    /// Unlinked inodes kept for [`UNLINK_GRACE`]; the expiry tick frees them.
+    deferred: Mutex<Vec<u64>>,
 }
 
 impl Served {
+    fn new(volume_id: &str, fs: Fs, lease: Duration) -> Self {
+        Served {
+            volume_id: volume_id.to_string(),
+            fs: Mutex::new(fs),
+            sessions: Mutex::new(HashMap::new()),
+            lease,
+            locks: Mutex::new(LockTable::default()),
+            lock_changed: tokio::sync::Notify::new(),
+            leases: Mutex::new(LeaseTable::new(ATTR_LEASE)),
+            recalls: Mutex::new(HashMap::new()),
+            next_recall: std::sync::atomic::AtomicU64::new(1),
+            handed: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Runs `f` on a live session (renewing it); NOT_FOUND when it expired.
     fn with_session<T>(&self, id: u64, f: impl FnOnce(&mut Session) -> T) -> Result<T, Status> {
         let mut ss = self.sessions.lock().expect("sessions");
@@ -100,9 +125,28 @@ impl Served {
             .sum()
     }
 
-    /// Frees an inode that lost its last link, unless a mount still has it open.
-    fn maybe_destroy(&self, ino: u64) {
+    /// Notes that a mount now knows `ino` (and may open it by number).
+    fn hand_out(&self, ino: u64) {
+        self.handed
+            .lock()
+            .expect("handed")
+            .insert(ino, Instant::now());
+    }
+
+    /// Frees an inode that lost its last link, unless a mount still has it open or was
+    /// told about it within [`UNLINK_GRACE`] (then the expiry tick comes back to it).
+    fn maybe_destroy(&self, ino: u64, now: Instant) {
         if self.open_count(ino) > 0 {
+            return;
+        }
+        let recent = self
+            .handed
+            .lock()
+            .expect("handed")
+            .get(&ino)
+            .is_some_and(|t| now.saturating_duration_since(*t) < UNLINK_GRACE);
+        if recent {
+            self.deferred.lock().expect("deferred").push(ino);
             return;
         }
         let mut fs = self.fs.lock().expect("fs");
@@ -118,6 +162,14 @@ impl Served {
 
     /// Drops sessions whose lease ran out, and what they held.
     fn expire(&self, now: Instant) {
+        self.handed
+            .lock()
+            .expect("handed")
+            .retain(|_, t| now.duration_since(*t) < UNLINK_GRACE);
+        let deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
+        for ino in deferred {
+            self.maybe_destroy(ino, now);
+        }
         let gone: Vec<(u64, Session)> = {
             let mut ss = self.sessions.lock().expect("sessions");
             let dead: Vec<u64> = ss
@@ -141,7 +193,7 @@ impl Served {
         self.locks.lock().expect("locks").release_session(id);
         self.lock_changed.notify_waiters();
         for ino in s.opens.keys() {
-            self.maybe_destroy(*ino);
+            self.maybe_destroy(*ino, Instant::now());
         }
     }
 
@@ -282,6 +334,7 @@ impl Served {
     ) -> Result<Option<Res>, FsError> {
         // Under the fs lock: a change that commits after this read recalls the lease.
         let attr = |i: Inode| {
+            self.hand_out(i.ino);
             leased.set(self.grant(session, i.ino));
             Ok(Some(Res::Attr(to_attr(&i))))
         };
@@ -514,7 +567,7 @@ impl Served {
             }
         };
         if let Some(ino) = orphan {
-            self.maybe_destroy(ino);
+            self.maybe_destroy(ino, Instant::now());
         }
         out
     }
@@ -659,17 +712,7 @@ impl NamespaceService {
 
     /// Starts serving `fs` as volume `volume_id`, with a task that expires sessions.
     pub fn add(&self, volume_id: &str, fs: Fs, rt: &tokio::runtime::Handle) {
-        let served = Arc::new(Served {
-            volume_id: volume_id.to_string(),
-            fs: Mutex::new(fs),
-            sessions: Mutex::new(HashMap::new()),
-            lease: self.lease,
-            locks: Mutex::new(LockTable::default()),
-            lock_changed: tokio::sync::Notify::new(),
-            leases: Mutex::new(LeaseTable::new(ATTR_LEASE)),
-            recalls: Mutex::new(HashMap::new()),
-            next_recall: std::sync::atomic::AtomicU64::new(1),
-        });
+        let served = Arc::new(Served::new(volume_id, fs, self.lease));
         self.volumes
             .write()
             .expect("volumes")
@@ -934,4 +977,115 @@ fn by_inode(op: &Op) -> bool {
             | Op::Removexattr(_)
             | Op::Fallocate(_)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::{BlockDev, FileDev};
+    use crate::inode::ROOT_INO;
+
+    fn served(dir: &std::path::Path) -> Served {
+        let dev: Arc<dyn BlockDev> = Arc::new(FileDev::create(&dir.join("vol"), 64 << 20).unwrap());
+        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE);
+        let now = Instant::now();
+        for id in [1, 2] {
+            s.sessions.lock().unwrap().insert(
+                id,
+                Session {
+                    host: format!("h{id}"),
+                    mountpoint: "/m".into(),
+                    opened: now,
+                    last_seen: now,
+                    replies: VecDeque::new(),
+                    opens: HashMap::new(),
+                    callbacks: None,
+                },
+            );
+        }
+        s
+    }
+
+    fn call(s: &Served, session: u64, op: Op) -> NsReply {
+        let req = NsRequest {
+            op: Some(op),
+            ..Default::default()
+        };
+        s.execute(session, &req).0
+    }
+
+    fn create(s: &Served, name: &str) -> u64 {
+        let r = call(
+            s,
+            1,
+            Op::Create(Create {
+                parent: ROOT_INO,
+                name: name.into(),
+                mode: libc::S_IFREG | 0o644,
+                ..Default::default()
+            }),
+        );
+        match r.result {
+            Some(Res::Attr(a)) => a.ino,
+            other => panic!("create: {other:?} {}", r.detail),
+        }
+    }
+
+    #[test]
+    fn a_file_looked_up_then_renamed_over_elsewhere_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = served(dir.path());
+        create(&s, "current");
+        create(&s, ".tmp");
+        // Mount 2 walks the path: the lookup hands it the live inode...
+        let looked = call(
+            &s,
+            2,
+            Op::Lookup(Lookup {
+                parent: ROOT_INO,
+                name: "current".into(),
+            }),
+        );
+        let Some(Res::Attr(old)) = looked.result else {
+            panic!("lookup: {}", looked.detail)
+        };
+        // ...mount 1 replaces the file before mount 2's open arrives...
+        let r = call(
+            &s,
+            1,
+            Op::Rename(Rename {
+                parent: ROOT_INO,
+                name: ".tmp".into(),
+                new_parent: ROOT_INO,
+                new_name: "current".into(),
+                mode: 0,
+            }),
+        );
+        assert_eq!(r.errno, 0, "{}", r.detail);
+        // ...and the open still finds the file it looked up (not ESTALE).
+        let opened = call(&s, 2, Op::Open(Ino { ino: old.ino }));
+        assert_eq!(opened.errno, 0, "{}", opened.detail);
+        call(
+            &s,
+            2,
+            Op::Release(Release {
+                ino: old.ino,
+                ..Default::default()
+            }),
+        );
+        // Once nobody has it open and the grace is over, the tick frees it.
+        assert!(
+            s.fs.lock().unwrap().getattr(old.ino).is_ok(),
+            "kept for the grace"
+        );
+        s.expire(Instant::now() + UNLINK_GRACE);
+        assert!(matches!(
+            s.fs.lock().unwrap().getattr(old.ino),
+            Err(FsError::NotFound)
+        ));
+        // A stale number past the grace is ESTALE, so the kernel walks the path again.
+        let late = call(&s, 2, Op::Open(Ino { ino: old.ino }));
+        assert_eq!(late.errno, libc::ESTALE);
+    }
 }
