@@ -1,10 +1,11 @@
 //! The FUSE client: a mount of a shared volume on any host, forwarding every operation
 //! to the namespace service on the volume's coordinator.
 //!
-//! Coherence in this version comes from not caching: attributes and entries are given
-//! to the kernel with a zero timeout and files are opened with direct I/O, so every
-//! read, stat and lookup asks the coordinator, which serializes all changes. (Leases
-//! that allow caching are the next step; see `docs/consistency.md`.)
+//! Coherence comes from the coordinator, which serializes all changes, and from caching
+//! only under its leases: the kernel caches attributes for the lease's time (recalled by
+//! inode invalidation), names are cached here (`cache.rs`; the kernel's entry timeout is
+//! zero, so it asks us for every name), and files are opened with direct I/O, so every
+//! read and write goes to the coordinator. See `docs/consistency.md`.
 //!
 //! A request that cannot reach the coordinator is retried, with the same sequence
 //! number, until it can: applications see a pause, not `ENOTCONN`. A session the
@@ -31,12 +32,13 @@ use shoal_proto::ns::ns_request::Op;
 use shoal_proto::ns::*;
 use tracing::{info, warn};
 
+use crate::cache::{Cache, Effect, Fresh, Name};
 use crate::fs::FIRST_COOKIE;
 use crate::inode::Kind;
 
 /// Largest read or write the kernel sends.
 const MAX_IO: u32 = 1 << 20;
-/// No caching without leases.
+/// The kernel's entry timeout: names are cached here, not in the kernel (see `cache.rs`).
 const TTL: Duration = Duration::ZERO;
 const READDIR_BATCH: u32 = 256;
 
@@ -80,6 +82,8 @@ pub struct Rpc {
     seq: AtomicU64,
     rt: tokio::runtime::Handle,
     stopping: AtomicBool,
+    /// Names and attributes held under the coordinator's leases.
+    cache: Mutex<Cache>,
 }
 
 impl Rpc {
@@ -110,6 +114,7 @@ impl Rpc {
             seq: AtomicU64::new(1),
             rt,
             stopping: AtomicBool::new(false),
+            cache: Mutex::new(Cache::default()),
         });
         rpc.open_session()?;
         let (tx, rx) = std::sync::mpsc::channel::<Op>();
@@ -118,7 +123,7 @@ impl Rpc {
         std::thread::spawn(move || {
             while let Ok(op) = rx.recv() {
                 let Some(rpc) = weak.upgrade() else { return };
-                if let Err(e) = rpc.call_as(0, 0, op) {
+                if let Err(e) = rpc.call_as(0, 0, op, &Effect::None) {
                     warn!(volume = %rpc.volume_id, error = ?e, "a close was not recorded");
                 }
             }
@@ -183,6 +188,7 @@ impl Rpc {
                     }
                 };
                 while let Ok(Some(recall)) = self.rt.block_on(stream.message()) {
+                    self.cache.lock().expect("cache").recall(&recall.inodes);
                     for ino in &recall.inodes {
                         // Negative offset: attributes only (file data is not cached).
                         let _ = notifier.inval_inode(INodeNo(*ino), -1, 0);
@@ -246,6 +252,8 @@ impl Rpc {
             mountpoint: self.mountpoint.clone(),
         };
         let r = self.rt.block_on(c.open_session(req))?.into_inner();
+        // The leases were the old session's.
+        self.cache.lock().expect("cache").clear();
         self.session.store(r.session, Ordering::SeqCst);
         Ok(())
     }
@@ -292,16 +300,38 @@ impl Rpc {
 
     /// Runs one operation; retries until the coordinator answers.
     fn call(&self, req: &Request, op: Op) -> Result<Option<Res>, Errno> {
-        self.call_as(req.uid(), req.gid(), op).map(|(r, _)| r)
+        self.call_as(req.uid(), req.gid(), op, &Effect::None)
+            .map(|(r, _)| r)
     }
 
     /// Like `call`, with how long the reply's attributes may be cached (their lease).
     fn call_ttl(&self, req: &Request, op: Op) -> Result<(Option<Res>, Duration), Errno> {
-        self.call_as(req.uid(), req.gid(), op)
+        self.call_as(req.uid(), req.gid(), op, &Effect::None)
     }
 
-    fn call_as(&self, uid: u32, gid: u32, op: Op) -> Result<(Option<Res>, Duration), Errno> {
+    /// Like `call_ttl` for an operation on names: the cache learns what it did.
+    fn call_names(
+        &self,
+        req: &Request,
+        op: Op,
+        effect: &Effect,
+    ) -> Result<(Option<Res>, Duration), Errno> {
+        self.call_as(req.uid(), req.gid(), op, effect)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().expect("cache")
+    }
+
+    fn call_as(
+        &self,
+        uid: u32,
+        gid: u32,
+        op: Op,
+        effect: &Effect,
+    ) -> Result<(Option<Res>, Duration), Errno> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let ticket = self.cache().ticket(std::time::Instant::now());
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
@@ -316,10 +346,44 @@ impl Rpc {
             match self.send(msg) {
                 Ok(r) => {
                     let r = r.into_inner();
+                    let ttl = Duration::from_millis(r.attr_ttl_ms as u64);
+                    let effect = match (effect, &r.result) {
+                        // The inode a lookup found is only known now.
+                        (Effect::Looked { parent, name, .. }, Some(Res::Attr(a))) => {
+                            Effect::Looked {
+                                parent: *parent,
+                                name: name.clone(),
+                                ino: Some(a.ino),
+                            }
+                        }
+                        (
+                            Effect::Added {
+                                parent, name, dir, ..
+                            },
+                            Some(Res::Attr(a)),
+                        ) => Effect::Added {
+                            parent: *parent,
+                            name: name.clone(),
+                            ino: a.ino,
+                            dir: *dir,
+                        },
+                        (e, _) => e.clone(),
+                    };
+                    let fresh = Fresh {
+                        ok: r.errno == 0,
+                        attr: match &r.result {
+                            Some(Res::Attr(a)) => Some((a, ttl)),
+                            _ => None,
+                        },
+                        parents: r.parents.iter().collect(),
+                        names_ttl: Duration::from_millis(r.names_ttl_ms as u64),
+                        changed: &r.changed,
+                    };
+                    self.cache().settle(ticket, &fresh, &effect);
                     if r.errno != 0 {
                         return Err(Errno::from_i32(r.errno));
                     }
-                    return Ok((r.result, Duration::from_millis(r.attr_ttl_ms as u64)));
+                    return Ok((r.result, ttl));
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!(volume = %self.volume_id, "session lost; opening a new one");
@@ -470,7 +534,7 @@ impl Client {
         FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Names are never cached (every path walk asks); attributes for their lease.
+    /// The kernel keeps no names (they are cached here); attributes for their lease.
     fn entry(&self, reply: ReplyEntry, r: Result<(Option<Res>, Duration), Errno>) {
         match r.and_then(|(r, ttl)| attr_of(r).map(|a| (a, ttl))) {
             Ok((a, ttl)) => reply.entry_with_ttls(&ttl, &TTL, &a, Generation(0)),
@@ -496,7 +560,13 @@ impl Client {
         target: Option<Vec<u8>>,
         open: bool,
     ) -> Result<(Option<Res>, Duration), Errno> {
-        self.rpc.call_ttl(
+        let effect = Effect::Added {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            ino: 0,
+            dir: mode & libc::S_IFMT == libc::S_IFDIR,
+        };
+        self.rpc.call_names(
             req,
             Op::Create(Create {
                 parent: parent.0,
@@ -506,6 +576,7 @@ impl Client {
                 symlink_target: target,
                 open,
             }),
+            &effect,
         )
     }
 }
@@ -607,17 +678,43 @@ impl Filesystem for Client {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.rpc.call_ttl(
+        let now = std::time::Instant::now();
+        let known = {
+            let cache = self.rpc.cache();
+            match cache.name(parent.0, name.as_bytes(), now) {
+                Name::Found(ino) => cache.attr(ino, now).map(Some),
+                Name::Absent => Some(None),
+                Name::Unknown => None,
+            }
+        };
+        match known {
+            Some(Some((a, ttl))) => {
+                return reply.entry_with_ttls(&ttl, &TTL, &to_file_attr(&a), Generation(0))
+            }
+            Some(None) => return reply.error(Errno::ENOENT),
+            None => {}
+        }
+        let effect = Effect::Looked {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            ino: None,
+        };
+        let r = self.rpc.call_names(
             req,
             Op::Lookup(Lookup {
                 parent: parent.0,
                 name: name.as_bytes().to_vec(),
             }),
+            &effect,
         );
         self.entry(reply, r);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let cached = self.rpc.cache().attr(ino.0, std::time::Instant::now());
+        if let Some((a, ttl)) = cached {
+            return reply.attr(&ttl, &to_file_attr(&a));
+        }
         match self
             .rpc
             .call_ttl(req, Op::Getattr(Ino { ino: ino.0 }))
@@ -721,13 +818,25 @@ impl Filesystem for Client {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.rpc.call(req, Op::Unlink(entry_of(parent, name)));
-        self.empty(reply, r);
+        let effect = Effect::Removed {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+        };
+        let r = self
+            .rpc
+            .call_names(req, Op::Unlink(entry_of(parent, name)), &effect);
+        self.empty(reply, r.map(|(r, _)| r));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.rpc.call(req, Op::Rmdir(entry_of(parent, name)));
-        self.empty(reply, r);
+        let effect = Effect::Removed {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+        };
+        let r = self
+            .rpc
+            .call_names(req, Op::Rmdir(entry_of(parent, name)), &effect);
+        self.empty(reply, r.map(|(r, _)| r));
     }
 
     fn symlink(
@@ -771,7 +880,14 @@ impl Filesystem for Client {
             reply.error(Errno::EINVAL);
             return;
         };
-        let r = self.rpc.call(
+        let effect = Effect::Renamed {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            new_parent: newparent.0,
+            new_name: newname.as_bytes().to_vec(),
+            exchange: mode == 2,
+        };
+        let r = self.rpc.call_names(
             req,
             Op::Rename(Rename {
                 parent: parent.0,
@@ -780,8 +896,9 @@ impl Filesystem for Client {
                 new_name: newname.as_bytes().to_vec(),
                 mode,
             }),
+            &effect,
         );
-        self.empty(reply, r);
+        self.empty(reply, r.map(|(r, _)| r));
     }
 
     fn link(
@@ -792,13 +909,20 @@ impl Filesystem for Client {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.rpc.call_ttl(
+        let effect = Effect::Added {
+            parent: newparent.0,
+            name: newname.as_bytes().to_vec(),
+            ino: ino.0,
+            dir: false,
+        };
+        let r = self.rpc.call_names(
             req,
             Op::Link(Link {
                 ino: ino.0,
                 parent: newparent.0,
                 name: newname.as_bytes().to_vec(),
             }),
+            &effect,
         );
         self.entry(reply, r);
     }

@@ -78,6 +78,14 @@ impl LeaseTable {
         });
     }
 
+    /// Forgets leases that ran out (they would only be dropped when recalled).
+    pub fn prune(&mut self, now: Instant) {
+        self.held.retain(|_, h| {
+            h.retain(|_, exp| *exp > now);
+            !h.is_empty()
+        });
+    }
+
     /// Leases held in all (for tests and inspection).
     pub fn count(&self) -> usize {
         self.held.values().map(|h| h.len()).sum()
@@ -152,6 +160,8 @@ mod tests {
         l.grant(5, 2, t0);
         l.drop_session(4);
         assert_eq!(l.count(), 1);
+        l.prune(t0 + LEASE);
+        assert_eq!(l.count(), 0, "expired leases are pruned");
         assert!(l.take_conflicting(1, &[1], t0).is_empty());
     }
 }

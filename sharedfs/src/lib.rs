@@ -10,6 +10,7 @@
 
 pub mod alloc;
 pub mod btree;
+pub mod cache;
 pub mod client;
 pub mod dev;
 pub mod error;

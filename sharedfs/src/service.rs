@@ -46,6 +46,16 @@ const ATTR_TTL: Duration = Duration::from_secs(2);
 /// atomic-replace pattern), and the open must still find the file it looked up.
 const UNLINK_GRACE: Duration = ATTR_LEASE;
 
+/// A lease on the names in the directories of an operation on a name: the mount may
+/// answer lookups there from what it knows until recalled (any other mount's change of a
+/// name there changes the directory, which recalls the lease like an attribute lease).
+#[derive(Default)]
+struct NameLease {
+    granted: bool,
+    /// The directories' attributes after the operation.
+    parents: Vec<Attr>,
+}
+
 struct Session {
     host: String,
     mountpoint: String,
@@ -162,6 +172,7 @@ impl Served {
 
     /// Drops sessions whose lease ran out, and what they held.
     fn expire(&self, now: Instant) {
+        self.leases.lock().expect("leases").prune(now);
         self.handed
             .lock()
             .expect("handed")
@@ -231,7 +242,8 @@ impl Served {
         };
         let mut changed = Vec::new();
         let leased = std::cell::Cell::new(false);
-        let result = match self.run(session, cred, op, &mut changed, &leased) {
+        let mut names = NameLease::default();
+        let result = match self.run(session, cred, op, &mut changed, &leased, &mut names) {
             // An operation on an inode (not a name) that another host removed since this
             // mount looked it up: ESTALE makes the kernel walk the path again (open and
             // stat retry once), as over NFS, instead of failing with ENOENT.
@@ -248,10 +260,47 @@ impl Served {
                     0
                 },
                 result,
+                ..Default::default()
             },
             Err(e) => fail(&e),
         };
+        let reply = NsReply {
+            names_ttl_ms: if names.granted {
+                ATTR_TTL.as_millis() as u32
+            } else {
+                0
+            },
+            parents: names.parents,
+            changed: changed.clone(),
+            ..reply
+        };
         (reply, changed)
+    }
+
+    /// Leases `dirs`' names to `session` (see [`NameLease`]); with `attrs`, also returns
+    /// their attributes as they are now. Called under the fs lock, after the change.
+    fn lease_names(
+        &self,
+        session: u64,
+        fs: &mut Fs,
+        dirs: &[u64],
+        attrs: bool,
+        out: &mut NameLease,
+    ) {
+        let mut all = true;
+        for d in dirs {
+            all &= self.grant(session, *d);
+            if attrs {
+                match fs.getattr(*d) {
+                    Ok(i) => out.parents.push(to_attr(&i)),
+                    Err(_) => all = false,
+                }
+            }
+        }
+        out.granted = all;
+        if !all {
+            out.parents.clear();
+        }
     }
 
     /// Records that `session` may cache `ino`'s attributes; false when it cannot be
@@ -331,6 +380,7 @@ impl Served {
         op: &Op,
         changed: &mut Vec<u64>,
         leased: &std::cell::Cell<bool>,
+        names: &mut NameLease,
     ) -> Result<Option<Res>, FsError> {
         // Under the fs lock: a change that commits after this read recalls the lease.
         let attr = |i: Inode| {
@@ -342,7 +392,11 @@ impl Served {
         let out = {
             let mut fs = self.fs.lock().expect("fs");
             match op {
-                Op::Lookup(l) => attr(fs.lookup(l.parent, &l.name)?),
+                Op::Lookup(l) => {
+                    // Before the answer, so a negative one is leased too.
+                    self.lease_names(session, &mut fs, &[l.parent], false, names);
+                    attr(fs.lookup(l.parent, &l.name)?)
+                }
                 Op::Getattr(i) => attr(fs.getattr(i.ino)?),
                 Op::Setattr(s) => {
                     let now = FsTime::now();
@@ -378,6 +432,7 @@ impl Served {
                         c.symlink_target.as_deref(),
                     )?;
                     changed.push(c.parent);
+                    self.lease_names(session, &mut fs, &[c.parent], true, names);
                     let ino = i.ino;
                     let r = attr(i);
                     drop(fs);
@@ -390,11 +445,14 @@ impl Served {
                 }
                 Op::Link(l) => {
                     changed.extend([l.ino, l.parent]);
-                    attr(fs.link(l.ino, l.parent, &l.name)?)
+                    let i = fs.link(l.ino, l.parent, &l.name)?;
+                    self.lease_names(session, &mut fs, &[l.parent], true, names);
+                    attr(i)
                 }
                 Op::Unlink(e) => {
                     let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
                     orphan = fs.unlink(e.parent, &e.name)?;
+                    self.lease_names(session, &mut fs, &[e.parent], true, names);
                     changed.push(e.parent);
                     changed.extend(child.ok());
                     Ok(None)
@@ -402,6 +460,7 @@ impl Served {
                 Op::Rmdir(e) => {
                     let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
                     fs.rmdir(e.parent, &e.name)?;
+                    self.lease_names(session, &mut fs, &[e.parent], true, names);
                     changed.push(e.parent);
                     changed.extend(child.ok());
                     Ok(None)
@@ -416,7 +475,9 @@ impl Served {
                     let src = fs.lookup(r.parent, &r.name).map(|i| i.ino);
                     let dst = fs.lookup(r.new_parent, &r.new_name).map(|i| i.ino);
                     orphan = fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode)?;
-                    changed.extend([r.parent, r.new_parent]);
+                    let dirs = [r.parent, r.new_parent];
+                    self.lease_names(session, &mut fs, &dirs, true, names);
+                    changed.extend(dirs);
                     changed.extend(src.ok());
                     changed.extend(dst.ok());
                     Ok(None)
@@ -635,8 +696,7 @@ impl Served {
                 return NsReply {
                     errno: libc::EINPROGRESS,
                     detail: "still waiting for the lock".into(),
-                    attr_ttl_ms: 0,
-                    result: None,
+                    ..Default::default()
                 };
             }
         }
@@ -647,8 +707,7 @@ fn fail(e: &FsError) -> NsReply {
     NsReply {
         errno: e.errno(),
         detail: e.to_string(),
-        attr_ttl_ms: 0,
-        result: None,
+        ..Default::default()
     }
 }
 

@@ -494,6 +494,56 @@ fn cached_attributes_are_recalled_before_a_change_returns() {
 }
 
 #[test]
+fn names_cached_on_one_host_follow_changes_made_on_another() {
+    require_root!();
+    let (_c, m) = mounted_everywhere("names");
+    let (a, b, c) = (m[0].join("d"), m[1].join("d"), m[2].join("d"));
+    // A makes the directory, so it knows every name in it (a missing name is answered
+    // without asking the coordinator); C learns the names it looks up.
+    fs::create_dir(&a).unwrap();
+    for i in 0..25 {
+        let (f, g, sub) = (format!("f{i}"), format!("g{i}"), format!("s{i}"));
+        assert!(!a.join(&f).exists() && !c.join(&f).exists());
+        // Another host creates it: the very next look on A and C finds it.
+        fs::write(b.join(&f), i.to_string()).unwrap();
+        assert_eq!(fs::read_to_string(a.join(&f)).unwrap(), i.to_string());
+        assert_eq!(fs::read_to_string(c.join(&f)).unwrap(), i.to_string());
+        // Renamed elsewhere: the old name is gone and the new one there.
+        fs::rename(b.join(&f), b.join(&g)).unwrap();
+        assert!(!a.join(&f).exists() && !c.join(&f).exists(), "old name {f}");
+        assert_eq!(fs::read_to_string(a.join(&g)).unwrap(), i.to_string());
+        assert!(c.join(&g).exists());
+        // Unlinked elsewhere: gone.
+        fs::remove_file(b.join(&g)).unwrap();
+        assert!(!a.join(&g).exists() && !c.join(&g).exists(), "unlinked {g}");
+        // A directory made and removed elsewhere.
+        fs::create_dir(b.join(&sub)).unwrap();
+        assert!(a.join(&sub).is_dir() && c.join(&sub).is_dir());
+        fs::write(b.join(&sub).join("x"), b"x").unwrap();
+        assert!(a.join(&sub).join("x").exists());
+        fs::remove_file(b.join(&sub).join("x")).unwrap();
+        fs::remove_dir(b.join(&sub)).unwrap();
+        assert!(!a.join(&sub).exists() && !c.join(&sub).exists(), "rmdir {sub}");
+        // And the other way round: what A does in its own cached directory.
+        fs::write(a.join(&f), b"mine").unwrap();
+        assert_eq!(fs::read(b.join(&f)).unwrap(), b"mine");
+        fs::remove_file(a.join(&f)).unwrap();
+        assert!(!b.join(&f).exists() && !a.join(&f).exists());
+    }
+    // A created-then-replaced name: A must see the replacing inode, not its own.
+    fs::write(a.join("r"), b"A's").unwrap();
+    fs::write(b.join("r.tmp"), b"B's").unwrap();
+    fs::rename(b.join("r.tmp"), b.join("r")).unwrap();
+    assert_eq!(fs::read(a.join("r")).unwrap(), b"B's");
+    let mut names: Vec<String> = fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["r"]);
+}
+
+#[test]
 fn a_file_unlinked_on_one_host_stays_readable_where_it_is_open() {
     require_root!();
     let (_c, m) = mounted_everywhere("orphans");

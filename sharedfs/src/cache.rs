@@ -1,0 +1,562 @@
+//! A mount's own cache of names and attributes, trusted only under the coordinator's
+//! leases. Pure state with the time passed in, so the rules are tested without a clock.
+//!
+//! The coordinator grants a mount a lease on an inode when a reply hands it the inode's
+//! attributes, and on a directory's names when the mount looks a name up there or
+//! changes one. A change by another mount recalls the lease (the callback stream) before
+//! it returns; [`Cache::recall`] drops what the lease covered. The mount's own changes
+//! come back in the reply: the inodes they touched are dropped, and the reply's fresh
+//! attributes and the name it created or removed are taken in.
+//!
+//! Why the cache is here and not in the kernel's dentry cache: taking a name back from
+//! the kernel (`inval_entry`) needs the directory's lock, which a process on this host
+//! may hold while it waits for the very coordinator that waits for the recall. Here a
+//! recall never waits for anything; the kernel still asks for every name (entry timeout
+//! zero) but the answer costs a FUSE round trip, not a network one.
+//!
+//! Races between a reply and a recall (or another change) in flight at the same time are
+//! settled like the kernel's attribute versions: every request takes a [`Ticket`] with
+//! the cache's epoch, every recall and every change bumps the epoch, and a reply whose
+//! ticket is older than the epoch adds nothing (it may describe the state before the
+//! change). Entries expire at the time the request was sent plus the lease's length the
+//! reply gives (shorter than the coordinator's own), so a mount that misses a recall
+//! (its stream broke) stops trusting its copy before the coordinator stops waiting.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shoal_proto::ns::Attr;
+
+/// Entries kept at most; past this the cache starts over (a bound, not a tuning knob).
+const MAX_ENTRIES: usize = 200_000;
+
+/// What a request saw of the cache when it was sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    epoch: u64,
+    sent: Instant,
+}
+
+/// The answer of the cache to a name.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Name {
+    /// The name is there and points at this inode.
+    Found(u64),
+    /// The name is not there.
+    Absent,
+    /// Not known: ask the coordinator.
+    Unknown,
+}
+
+/// What a reply did to names in directories, as the client knows from the request.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Nothing to names (or the operation is not about names).
+    None,
+    /// A lookup: the name points at the inode, or (None) is absent.
+    Looked {
+        parent: u64,
+        name: Vec<u8>,
+        ino: Option<u64>,
+    },
+    /// A name was created for the inode (create, mknod, mkdir, symlink, link).
+    Added {
+        parent: u64,
+        name: Vec<u8>,
+        ino: u64,
+        dir: bool,
+    },
+    /// A name was removed (unlink, rmdir).
+    Removed { parent: u64, name: Vec<u8> },
+    /// A rename (`exchange`: the two names swapped).
+    Renamed {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        exchange: bool,
+    },
+}
+
+impl Effect {
+    /// The directories whose names this effect touches.
+    fn dirs(&self) -> Vec<u64> {
+        match self {
+            Effect::None => vec![],
+            Effect::Looked { parent, .. }
+            | Effect::Added { parent, .. }
+            | Effect::Removed { parent, .. } => vec![*parent],
+            Effect::Renamed {
+                parent, new_parent, ..
+            } => vec![*parent, *new_parent],
+        }
+    }
+}
+
+/// What a reply brought, beyond its errno.
+#[derive(Debug, Default)]
+pub struct Fresh<'a> {
+    pub ok: bool,
+    /// The inode's attributes in the reply and how long they may be cached.
+    pub attr: Option<(&'a Attr, Duration)>,
+    /// The directories' attributes after the change (the lease is `names_ttl`).
+    pub parents: Vec<&'a Attr>,
+    /// The lease on the names of the request's directories; zero: none.
+    pub names_ttl: Duration,
+    /// Inodes whose attributes the request changed.
+    pub changed: &'a [u64],
+}
+
+#[derive(Debug)]
+struct Dir {
+    until: Instant,
+    /// Every name is in `names` (the mount made the directory, or read all of it).
+    complete: bool,
+    names: HashMap<Vec<u8>, Option<u64>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Cache {
+    epoch: u64,
+    attrs: HashMap<u64, (Attr, Instant)>,
+    dirs: HashMap<u64, Dir>,
+}
+
+impl Cache {
+    pub fn ticket(&self, now: Instant) -> Ticket {
+        Ticket {
+            epoch: self.epoch,
+            sent: now,
+        }
+    }
+
+    /// The inode's cached attributes and how much longer they are good for.
+    pub fn attr(&self, ino: u64, now: Instant) -> Option<(Attr, Duration)> {
+        let (a, until) = self.attrs.get(&ino)?;
+        (*until > now).then(|| (a.clone(), *until - now))
+    }
+
+    pub fn name(&self, parent: u64, name: &[u8], now: Instant) -> Name {
+        let Some(d) = self.dirs.get(&parent).filter(|d| d.until > now) else {
+            return Name::Unknown;
+        };
+        match d.names.get(name) {
+            Some(Some(ino)) => Name::Found(*ino),
+            Some(None) => Name::Absent,
+            None if d.complete => Name::Absent,
+            None => Name::Unknown,
+        }
+    }
+
+    /// Another mount changed these inodes: forget them (attributes and names).
+    pub fn recall(&mut self, inodes: &[u64]) {
+        for ino in inodes {
+            self.attrs.remove(ino);
+            self.dirs.remove(ino);
+        }
+        self.epoch += 1;
+    }
+
+    /// Forgets everything (a new session: the old one's leases are gone).
+    pub fn clear(&mut self) {
+        self.attrs.clear();
+        self.dirs.clear();
+        self.epoch += 1;
+    }
+
+    /// Takes in a reply to a request sent with `t`.
+    pub fn settle(&mut self, t: Ticket, fresh: &Fresh<'_>, effect: &Effect) {
+        let current = t.epoch == self.epoch;
+        for ino in fresh.changed {
+            self.attrs.remove(ino);
+        }
+        let changes_names = !matches!(effect, Effect::None | Effect::Looked { .. });
+        if !fresh.changed.is_empty() || changes_names {
+            // Replies to requests already in flight may describe the state before this.
+            self.epoch += 1;
+        }
+        if !current {
+            // Something changed since the request left: what it says may be older than
+            // what we know, so take nothing in; what it changed must not survive.
+            if changes_names || !fresh.ok {
+                for d in effect.dirs() {
+                    self.dirs.remove(&d);
+                }
+            }
+            return;
+        }
+        if self.attrs.len() + self.dirs.len() > MAX_ENTRIES {
+            self.attrs.clear();
+            self.dirs.clear();
+        }
+        if fresh.ok {
+            if let Some((a, ttl)) = fresh.attr {
+                if !ttl.is_zero() {
+                    self.attrs.insert(a.ino, (a.clone(), t.sent + ttl));
+                }
+            }
+        }
+        if fresh.names_ttl.is_zero() {
+            for d in effect.dirs() {
+                self.dirs.remove(&d);
+            }
+            return;
+        }
+        let until = t.sent + fresh.names_ttl;
+        for a in &fresh.parents {
+            self.attrs.insert(a.ino, ((*a).clone(), until));
+        }
+        if !fresh.ok {
+            match effect {
+                // The negative answer we want to keep.
+                Effect::Looked { parent, name, .. } => {
+                    self.dir(*parent, until).names.insert(name.clone(), None);
+                }
+                // A refused change: the cache may have been wrong about these names.
+                _ => {
+                    for d in effect.dirs() {
+                        self.dirs.remove(&d);
+                    }
+                }
+            }
+            return;
+        }
+        match effect {
+            Effect::None => {}
+            Effect::Looked { parent, name, ino } => {
+                self.dir(*parent, until).names.insert(name.clone(), *ino);
+            }
+            Effect::Added {
+                parent,
+                name,
+                ino,
+                dir,
+            } => {
+                self.dir(*parent, until)
+                    .names
+                    .insert(name.clone(), Some(*ino));
+                if *dir {
+                    // A directory this mount just made is empty, and under its lease.
+                    if let Some((_, ttl)) = fresh.attr.filter(|(_, ttl)| !ttl.is_zero()) {
+                        self.dirs.insert(
+                            *ino,
+                            Dir {
+                                until: t.sent + ttl,
+                                complete: true,
+                                names: HashMap::new(),
+                            },
+                        );
+                    }
+                }
+            }
+            Effect::Removed { parent, name } => {
+                if let Some(Some(gone)) = self.dir(*parent, until).names.insert(name.clone(), None)
+                {
+                    self.dirs.remove(&gone);
+                }
+            }
+            Effect::Renamed {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                exchange,
+            } => {
+                if *exchange {
+                    self.dir(*parent, until).names.remove(name);
+                    self.dir(*new_parent, until).names.remove(new_name);
+                    // Unknown is safe; `complete` would turn it into absent.
+                    for d in [*parent, *new_parent] {
+                        if let Some(d) = self.dirs.get_mut(&d) {
+                            d.complete = false;
+                        }
+                    }
+                } else {
+                    let moved = self.dir(*parent, until).names.insert(name.clone(), None);
+                    let target = self.dir(*new_parent, until);
+                    match moved {
+                        Some(Some(ino)) => {
+                            target.names.insert(new_name.clone(), Some(ino));
+                        }
+                        _ => {
+                            target.names.remove(new_name);
+                            target.complete = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cached directory, made (incomplete) if missing; its lease runs to `until`.
+    fn dir(&mut self, ino: u64, until: Instant) -> &mut Dir {
+        let d = self.dirs.entry(ino).or_insert_with(|| Dir {
+            until,
+            complete: false,
+            names: HashMap::new(),
+        });
+        if d.until < until {
+            d.until = until;
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(2);
+    const ROOT: u64 = 1;
+
+    fn attr(ino: u64, size: u64) -> Attr {
+        Attr {
+            ino,
+            size,
+            ..Default::default()
+        }
+    }
+
+    fn n(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
+    /// The reply to a create (or mkdir) of `name` in `parent`, sent now.
+    fn create(c: &mut Cache, t0: Instant, parent: u64, name: &str, ino: u64, dir: bool) {
+        let t = c.ticket(t0);
+        create_sent(c, t, parent, name, ino, dir)
+    }
+
+    /// The same, sent with ticket `t`.
+    fn create_sent(c: &mut Cache, t: Ticket, parent: u64, name: &str, ino: u64, dir: bool) {
+        let a = attr(ino, 0);
+        let p = attr(parent, 4096);
+        c.settle(
+            t,
+            &Fresh {
+                ok: true,
+                attr: Some((&a, TTL)),
+                parents: vec![&p],
+                names_ttl: TTL,
+                changed: &[parent],
+            },
+            &Effect::Added {
+                parent,
+                name: n(name),
+                ino,
+                dir,
+            },
+        );
+    }
+
+    /// The reply to a lookup: found (`ino`) or not.
+    fn looked(c: &mut Cache, t0: Instant, parent: u64, name: &str, ino: Option<u64>) {
+        let t = c.ticket(t0);
+        looked_sent(c, t, parent, name, ino)
+    }
+
+    fn looked_sent(c: &mut Cache, t: Ticket, parent: u64, name: &str, ino: Option<u64>) {
+        let a = ino.map(|i| attr(i, 7));
+        c.settle(
+            t,
+            &Fresh {
+                ok: ino.is_some(),
+                attr: a.as_ref().map(|a| (a, TTL)),
+                parents: vec![],
+                names_ttl: TTL,
+                changed: &[],
+            },
+            &Effect::Looked {
+                parent,
+                name: n(name),
+                ino,
+            },
+        );
+    }
+
+    #[test]
+    fn a_directory_made_here_answers_every_name_without_asking() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        create(&mut c, t0, ROOT, "d", 10, true);
+        assert_eq!(c.name(ROOT, b"d", t0), Name::Found(10));
+        assert_eq!(
+            c.name(10, b"f1", t0),
+            Name::Absent,
+            "complete: unknown is absent"
+        );
+        create(&mut c, t0, 10, "f1", 11, false);
+        assert_eq!(c.name(10, b"f1", t0), Name::Found(11));
+        assert_eq!(c.attr(11, t0).unwrap().0.ino, 11);
+        // The parent's attributes came back fresh with the reply.
+        assert_eq!(c.attr(10, t0).unwrap().0.size, 4096);
+        // A directory not made here only knows what it was told.
+        assert_eq!(c.name(ROOT, b"other", t0), Name::Unknown);
+        looked(&mut c, t0, ROOT, "other", None);
+        assert_eq!(
+            c.name(ROOT, b"other", t0),
+            Name::Absent,
+            "negative answers are kept"
+        );
+    }
+
+    #[test]
+    fn leases_run_out_from_when_the_request_was_sent() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        looked(&mut c, t0, ROOT, "f", Some(5));
+        let later = t0 + TTL - Duration::from_millis(1);
+        assert_eq!(c.name(ROOT, b"f", later), Name::Found(5));
+        assert_eq!(c.attr(5, later).unwrap().1, Duration::from_millis(1));
+        assert_eq!(c.name(ROOT, b"f", t0 + TTL), Name::Unknown);
+        assert!(c.attr(5, t0 + TTL).is_none());
+    }
+
+    #[test]
+    fn a_recall_drops_names_and_attributes_and_beats_replies_in_flight() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        looked(&mut c, t0, ROOT, "f", Some(5));
+        let in_flight = c.ticket(t0);
+        c.recall(&[ROOT, 5]);
+        assert_eq!(c.name(ROOT, b"f", t0), Name::Unknown);
+        assert!(c.attr(5, t0).is_none());
+        // The reply to a lookup sent before the recall may predate the change.
+        looked_sent(&mut c, in_flight, ROOT, "g", Some(6));
+        assert_eq!(c.name(ROOT, b"g", t0), Name::Unknown);
+        assert!(c.attr(6, t0).is_none());
+    }
+
+    #[test]
+    fn our_own_change_drops_what_it_touched_and_outdates_older_replies() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        looked(&mut c, t0, ROOT, "f", Some(5));
+        // A getattr goes out, then a write that grows the file; the write's reply first.
+        let getattr = c.ticket(t0);
+        let write = c.ticket(t0);
+        let grown = attr(5, 100);
+        c.settle(
+            write,
+            &Fresh {
+                ok: true,
+                attr: Some((&grown, TTL)),
+                changed: &[5],
+                ..Default::default()
+            },
+            &Effect::None,
+        );
+        assert_eq!(c.attr(5, t0).unwrap().0.size, 100);
+        let old = attr(5, 7);
+        c.settle(
+            getattr,
+            &Fresh {
+                ok: true,
+                attr: Some((&old, TTL)),
+                ..Default::default()
+            },
+            &Effect::None,
+        );
+        assert_eq!(
+            c.attr(5, t0).unwrap().0.size,
+            100,
+            "the older reply is ignored"
+        );
+        // A change whose reply comes after another change drops its names.
+        create(&mut c, t0, ROOT, "d", 10, true);
+        let stale = c.ticket(t0);
+        c.recall(&[99]);
+        create_sent(&mut c, stale, 10, "x", 12, false);
+        assert_eq!(c.name(10, b"x", t0), Name::Unknown);
+        assert_eq!(c.name(10, b"y", t0), Name::Unknown, "no longer complete");
+    }
+
+    #[test]
+    fn unlink_and_rename_move_names_and_exchange_forgets_them() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        create(&mut c, t0, ROOT, "d", 10, true);
+        create(&mut c, t0, 10, "a", 11, false);
+        create(&mut c, t0, 10, "b", 12, false);
+        let moved = |c: &mut Cache, from: &str, to: &str, exchange: bool| {
+            let p = attr(10, 1);
+            let t = c.ticket(t0);
+            c.settle(
+                t,
+                &Fresh {
+                    ok: true,
+                    parents: vec![&p, &p],
+                    names_ttl: TTL,
+                    changed: &[10],
+                    ..Default::default()
+                },
+                &Effect::Renamed {
+                    parent: 10,
+                    name: n(from),
+                    new_parent: 10,
+                    new_name: n(to),
+                    exchange,
+                },
+            );
+        };
+        moved(&mut c, "a", "c", false);
+        assert_eq!(c.name(10, b"a", t0), Name::Absent);
+        assert_eq!(c.name(10, b"c", t0), Name::Found(11));
+        moved(&mut c, "b", "c", true);
+        assert_eq!(c.name(10, b"b", t0), Name::Unknown);
+        assert_eq!(c.name(10, b"c", t0), Name::Unknown);
+        let t = c.ticket(t0);
+        c.settle(
+            t,
+            &Fresh {
+                ok: true,
+                names_ttl: TTL,
+                changed: &[10, 12],
+                ..Default::default()
+            },
+            &Effect::Removed {
+                parent: 10,
+                name: n("b"),
+            },
+        );
+        assert_eq!(c.name(10, b"b", t0), Name::Absent);
+    }
+
+    #[test]
+    fn a_refused_change_or_a_reply_without_a_lease_forgets_the_directory() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        create(&mut c, t0, ROOT, "d", 10, true);
+        let t = c.ticket(t0);
+        c.settle(
+            t,
+            &Fresh {
+                ok: false,
+                names_ttl: TTL,
+                ..Default::default()
+            },
+            &Effect::Added {
+                parent: 10,
+                name: n("x"),
+                ino: 0,
+                dir: false,
+            },
+        );
+        assert_eq!(c.name(10, b"y", t0), Name::Unknown);
+        create(&mut c, t0, ROOT, "e", 20, true);
+        // No lease on the names (the coordinator cannot recall it): nothing is kept.
+        let t = c.ticket(t0);
+        c.settle(
+            t,
+            &Fresh {
+                ok: true,
+                ..Default::default()
+            },
+            &Effect::Removed {
+                parent: 20,
+                name: n("z"),
+            },
+        );
+        assert_eq!(c.name(20, b"z", t0), Name::Unknown);
+    }
+}
