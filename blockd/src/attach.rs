@@ -296,9 +296,11 @@ impl Node {
     /// first attach). Returns the attachment and the device path users see.
     async fn expose(&self, rec: &VolumeRecord) -> Result<(Attachment, String)> {
         let mut clients = HashMap::new();
+        let mut addresses = HashMap::new();
         for node_id in rec.replicas.iter().filter(|n| **n != self.id) {
             let n = self.node_record(node_id).await?;
             clients.insert(node_id.clone(), self.peers.block(&n.address)?);
+            addresses.insert(node_id.clone(), n.address.clone());
         }
         let io = Arc::new(VolumeIo::new(
             rec,
@@ -310,6 +312,7 @@ impl Node {
             self.cfg.replica_timeout,
             tokio::runtime::Handle::current(),
         ));
+        io.use_thread_io(self.peers.clone(), addresses);
         // Fence every in-sync replica at the new epoch before serving a single request.
         let opener = io.clone();
         tokio::task::spawn_blocking(move || opener.open())

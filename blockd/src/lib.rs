@@ -34,6 +34,7 @@ pub mod services;
 pub mod shared;
 pub mod size;
 pub mod status;
+pub mod thread_io;
 pub mod versions;
 pub mod volume_io;
 pub mod volumes;

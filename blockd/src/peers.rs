@@ -111,6 +111,12 @@ impl Peers {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// A block client on a connection of its own, driven by the runtime current when it
+    /// is made (a thread's own runtime: see `thread_io.rs`).
+    pub fn block_private(&self, address: &str) -> Result<PeerBlockClient> {
+        Ok(self.block_over(Self::new_channel(address)?))
+    }
+
     /// A namespace API client for the coordinator at `address` (sharedfs mounts).
     pub fn namespace(&self, address: &str) -> Result<PeerNamespaceClient> {
         Ok(

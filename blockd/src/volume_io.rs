@@ -29,12 +29,13 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
-use crate::peers::PeerBlockClient;
+use crate::peers::{PeerBlockClient, Peers};
 use crate::pool::{Pool, Stamp};
 use crate::range_lock::{RangeGuard, RangeLock};
 use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
 use crate::replication::{self, Outcome};
+use crate::thread_io;
 use crate::versions::first_version;
 
 /// Where one replica lives.
@@ -91,7 +92,22 @@ pub struct VolumeIo {
     /// Pages read over the network, kept write-through (only when this node held no
     /// replica at attach: local reads are served by the replica file's page cache).
     cache: Option<ReadCache>,
+    /// Peer addresses for calls made on the calling thread (`thread_io`); unset: every
+    /// call goes through the node's runtime.
+    thread_peers: RwLock<Option<ThreadPeers>>,
 }
+
+/// What `thread_io` needs to reach the replicas.
+struct ThreadPeers {
+    peers: Arc<Peers>,
+    /// Node id -> gRPC address.
+    addresses: HashMap<String, String>,
+}
+
+/// Writes up to this size go out from the calling thread (`thread_io`): they are
+/// latency-bound. Larger ones go through the node's runtime, so the remote copy travels
+/// while this thread writes the local one.
+const THREAD_IO_MAX: usize = 128 << 10;
 
 /// Bytes of read cache per volume read over the network.
 const READ_CACHE_BYTES: u64 = 64 << 20;
@@ -134,7 +150,14 @@ impl VolumeIo {
             timeout,
             rt,
             fenced: std::sync::atomic::AtomicBool::new(false),
+            thread_peers: RwLock::new(None),
         }
+    }
+
+    /// Lets small writes reach the replicas on `addresses` (node id -> address) from the
+    /// calling thread (see `thread_io`). Replicas not listed use the node's runtime.
+    pub fn use_thread_io(&self, peers: Arc<Peers>, addresses: HashMap<String, String>) {
+        *self.thread_peers.write().expect("thread peers") = Some(ThreadPeers { peers, addresses });
     }
 
     /// Stops serving: another node coordinates this volume now.
@@ -226,6 +249,43 @@ impl VolumeIo {
         F: Fn(PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
+        self.fan_out_sized(nodes, call, local, usize::MAX)
+    }
+
+    /// `fan_out` for a request of `len` bytes: small ones go from this thread.
+    fn fan_out_sized<F, Fut>(
+        &self,
+        nodes: &BTreeSet<String>,
+        call: F,
+        local: impl FnOnce() -> Result<()>,
+        len: usize,
+    ) -> Vec<Answer>
+    where
+        F: Fn(PeerBlockClient) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
+    {
+        let mut local = Some(local);
+        if len <= THREAD_IO_MAX {
+            if let Some(answers) = self.fan_out_here(nodes, &call, &mut local) {
+                return answers;
+            }
+        }
+        let local = local.expect("only taken when answered here");
+        self.fan_out_shared(nodes, &call, local)
+    }
+
+    /// `fan_out` through the node's runtime: the remote calls are spawned there and run
+    /// while this thread writes the local replica.
+    fn fan_out_shared<F, Fut>(
+        &self,
+        nodes: &BTreeSet<String>,
+        call: &F,
+        local: impl FnOnce() -> Result<()>,
+    ) -> Vec<Answer>
+    where
+        F: Fn(PeerBlockClient) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
+    {
         let timeout = self.timeout;
         let mut pending = Vec::new();
         let mut local_wanted = false;
@@ -257,6 +317,97 @@ impl VolumeIo {
             answers.push((node, res));
         }
         answers
+    }
+
+    /// `fan_out` on this thread's own runtime and connections (`thread_io`). None (and
+    /// `local` not run) when that is not set up for every remote target.
+    fn fan_out_here<F, Fut, L>(
+        &self,
+        nodes: &BTreeSet<String>,
+        call: &F,
+        local: &mut Option<L>,
+    ) -> Option<Vec<Answer>>
+    where
+        F: Fn(PeerBlockClient) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
+        L: FnOnce() -> Result<()>,
+    {
+        let guard = self.thread_peers.read().expect("thread peers");
+        let tp = guard.as_ref()?;
+        let replicas = self.replicas();
+        let mut local_wanted = false;
+        let mut remotes: Vec<(String, String)> = Vec::new();
+        for r in replicas.iter().filter(|r| nodes.contains(&r.node)) {
+            match &r.target {
+                Target::Local => local_wanted = true,
+                Target::Remote(_) => {
+                    remotes.push((r.node.clone(), tp.addresses.get(&r.node)?.clone()))
+                }
+            }
+        }
+        let addrs: Vec<&str> = remotes.iter().map(|(_, a)| a.as_str()).collect();
+        let timeout = self.timeout;
+        let (mut answers, retry) = thread_io::with_clients(&tp.peers, &addrs, |rt, clients| {
+            rt.block_on(async {
+                let mut calls = Vec::with_capacity(clients.len());
+                for c in clients {
+                    let fut = call(c);
+                    calls.push(tokio::spawn(async move {
+                        tokio::time::timeout(timeout, fut).await
+                    }));
+                }
+                // Let the requests reach the wire before the local write (a few polls
+                // of this thread's tasks: the call, the channel, the connection).
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+                let mut answers = Vec::with_capacity(calls.len() + 1);
+                if local_wanted {
+                    let l = local.take().expect("local runs once");
+                    answers.push((self.local_node.clone(), l()));
+                }
+                let mut retry = Vec::new();
+                for ((node, addr), call) in remotes.iter().zip(calls) {
+                    let res = match call.await {
+                        Ok(Ok(Ok(()))) => Ok(()),
+                        // The connection broke (it may have idled out): once more on the
+                        // node's shared one before calling the replica failed.
+                        Ok(Ok(Err(status)))
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Unknown
+                                    | tonic::Code::Cancelled
+                            ) =>
+                        {
+                            retry.push((node.clone(), addr.clone()));
+                            continue;
+                        }
+                        Ok(Ok(Err(status))) => Err(Error::from(status)),
+                        Ok(Err(_)) => Err(Error::NodeUnreachable {
+                            node: node.clone(),
+                            reason: format!("no answer within {timeout:?}"),
+                        }),
+                        Err(e) => Err(Error::Internal(e.to_string())),
+                    };
+                    answers.push((node.clone(), res));
+                }
+                (answers, retry)
+            })
+        })?;
+        drop(guard);
+        if !retry.is_empty() {
+            let again: BTreeSet<String> = retry.iter().map(|(n, _)| n.clone()).collect();
+            for (_, addr) in &retry {
+                thread_io::forget(addr);
+            }
+            answers.extend(
+                self.fan_out_shared(&again, call, || Ok(()))
+                    .into_iter()
+                    .filter(|(n, _)| again.contains(n)),
+            );
+        }
+        Some(answers)
     }
 
     /// Acts on the answers of the in-sync replicas (and of those catching up): a
@@ -394,7 +545,7 @@ impl VolumeIo {
         };
         let targets = self.write_set();
         self.raise_pending_floors(&targets)?;
-        let answers = self.fan_out(&targets, call(version), || local(stamp));
+        let answers = self.fan_out_sized(&targets, call(version), || local(stamp), len as usize);
         let unanswered: Vec<String> = answers
             .iter()
             .filter(|(n, r)| r.is_err() && *n != self.local_node)

@@ -133,7 +133,7 @@ impl Cache {
     /// The inode's cached attributes and how much longer they are good for.
     pub fn attr(&self, ino: u64, now: Instant) -> Option<(Attr, Duration)> {
         let (a, until) = self.attrs.get(&ino)?;
-        (*until > now).then(|| (a.clone(), *until - now))
+        (*until > now).then_some((*a, *until - now))
     }
 
     pub fn name(&self, parent: u64, name: &[u8], now: Instant) -> Name {
@@ -192,7 +192,7 @@ impl Cache {
         if fresh.ok {
             if let Some((a, ttl)) = fresh.attr {
                 if !ttl.is_zero() {
-                    self.attrs.insert(a.ino, (a.clone(), t.sent + ttl));
+                    self.attrs.insert(a.ino, (*a, t.sent + ttl));
                 }
             }
         }
@@ -204,7 +204,7 @@ impl Cache {
         }
         let until = t.sent + fresh.names_ttl;
         for a in &fresh.parents {
-            self.attrs.insert(a.ino, ((*a).clone(), until));
+            self.attrs.insert(a.ino, (**a, until));
         }
         if !fresh.ok {
             match effect {

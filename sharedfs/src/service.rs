@@ -29,6 +29,8 @@ use crate::locks::{Held, LockTable, Mode, Owner};
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// Replies kept per session for retried requests.
 const REPLAY_DEPTH: usize = 128;
+/// Unlinked inodes freed per transaction by the expiry tick.
+const DESTROY_BATCH: usize = 64;
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
 /// How long one F_SETLKW call waits before the client asks again (it stays queued).
@@ -143,11 +145,12 @@ impl Served {
             .insert(ino, Instant::now());
     }
 
-    /// Frees an inode that lost its last link, unless a mount still has it open or was
-    /// told about it within [`UNLINK_GRACE`] (then the expiry tick comes back to it).
-    fn maybe_destroy(&self, ino: u64, now: Instant) {
+    /// Whether an unlinked inode must live on for now: open somewhere (its last close
+    /// comes back here), or handed to a mount within [`UNLINK_GRACE`] (deferred to the
+    /// expiry tick).
+    fn keep(&self, ino: u64, now: Instant) -> bool {
         if self.open_count(ino) > 0 {
-            return;
+            return true;
         }
         let recent = self
             .handed
@@ -157,6 +160,14 @@ impl Served {
             .is_some_and(|t| now.saturating_duration_since(*t) < UNLINK_GRACE);
         if recent {
             self.deferred.lock().expect("deferred").push(ino);
+        }
+        recent
+    }
+
+    /// Frees an inode that lost its last link, unless a mount still has it open or was
+    /// told about it within [`UNLINK_GRACE`] (then the expiry tick comes back to it).
+    fn maybe_destroy(&self, ino: u64, now: Instant) {
+        if self.keep(ino, now) {
             return;
         }
         let mut fs = self.fs.lock().expect("fs");
@@ -178,8 +189,19 @@ impl Served {
             .expect("handed")
             .retain(|_, t| now.duration_since(*t) < UNLINK_GRACE);
         let deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
+        let mut due = Vec::new();
         for ino in deferred {
-            self.maybe_destroy(ino, now);
+            if self.keep(ino, now) {
+                continue;
+            }
+            due.push(ino);
+        }
+        // In batches: one journal write frees many (an `rm -rf` leaves thousands).
+        for batch in due.chunks(DESTROY_BATCH) {
+            let mut fs = self.fs.lock().expect("fs");
+            if let Err(e) = fs.destroy_many(batch) {
+                warn!(volume = %self.volume_id, error = %e, "freeing unlinked files failed");
+            }
         }
         let gone: Vec<(u64, Session)> = {
             let mut ss = self.sessions.lock().expect("sessions");

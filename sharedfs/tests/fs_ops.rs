@@ -259,6 +259,35 @@ fn hard_links_count_and_orphans_are_freed_at_reopen() {
 }
 
 #[test]
+fn many_orphans_are_freed_in_one_go_and_linked_inodes_are_left_alone() {
+    let v = volume(64 << 20);
+    let mut fs = v.open();
+    let free_before = fs.statfs().free;
+    let mut gone = vec![];
+    for i in 0..100u32 {
+        let name = format!("f{i}");
+        let f = fs
+            .create(ROOT_INO, name.as_bytes(), FILE, 0, ME, None)
+            .unwrap();
+        fs.write(f.ino, 0, &vec![2u8; 20_000], false).unwrap();
+        gone.push(fs.unlink(ROOT_INO, name.as_bytes()).unwrap().unwrap());
+    }
+    let kept = fs.create(ROOT_INO, b"kept", FILE, 0, ME, None).unwrap();
+    fs.write(kept.ino, 0, b"still here", false).unwrap();
+    gone.push(kept.ino);
+    gone.push(999_999); // already gone: only its orphan record (none) is dropped
+    fs.destroy_many(&gone).unwrap();
+    assert!(fs.orphans().unwrap().is_empty());
+    assert_eq!(fs.read(kept.ino, 0, 10).unwrap(), b"still here");
+    assert_eq!(fs.getattr(gone[0]).unwrap_err(), FsError::NotFound);
+    let lost = free_before - fs.statfs().free;
+    assert!(lost < 20, "the data came back ({lost} blocks still used)");
+    drop(fs);
+    let mut fs = v.open();
+    assert_eq!(names(&mut fs, ROOT_INO), vec!["kept"]);
+}
+
+#[test]
 fn a_large_directory_pages_stably() {
     let v = volume(256 << 20);
     let mut fs = v.open();

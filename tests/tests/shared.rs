@@ -523,7 +523,10 @@ fn names_cached_on_one_host_follow_changes_made_on_another() {
         assert!(a.join(&sub).join("x").exists());
         fs::remove_file(b.join(&sub).join("x")).unwrap();
         fs::remove_dir(b.join(&sub)).unwrap();
-        assert!(!a.join(&sub).exists() && !c.join(&sub).exists(), "rmdir {sub}");
+        assert!(
+            !a.join(&sub).exists() && !c.join(&sub).exists(),
+            "rmdir {sub}"
+        );
         // And the other way round: what A does in its own cached directory.
         fs::write(a.join(&f), b"mine").unwrap();
         assert_eq!(fs::read(b.join(&f)).unwrap(), b"mine");
