@@ -21,6 +21,11 @@
 //! change). Entries expire at the time the request was sent plus the lease's length the
 //! reply gives (shorter than the coordinator's own), so a mount that misses a recall
 //! (its stream broke) stops trusting its copy before the coordinator stops waiting.
+//!
+//! The session's heartbeat renews every lease at the coordinator at once
+//! ([`Cache::renew`]): entries still good when the renewal's answer comes are extended
+//! (the coordinator's copy of each lasts longer than ours, so it still held them when it
+//! renewed), unless a recall arrived while the heartbeat was out.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,6 +39,8 @@ const MAX_ENTRIES: usize = 200_000;
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
     epoch: u64,
+    /// Recalls (and clears) seen so far.
+    recalls: u64,
     sent: Instant,
 }
 
@@ -118,6 +125,7 @@ struct Dir {
 #[derive(Debug, Default)]
 pub struct Cache {
     epoch: u64,
+    recalls: u64,
     attrs: HashMap<u64, (Attr, Instant)>,
     dirs: HashMap<u64, Dir>,
 }
@@ -126,6 +134,7 @@ impl Cache {
     pub fn ticket(&self, now: Instant) -> Ticket {
         Ticket {
             epoch: self.epoch,
+            recalls: self.recalls,
             sent: now,
         }
     }
@@ -155,6 +164,27 @@ impl Cache {
             self.dirs.remove(ino);
         }
         self.epoch += 1;
+        self.recalls += 1;
+    }
+
+    /// The heartbeat sent with `t` renewed every lease for `ttl`; `now` is when its
+    /// answer came. Entries that ran out before that are not brought back (the
+    /// coordinator may have dropped them); nothing is renewed if a recall came meanwhile.
+    pub fn renew(&mut self, t: Ticket, ttl: Duration, now: Instant) {
+        if t.recalls != self.recalls {
+            return;
+        }
+        let until = t.sent + ttl;
+        for (_, u) in self.attrs.values_mut() {
+            if *u > now && *u < until {
+                *u = until;
+            }
+        }
+        for d in self.dirs.values_mut() {
+            if d.until > now && d.until < until {
+                d.until = until;
+            }
+        }
     }
 
     /// Forgets everything (a new session: the old one's leases are gone).
@@ -162,6 +192,7 @@ impl Cache {
         self.attrs.clear();
         self.dirs.clear();
         self.epoch += 1;
+        self.recalls += 1;
     }
 
     /// Takes in a reply to a request sent with `t`.
@@ -410,6 +441,42 @@ mod tests {
         assert_eq!(c.attr(5, later).unwrap().1, Duration::from_millis(1));
         assert_eq!(c.name(ROOT, b"f", t0 + TTL), Name::Unknown);
         assert!(c.attr(5, t0 + TTL).is_none());
+    }
+
+    #[test]
+    fn a_renewal_extends_live_entries_only_and_not_across_a_recall() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        looked(&mut c, t0, ROOT, "a", Some(5));
+        looked(&mut c, t0 + Duration::from_secs(1), ROOT, "b", Some(6));
+        // A heartbeat sent at 1.5 s, answered at 2.5 s: "a" (good until 2 s) ran out
+        // before the answer and stays out; "b" (until 3 s) now lasts until 3.5 s.
+        let hb = c.ticket(t0 + Duration::from_millis(1500));
+        c.renew(hb, TTL, t0 + Duration::from_millis(2500));
+        assert!(c.attr(5, t0 + Duration::from_millis(2500)).is_none());
+        assert!(c.attr(6, t0 + Duration::from_millis(3400)).is_some());
+        assert_eq!(
+            c.name(ROOT, b"b", t0 + Duration::from_millis(3400)),
+            Name::Found(6)
+        );
+        assert!(c.attr(6, t0 + Duration::from_millis(3500)).is_none());
+        // A recall between the heartbeat and its answer: nothing is renewed.
+        let hb = c.ticket(t0 + Duration::from_secs(3));
+        c.recall(&[99]);
+        c.renew(hb, TTL, t0 + Duration::from_millis(3100));
+        assert!(c.attr(6, t0 + Duration::from_millis(3600)).is_none());
+        // Our own changes do not stop a renewal.
+        let hb = c.ticket(t0 + Duration::from_millis(3200));
+        create(
+            &mut c,
+            t0 + Duration::from_millis(3200),
+            ROOT,
+            "d",
+            10,
+            true,
+        );
+        c.renew(hb, TTL, t0 + Duration::from_millis(3300));
+        assert!(c.attr(6, t0 + Duration::from_millis(5000)).is_some());
     }
 
     #[test]

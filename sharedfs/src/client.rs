@@ -180,6 +180,8 @@ impl Rpc {
                     volume_id: self.volume_id.clone(),
                     session,
                 };
+                // Recalls may have been missed while not listening: start afresh.
+                self.cache().clear();
                 let mut stream = match self.rt.block_on(c.callbacks(req)) {
                     Ok(s) => s.into_inner(),
                     Err(_) => {
@@ -272,8 +274,18 @@ impl Rpc {
                     volume_id: self.volume_id.clone(),
                     session: self.session.load(Ordering::SeqCst),
                 };
+                let ticket = self.cache().ticket(std::time::Instant::now());
                 match self.rt.block_on(c.heartbeat(req)) {
-                    Ok(_) => {}
+                    Ok(r) => {
+                        let ms = r.into_inner().renewed_ms;
+                        if ms > 0 {
+                            self.cache().renew(
+                                ticket,
+                                Duration::from_millis(ms as u64),
+                                std::time::Instant::now(),
+                            );
+                        }
+                    }
                     Err(s) if s.code() == tonic::Code::NotFound => {
                         warn!(volume = %self.volume_id, "session lost; opening a new one");
                         let _ = self.open_session();
@@ -1354,7 +1366,8 @@ impl Mount {
             volume_id, host, path, addr, client, resolve, connect, private, rt,
         )
         .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
-        rpc.clone().heartbeat_loop(Duration::from_secs(3));
+        // Often enough to renew the leases (2 s at the mount) before they run out.
+        rpc.clone().heartbeat_loop(Duration::from_millis(700));
         let mut config = fuser::Config::default();
         // Containers run as any user: everyone may use the mount, the modes decide.
         config.acl = fuser::SessionACL::All;

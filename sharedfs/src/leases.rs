@@ -6,6 +6,10 @@
 //! (and waits for the acknowledgement, or at worst for the expiry returned here) before
 //! the change returns. The changing mount keeps its own lease: its kernel refreshes its
 //! copy from the reply or invalidates it itself.
+//!
+//! A session's heartbeat renews all of its leases at once ([`LeaseTable::renew`]): a
+//! lease runs until the later of its grant's end and the session's last renewal's end.
+//! A lease taken back by a recall is gone from the table, so no renewal extends it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,6 +22,8 @@ pub struct LeaseTable {
     lease: Duration,
     /// inode -> session -> expiry
     held: HashMap<u64, HashMap<u64, Instant>>,
+    /// session -> end of its last renewal
+    renewed: HashMap<u64, Instant>,
 }
 
 impl LeaseTable {
@@ -25,7 +31,18 @@ impl LeaseTable {
         Self {
             lease,
             held: HashMap::new(),
+            renewed: HashMap::new(),
         }
+    }
+
+    /// Renews every lease `session` holds until `now + lease`.
+    pub fn renew(&mut self, session: u64, now: Instant) {
+        self.renewed.insert(session, now + self.lease);
+    }
+
+    /// When `session`'s lease granted to end at `exp` really ends.
+    fn end(renewed: &HashMap<u64, Instant>, session: u64, exp: Instant) -> Instant {
+        renewed.get(&session).map_or(exp, |r| exp.max(*r))
     }
 
     /// `session` may cache `ino` until `now + lease`.
@@ -45,22 +62,24 @@ impl LeaseTable {
         now: Instant,
     ) -> HashMap<u64, Recall> {
         let mut out: HashMap<u64, Recall> = HashMap::new();
+        let renewed = &self.renewed;
         for ino in inodes {
             let Some(holders) = self.held.get_mut(ino) else {
                 continue;
             };
             holders.retain(|s, exp| {
-                if *exp <= now {
+                let end = Self::end(renewed, *s, *exp);
+                if end <= now {
                     return false;
                 }
                 if *s == from {
                     return true;
                 }
-                let r = out.entry(*s).or_insert((Vec::new(), *exp));
+                let r = out.entry(*s).or_insert((Vec::new(), end));
                 if !r.0.contains(ino) {
                     r.0.push(*ino);
                 }
-                r.1 = r.1.max(*exp);
+                r.1 = r.1.max(end);
                 false
             });
             if holders.is_empty() {
@@ -72,6 +91,7 @@ impl LeaseTable {
 
     /// Forgets a session's leases (it ended: its mount is gone).
     pub fn drop_session(&mut self, session: u64) {
+        self.renewed.remove(&session);
         self.held.retain(|_, h| {
             h.remove(&session);
             !h.is_empty()
@@ -80,8 +100,9 @@ impl LeaseTable {
 
     /// Forgets leases that ran out (they would only be dropped when recalled).
     pub fn prune(&mut self, now: Instant) {
+        let renewed = &self.renewed;
         self.held.retain(|_, h| {
-            h.retain(|_, exp| *exp > now);
+            h.retain(|s, exp| Self::end(renewed, *s, *exp) > now);
             !h.is_empty()
         });
     }
@@ -134,6 +155,30 @@ mod tests {
         l.grant(2, 10, t0 + Duration::from_secs(2));
         let r = l.take_conflicting(1, &[10], t0 + Duration::from_secs(4));
         assert_eq!(r[&2].1, t0 + Duration::from_secs(5), "the renewal counts");
+    }
+
+    #[test]
+    fn a_renewal_extends_every_lease_of_the_session_but_not_a_recalled_one() {
+        let t0 = Instant::now();
+        let mut l = LeaseTable::new(LEASE);
+        l.grant(2, 10, t0);
+        l.grant(2, 11, t0);
+        l.grant(3, 10, t0);
+        let t1 = t0 + Duration::from_secs(2);
+        // Recalled before the renewal: gone, so the renewal cannot bring it back.
+        assert_eq!(l.take_conflicting(1, &[11], t1)[&2].0, vec![11]);
+        l.renew(2, t1);
+        let t2 = t0 + LEASE + Duration::from_secs(1);
+        let r = l.take_conflicting(1, &[10, 11], t2);
+        assert_eq!(
+            r.len(),
+            1,
+            "session 3's lease ran out, 2's was renewed: {r:?}"
+        );
+        assert_eq!(r[&2], (vec![10], t1 + LEASE));
+        l.grant(2, 12, t0);
+        l.prune(t1 + LEASE);
+        assert_eq!(l.count(), 0, "renewed leases run out too");
     }
 
     #[test]

@@ -68,6 +68,11 @@ struct Session {
     opens: HashMap<u64, u32>,
     /// The mount's callback stream, once it listens: only then may it cache.
     callbacks: Option<tokio::sync::mpsc::UnboundedSender<Result<Recall, Status>>>,
+    /// Recalls sent to it and not answered yet: its heartbeats renew nothing meanwhile.
+    recalling: u32,
+    /// A recall could not reach it or went unanswered: no renewals until it listens again
+    /// (and so has dropped everything it cached).
+    lapsed: bool,
 }
 
 /// What `inspect` shows of one session.
@@ -350,23 +355,26 @@ impl Served {
             return;
         }
         let now = Instant::now();
-        let targets = self
-            .leases
-            .lock()
-            .expect("leases")
-            .take_conflicting(from, inodes, now);
-        if targets.is_empty() {
-            return;
-        }
         let mut waits = Vec::new();
         let mut deadline = now;
         let mut lapse = false;
         {
-            let sessions = self.sessions.lock().expect("sessions");
+            // Sessions first, then leases (as `heartbeat`): a renewal lands either before
+            // the leases are taken (and counts in `deadline`) or after the session is
+            // marked recalling (and renews nothing).
+            let mut sessions = self.sessions.lock().expect("sessions");
+            let targets = self
+                .leases
+                .lock()
+                .expect("leases")
+                .take_conflicting(from, inodes, now);
+            if targets.is_empty() {
+                return;
+            }
             let mut recalls = self.recalls.lock().expect("recalls");
             for (s, (inos, exp)) in targets {
                 deadline = deadline.max(exp);
-                let Some(tx) = sessions.get(&s).and_then(|x| x.callbacks.as_ref()) else {
+                let Some(session) = sessions.get_mut(&s) else {
                     lapse = true;
                     continue;
                 };
@@ -374,19 +382,30 @@ impl Served {
                     .next_recall
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (done, wait) = tokio::sync::oneshot::channel();
-                if tx.send(Ok(Recall { id, inodes: inos })).is_ok() {
+                let sent = session
+                    .callbacks
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(Ok(Recall { id, inodes: inos })).is_ok());
+                if sent {
+                    session.recalling += 1;
                     recalls.insert(id, done);
-                    waits.push((id, wait));
+                    waits.push((s, id, wait));
                 } else {
+                    session.lapsed = true;
                     lapse = true;
                 }
             }
         }
         let deadline = tokio::time::Instant::from_std(deadline);
-        for (id, wait) in waits {
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+        for (s, id, wait) in waits {
+            let answered = tokio::time::timeout_at(deadline, wait).await.is_ok();
+            if !answered {
                 warn!(volume = %self.volume_id, "a mount did not answer a recall: waited for its lease to run out");
                 self.recalls.lock().expect("recalls").remove(&id);
+            }
+            if let Some(session) = self.sessions.lock().expect("sessions").get_mut(&s) {
+                session.recalling = session.recalling.saturating_sub(1);
+                session.lapsed |= !answered;
             }
         }
         // A mount whose stream is gone cannot answer: its lease must lapse.
@@ -873,6 +892,8 @@ impl Namespace for NamespaceService {
                 replies: VecDeque::new(),
                 opens: HashMap::new(),
                 callbacks: None,
+                recalling: 0,
+                lapsed: false,
             },
         );
         info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
@@ -889,8 +910,22 @@ impl Namespace for NamespaceService {
         self.check(&req)?;
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
-        served.with_session(r.session, |_| ())?;
-        Ok(Response::new(HeartbeatReply {}))
+        // Renews the session's leases, unless it may have missed a recall.
+        let now = Instant::now();
+        let renewed = served.with_session(r.session, |s| {
+            let ok = s.callbacks.is_some() && !s.lapsed && s.recalling == 0;
+            if ok {
+                served.leases.lock().expect("leases").renew(r.session, now);
+            }
+            ok
+        })?;
+        Ok(Response::new(HeartbeatReply {
+            renewed_ms: if renewed {
+                ATTR_TTL.as_millis() as u32
+            } else {
+                0
+            },
+        }))
     }
 
     async fn close_session(
@@ -908,7 +943,7 @@ impl Namespace for NamespaceService {
                 .await
                 .ok();
         }
-        Ok(Response::new(HeartbeatReply {}))
+        Ok(Response::new(HeartbeatReply::default()))
     }
 
     type CallbacksStream = std::pin::Pin<
@@ -923,7 +958,11 @@ impl Namespace for NamespaceService {
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        served.with_session(r.session, |s| s.callbacks = Some(tx))?;
+        // The mount drops everything it cached before it listens again.
+        served.with_session(r.session, |s| {
+            s.callbacks = Some(tx);
+            s.lapsed = false;
+        })?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
         )))
@@ -936,7 +975,7 @@ impl Namespace for NamespaceService {
         if let Some(done) = served.recalls.lock().expect("recalls").remove(&r.id) {
             let _ = done.send(());
         }
-        Ok(Response::new(HeartbeatReply {}))
+        Ok(Response::new(HeartbeatReply::default()))
     }
 
     async fn list_sessions(
@@ -1082,6 +1121,8 @@ mod tests {
                     replies: VecDeque::new(),
                     opens: HashMap::new(),
                     callbacks: None,
+                    recalling: 0,
+                    lapsed: false,
                 },
             );
         }

@@ -544,6 +544,19 @@ fn names_cached_on_one_host_follow_changes_made_on_another() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["r"]);
+
+    // Heartbeats renew the leases: what A and C learnt seconds ago (longer than a lease
+    // lasts unrenewed) is still recalled when B changes it.
+    fs::write(b.join("old"), b"1").unwrap();
+    assert_eq!(fs::metadata(a.join("old")).unwrap().len(), 1);
+    assert_eq!(fs::metadata(c.join("old")).unwrap().len(), 1);
+    assert!(!a.join("later").exists() && !c.join("later").exists());
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    fs::write(b.join("old"), b"22").unwrap();
+    fs::write(b.join("later"), b"x").unwrap();
+    assert_eq!(fs::metadata(a.join("old")).unwrap().len(), 2);
+    assert_eq!(fs::metadata(c.join("old")).unwrap().len(), 2);
+    assert!(a.join("later").exists() && c.join("later").exists());
 }
 
 #[test]
