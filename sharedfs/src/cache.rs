@@ -30,10 +30,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use shoal_proto::ns::Attr;
+use shoal_proto::ns::{Attr, DirEntryPlus};
 
 /// Entries kept at most; past this the cache starts over (a bound, not a tuning knob).
 const MAX_ENTRIES: usize = 200_000;
+/// Lookups of unknown names in one directory before the mount reads the whole
+/// directory with attributes (a "statahead": `ls -l`, `find`, a stat loop).
+const MISSES_BEFORE_LISTING: u32 = 4;
 
 /// What a request saw of the cache when it was sent.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +78,8 @@ pub enum Effect {
     },
     /// A name was removed (unlink, rmdir).
     Removed { parent: u64, name: Vec<u8> },
+    /// A listing with attributes of part of the directory (`readdirplus`).
+    Listed { parent: u64 },
     /// A rename (`exchange`: the two names swapped).
     Renamed {
         parent: u64,
@@ -92,7 +97,8 @@ impl Effect {
             Effect::None => vec![],
             Effect::Looked { parent, .. }
             | Effect::Added { parent, .. }
-            | Effect::Removed { parent, .. } => vec![*parent],
+            | Effect::Removed { parent, .. }
+            | Effect::Listed { parent } => vec![*parent],
             Effect::Renamed {
                 parent, new_parent, ..
             } => vec![*parent, *new_parent],
@@ -112,6 +118,9 @@ pub struct Fresh<'a> {
     pub names_ttl: Duration,
     /// Inodes whose attributes the request changed.
     pub changed: &'a [u64],
+    /// Listed entries and how long their attributes may be cached.
+    pub listed: &'a [DirEntryPlus],
+    pub listed_ttl: Duration,
 }
 
 #[derive(Debug)]
@@ -126,6 +135,8 @@ struct Dir {
 pub struct Cache {
     epoch: u64,
     recalls: u64,
+    /// Unknown names looked up per directory since it was last listed.
+    misses: HashMap<u64, u32>,
     attrs: HashMap<u64, (Attr, Instant)>,
     dirs: HashMap<u64, Dir>,
 }
@@ -154,6 +165,32 @@ impl Cache {
             Some(None) => Name::Absent,
             None if d.complete => Name::Absent,
             None => Name::Unknown,
+        }
+    }
+
+    /// Counts a lookup of an unknown name in `parent`; true when the mount should list
+    /// the whole directory instead of asking name by name.
+    pub fn note_miss(&mut self, parent: u64) -> bool {
+        if self.misses.len() > 4096 {
+            self.misses.clear();
+        }
+        let n = self.misses.entry(parent).or_insert(0);
+        *n += 1;
+        if *n >= MISSES_BEFORE_LISTING {
+            self.misses.remove(&parent);
+            return true;
+        }
+        false
+    }
+
+    /// A listing of `parent` that began with ticket `first` went to its end: if nothing
+    /// changed since (no recall, no change of ours), every name in it is known.
+    pub fn listed_all(&mut self, parent: u64, first: Ticket, now: Instant) {
+        if first.epoch != self.epoch {
+            return;
+        }
+        if let Some(d) = self.dirs.get_mut(&parent).filter(|d| d.until > now) {
+            d.complete = true;
         }
     }
 
@@ -201,7 +238,10 @@ impl Cache {
         for ino in fresh.changed {
             self.attrs.remove(ino);
         }
-        let changes_names = !matches!(effect, Effect::None | Effect::Looked { .. });
+        let changes_names = !matches!(
+            effect,
+            Effect::None | Effect::Looked { .. } | Effect::Listed { .. }
+        );
         if !fresh.changed.is_empty() || changes_names {
             // Replies to requests already in flight may describe the state before this.
             self.epoch += 1;
@@ -254,6 +294,23 @@ impl Cache {
         }
         match effect {
             Effect::None => {}
+            Effect::Listed { parent } => {
+                let attr_until = t.sent + fresh.listed_ttl;
+                let keep_attrs = !fresh.listed_ttl.is_zero();
+                let d = self.dir(*parent, until);
+                for e in fresh.listed {
+                    if let Some(a) = &e.attr {
+                        d.names.insert(e.name.clone(), Some(a.ino));
+                    }
+                }
+                if keep_attrs {
+                    for e in fresh.listed {
+                        if let Some(a) = &e.attr {
+                            self.attrs.insert(a.ino, (*a, attr_until));
+                        }
+                    }
+                }
+            }
             Effect::Looked { parent, name, ino } => {
                 self.dir(*parent, until).names.insert(name.clone(), *ino);
             }
@@ -370,6 +427,7 @@ mod tests {
                 parents: vec![&p],
                 names_ttl: TTL,
                 changed: &[parent],
+                ..Default::default()
             },
             &Effect::Added {
                 parent,
@@ -396,6 +454,7 @@ mod tests {
                 parents: vec![],
                 names_ttl: TTL,
                 changed: &[],
+                ..Default::default()
             },
             &Effect::Looked {
                 parent,
@@ -477,6 +536,53 @@ mod tests {
         );
         c.renew(hb, TTL, t0 + Duration::from_millis(3300));
         assert!(c.attr(6, t0 + Duration::from_millis(5000)).is_some());
+    }
+
+    #[test]
+    fn a_listing_to_the_end_knows_every_name_unless_something_changed_meanwhile() {
+        let t0 = Instant::now();
+        let mut c = Cache::default();
+        let list = |c: &mut Cache, t: Ticket, names: &[(&str, u64)]| {
+            let listed: Vec<DirEntryPlus> = names
+                .iter()
+                .map(|(n, i)| DirEntryPlus {
+                    cookie: 0,
+                    name: n.as_bytes().to_vec(),
+                    attr: Some(attr(*i, 1)),
+                })
+                .collect();
+            c.settle(
+                t,
+                &Fresh {
+                    ok: true,
+                    names_ttl: TTL,
+                    listed: &listed,
+                    listed_ttl: TTL,
+                    ..Default::default()
+                },
+                &Effect::Listed { parent: ROOT },
+            );
+        };
+        assert!(!c.note_miss(ROOT) && !c.note_miss(ROOT) && !c.note_miss(ROOT));
+        assert!(c.note_miss(ROOT), "the fourth miss asks for a listing");
+        let first = c.ticket(t0);
+        list(&mut c, first, &[("a", 5), ("b", 6)]);
+        let t = c.ticket(t0);
+        list(&mut c, t, &[("c", 7)]);
+        c.listed_all(ROOT, first, t0);
+        assert_eq!(c.name(ROOT, b"c", t0), Name::Found(7));
+        assert_eq!(c.attr(6, t0).unwrap().0.size, 1);
+        assert_eq!(c.name(ROOT, b"zzz", t0), Name::Absent, "complete");
+        // A recall during a listing: the names seen are kept, but not "complete".
+        c.recall(&[ROOT]);
+        let first = c.ticket(t0);
+        list(&mut c, first, &[("a", 5)]);
+        c.recall(&[42]);
+        let t = c.ticket(t0);
+        list(&mut c, t, &[("b", 6)]);
+        c.listed_all(ROOT, first, t0);
+        assert_eq!(c.name(ROOT, b"b", t0), Name::Found(6));
+        assert_eq!(c.name(ROOT, b"zzz", t0), Name::Unknown);
     }
 
     #[test]

@@ -41,6 +41,10 @@ const MAX_IO: u32 = 1 << 20;
 /// The kernel's entry timeout: names are cached here, not in the kernel (see `cache.rs`).
 const TTL: Duration = Duration::ZERO;
 const READDIR_BATCH: u32 = 256;
+/// Entries per `readdirplus` call when the mount reads a whole directory.
+const LIST_BATCH: u32 = 512;
+/// A directory is read whole only up to this many entries.
+const LIST_MAX: usize = 16_384;
 
 /// How long the coordinator may stay unreachable before the mount asks its node to
 /// find (or become) the coordinator again.
@@ -390,6 +394,11 @@ impl Rpc {
                         parents: r.parents.iter().collect(),
                         names_ttl: Duration::from_millis(r.names_ttl_ms as u64),
                         changed: &r.changed,
+                        listed: match &r.result {
+                            Some(Res::EntriesPlus(e)) => &e.entries,
+                            _ => &[],
+                        },
+                        listed_ttl: ttl,
                     };
                     self.cache().settle(ticket, &fresh, &effect);
                     if r.errno != 0 {
@@ -561,6 +570,37 @@ impl Client {
         }
     }
 
+    /// Reads directory `dir` with attributes into the cache (up to [`LIST_MAX`] entries);
+    /// when it got to the end with nothing changed meanwhile, every name there is known.
+    fn list_dir(&self, req: &Request, dir: u64) {
+        let first = self.rpc.cache().ticket(std::time::Instant::now());
+        let mut cookie = FIRST_COOKIE;
+        let mut seen = 0;
+        while seen < LIST_MAX {
+            let r = self.rpc.call_names(
+                req,
+                Op::Readdirplus(ReadDir {
+                    ino: dir,
+                    cookie,
+                    limit: LIST_BATCH,
+                }),
+                &Effect::Listed { parent: dir },
+            );
+            let entries = match r {
+                Ok((Some(Res::EntriesPlus(e)), _)) => e.entries,
+                _ => return,
+            };
+            let Some(last) = entries.last() else {
+                self.rpc
+                    .cache()
+                    .listed_all(dir, first, std::time::Instant::now());
+                return;
+            };
+            cookie = last.cookie + 1;
+            seen += entries.len();
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn create_node(
         &self,
@@ -698,6 +738,26 @@ impl Filesystem for Client {
                 Name::Absent => Some(None),
                 Name::Unknown => None,
             }
+        };
+        let known = match known {
+            // Many unknown names asked for here: read the whole directory instead.
+            None if self.rpc.cache().note_miss(parent.0)
+                && self
+                    .rpc
+                    .cache()
+                    .attr(parent.0, now)
+                    .is_some_and(|(a, _)| a.size <= LIST_MAX as u64) =>
+            {
+                self.list_dir(req, parent.0);
+                let now = std::time::Instant::now();
+                let cache = self.rpc.cache();
+                match cache.name(parent.0, name.as_bytes(), now) {
+                    Name::Found(ino) => cache.attr(ino, now).map(Some),
+                    Name::Absent => Some(None),
+                    Name::Unknown => None,
+                }
+            }
+            known => known,
         };
         match known {
             Some(Some((a, ttl))) => {

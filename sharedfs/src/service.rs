@@ -31,6 +31,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 const REPLAY_DEPTH: usize = 128;
 /// Unlinked inodes freed per transaction by the expiry tick.
 const DESTROY_BATCH: usize = 64;
+/// Entries with attributes per reply at most (the fs lock is held while they are read).
+const READDIRPLUS_MAX: u32 = 512;
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
 /// How long one F_SETLKW call waits before the client asks again (it stays queued).
@@ -523,6 +525,25 @@ impl Served {
                     changed.extend(dst.ok());
                     Ok(None)
                 }
+                Op::Readdirplus(r) => {
+                    let limit = r.limit.clamp(1, READDIRPLUS_MAX) as usize;
+                    // The lease on the names first: a change after this read recalls it.
+                    self.lease_names(session, &mut fs, &[r.ino], false, names);
+                    let mut entries = Vec::new();
+                    let mut all = true;
+                    for e in fs.readdir(r.ino, r.cookie, limit)? {
+                        let Ok(i) = fs.getattr(e.ino) else { continue };
+                        self.hand_out(i.ino);
+                        all &= self.grant(session, i.ino);
+                        entries.push(DirEntryPlus {
+                            cookie: e.cookie,
+                            name: e.name,
+                            attr: Some(to_attr(&i)),
+                        });
+                    }
+                    leased.set(all && names.granted);
+                    Ok(Some(Res::EntriesPlus(EntriesPlus { entries })))
+                }
                 Op::Readdir(r) => {
                     let limit = r.limit.clamp(1, READDIR_MAX) as usize;
                     let entries = fs
@@ -784,6 +805,7 @@ fn mutates(op: &Option<Op>) -> bool {
             Op::Lookup(_)
                 | Op::Getattr(_)
                 | Op::Readdir(_)
+                | Op::Readdirplus(_)
                 | Op::Read(_)
                 | Op::Statfs(_)
                 | Op::Getxattr(_)

@@ -545,6 +545,29 @@ fn names_cached_on_one_host_follow_changes_made_on_another() {
     names.sort();
     assert_eq!(names, vec!["r"]);
 
+    // A directory C reads whole (a stat loop over names it did not know makes it list
+    // the directory with attributes) still follows changes made elsewhere.
+    fs::create_dir(b.join("many")).unwrap();
+    for i in 0..40 {
+        fs::write(b.join(format!("many/m{i}")), format!("{i}")).unwrap();
+    }
+    for i in 0..40 {
+        assert_eq!(
+            fs::metadata(c.join(format!("many/m{i}"))).unwrap().len(),
+            format!("{i}").len() as u64
+        );
+    }
+    assert!(!c.join("many/none").exists());
+    fs::write(b.join("many/new"), b"n").unwrap();
+    assert!(c.join("many/new").exists(), "a name made after the listing");
+    fs::remove_file(b.join("many/m7")).unwrap();
+    assert!(
+        !c.join("many/m7").exists(),
+        "a name removed after the listing"
+    );
+    fs::write(b.join("many/m8"), b"longer").unwrap();
+    assert_eq!(fs::metadata(c.join("many/m8")).unwrap().len(), 6);
+
     // Heartbeats renew the leases: what A and C learnt seconds ago (longer than a lease
     // lasts unrenewed) is still recalled when B changes it.
     fs::write(b.join("old"), b"1").unwrap();
