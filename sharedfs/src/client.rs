@@ -601,6 +601,25 @@ impl Client {
         }
     }
 
+    /// Unlink or rmdir (`op` makes the request from the name).
+    fn remove_name(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        op: fn(Entry) -> Op,
+        reply: ReplyEmpty,
+    ) {
+        let effect = Effect::Removed {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+        };
+        let r = self
+            .rpc
+            .call_names(req, op(entry_of(parent, name)), &effect);
+        self.empty(reply, r.map(|(r, _)| r));
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn create_node(
         &self,
@@ -890,25 +909,11 @@ impl Filesystem for Client {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let effect = Effect::Removed {
-            parent: parent.0,
-            name: name.as_bytes().to_vec(),
-        };
-        let r = self
-            .rpc
-            .call_names(req, Op::Unlink(entry_of(parent, name)), &effect);
-        self.empty(reply, r.map(|(r, _)| r));
+        self.remove_name(req, parent, name, Op::Unlink, reply);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let effect = Effect::Removed {
-            parent: parent.0,
-            name: name.as_bytes().to_vec(),
-        };
-        let r = self
-            .rpc
-            .call_names(req, Op::Rmdir(entry_of(parent, name)), &effect);
-        self.empty(reply, r.map(|(r, _)| r));
+        self.remove_name(req, parent, name, Op::Rmdir, reply);
     }
 
     fn symlink(

@@ -77,6 +77,22 @@ struct Session {
     lapsed: bool,
 }
 
+impl Session {
+    fn new(host: String, mountpoint: String, now: Instant) -> Self {
+        Session {
+            host,
+            mountpoint,
+            opened: now,
+            last_seen: now,
+            replies: VecDeque::new(),
+            opens: HashMap::new(),
+            callbacks: None,
+            recalling: 0,
+            lapsed: false,
+        }
+    }
+}
+
 /// What `inspect` shows of one session.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -904,20 +920,11 @@ impl Namespace for NamespaceService {
         // Random ids: a session of an earlier coordinator never matches a new one.
         let id = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
         let now = Instant::now();
-        served.sessions.lock().expect("sessions").insert(
-            id,
-            Session {
-                host: r.host.clone(),
-                mountpoint: r.mountpoint.clone(),
-                opened: now,
-                last_seen: now,
-                replies: VecDeque::new(),
-                opens: HashMap::new(),
-                callbacks: None,
-                recalling: 0,
-                lapsed: false,
-            },
-        );
+        served
+            .sessions
+            .lock()
+            .expect("sessions")
+            .insert(id, Session::new(r.host.clone(), r.mountpoint.clone(), now));
         info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
         Ok(Response::new(OpenSessionReply {
             session: id,
@@ -1133,20 +1140,10 @@ mod tests {
         let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE);
         let now = Instant::now();
         for id in [1, 2] {
-            s.sessions.lock().unwrap().insert(
-                id,
-                Session {
-                    host: format!("h{id}"),
-                    mountpoint: "/m".into(),
-                    opened: now,
-                    last_seen: now,
-                    replies: VecDeque::new(),
-                    opens: HashMap::new(),
-                    callbacks: None,
-                    recalling: 0,
-                    lapsed: false,
-                },
-            );
+            s.sessions
+                .lock()
+                .unwrap()
+                .insert(id, Session::new(format!("h{id}"), "/m".into(), now));
         }
         s
     }
