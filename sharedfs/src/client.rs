@@ -758,15 +758,17 @@ impl Filesystem for Client {
                 Name::Unknown => None,
             }
         };
-        let known = match known {
-            // Many unknown names asked for here: read the whole directory instead.
-            None if self.rpc.cache().note_miss(parent.0)
-                && self
-                    .rpc
-                    .cache()
+        // Many unknown names asked for here: read the whole directory instead (when it
+        // is known to be small enough).
+        let list = known.is_none() && {
+            let mut cache = self.rpc.cache();
+            cache.note_miss(parent.0)
+                && cache
                     .attr(parent.0, now)
-                    .is_some_and(|(a, _)| a.size <= LIST_MAX as u64) =>
-            {
+                    .is_some_and(|(a, _)| a.size <= LIST_MAX as u64)
+        };
+        let known = match known {
+            None if list => {
                 self.list_dir(req, parent.0);
                 let now = std::time::Instant::now();
                 let cache = self.rpc.cache();
