@@ -177,8 +177,26 @@ impl Rpc {
     /// session, a new coordinator).
     fn callback_loop(self: Arc<Self>, notifier: fuser::Notifier) {
         std::thread::spawn(move || {
+            // Its own runtime and connection: a recall and its acknowledgement then run on
+            // this thread alone, without hand-offs to the node's runtime (every change to
+            // something this mount caches waits for that acknowledgement).
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(volume = %self.volume_id, error = %e, "no runtime for recalls: nothing is cached");
+                    return;
+                }
+            };
             while !self.stopping.load(Ordering::Relaxed) {
-                let mut c = self.client();
+                let addr = self.addr.read().expect("addr").clone();
+                let private = {
+                    let _in = rt.enter();
+                    (self.private)(&addr)
+                };
+                let mut c = private.unwrap_or_else(|| self.client());
                 let session = self.session.load(Ordering::SeqCst);
                 let req = HeartbeatRequest {
                     volume_id: self.volume_id.clone(),
@@ -186,14 +204,14 @@ impl Rpc {
                 };
                 // Recalls may have been missed while not listening: start afresh.
                 self.cache().clear();
-                let mut stream = match self.rt.block_on(c.callbacks(req)) {
+                let mut stream = match rt.block_on(c.callbacks(req)) {
                     Ok(s) => s.into_inner(),
                     Err(_) => {
                         std::thread::sleep(Duration::from_millis(200));
                         continue;
                     }
                 };
-                while let Ok(Some(recall)) = self.rt.block_on(stream.message()) {
+                while let Ok(Some(recall)) = rt.block_on(stream.message()) {
                     self.cache.lock().expect("cache").recall(&recall.inodes);
                     for ino in &recall.inodes {
                         // Negative offset: attributes only (file data is not cached).
@@ -204,7 +222,7 @@ impl Rpc {
                         session,
                         id: recall.id,
                     };
-                    let _ = self.rt.block_on(c.ack(ack));
+                    let _ = rt.block_on(c.ack(ack));
                 }
             }
         });
