@@ -35,8 +35,12 @@ use shoal_proto::ns::{Attr, DirEntryPlus};
 /// Entries kept at most; past this the cache starts over (a bound, not a tuning knob).
 const MAX_ENTRIES: usize = 200_000;
 /// Lookups of unknown names in one directory before the mount reads the whole
-/// directory with attributes (a "statahead": `ls -l`, `find`, a stat loop).
+/// directory with attributes (a "statahead": `ls -l`, `find`, a stat loop)...
 const MISSES_BEFORE_LISTING: u32 = 4;
+/// ...and at least one per this many entries, so a listing (one call per 512 entries)
+/// costs at most an eighth of the calls the misses took, even when another host keeps
+/// changing the directory and so keeps making the listing stale.
+const ENTRIES_PER_MISS: u64 = 64;
 
 /// What a request saw of the cache when it was sent.
 #[derive(Debug, Clone, Copy)]
@@ -168,15 +172,16 @@ impl Cache {
         }
     }
 
-    /// Counts a lookup of an unknown name in `parent`; true when the mount should list
-    /// the whole directory instead of asking name by name.
-    pub fn note_miss(&mut self, parent: u64) -> bool {
+    /// Counts a lookup of an unknown name in `parent`, a directory of `entries`; true
+    /// when the mount should list the whole directory instead of asking name by name.
+    pub fn note_miss(&mut self, parent: u64, entries: u64) -> bool {
         if self.misses.len() > 4096 {
             self.misses.clear();
         }
         let n = self.misses.entry(parent).or_insert(0);
         *n += 1;
-        if *n >= MISSES_BEFORE_LISTING {
+        let due = (MISSES_BEFORE_LISTING as u64).max(entries / ENTRIES_PER_MISS);
+        if *n as u64 >= due {
             self.misses.remove(&parent);
             return true;
         }
@@ -563,8 +568,11 @@ mod tests {
                 &Effect::Listed { parent: ROOT },
             );
         };
-        assert!(!c.note_miss(ROOT) && !c.note_miss(ROOT) && !c.note_miss(ROOT));
-        assert!(c.note_miss(ROOT), "the fourth miss asks for a listing");
+        assert!(!c.note_miss(ROOT, 3) && !c.note_miss(ROOT, 3) && !c.note_miss(ROOT, 3));
+        assert!(c.note_miss(ROOT, 3), "the fourth miss asks for a listing");
+        // A big directory is listed only after a miss per 64 entries.
+        let asked = (1..=200).find(|_| c.note_miss(7, 10_000));
+        assert_eq!(asked, Some(156));
         let first = c.ticket(t0);
         list(&mut c, first, &[("a", 5), ("b", 6)]);
         let t = c.ticket(t0);

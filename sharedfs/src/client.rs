@@ -777,13 +777,13 @@ impl Filesystem for Client {
             }
         };
         // Many unknown names asked for here: read the whole directory instead (when it
-        // is known to be small enough).
+        // is known to be small enough; the bigger, the more misses first: `cache.rs`).
         let list = known.is_none() && {
             let mut cache = self.rpc.cache();
-            cache.note_miss(parent.0)
-                && cache
-                    .attr(parent.0, now)
-                    .is_some_and(|(a, _)| a.size <= LIST_MAX as u64)
+            match cache.attr(parent.0, now) {
+                Some((a, _)) if a.size <= LIST_MAX as u64 => cache.note_miss(parent.0, a.size),
+                _ => false,
+            }
         };
         let known = match known {
             None if list => {
