@@ -115,6 +115,25 @@ const READ_CACHE_BYTES: u64 = 64 << 20;
 /// How one replica answered.
 type Answer = (String, Result<(), Error>);
 
+/// What a remote call run as a task with a timeout came to.
+type RemoteOutcome = std::result::Result<
+    std::result::Result<std::result::Result<(), tonic::Status>, tokio::time::error::Elapsed>,
+    tokio::task::JoinError,
+>;
+
+/// A remote replica's answer as an error of ours.
+fn remote_answer(node: &str, res: RemoteOutcome, timeout: Duration) -> Result<()> {
+    match res {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(status))) => Err(Error::from(status)),
+        Ok(Err(_)) => Err(Error::NodeUnreachable {
+            node: node.to_string(),
+            reason: format!("no answer within {timeout:?}"),
+        }),
+        Err(e) => Err(Error::Internal(e.to_string())),
+    }
+}
+
 impl VolumeIo {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -305,15 +324,7 @@ impl VolumeIo {
             answers.push((self.local_node.clone(), local()));
         }
         for (node, handle) in pending {
-            let res = match self.rt.block_on(handle) {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(status))) => Err(Error::from(status)),
-                Ok(Err(_)) => Err(Error::NodeUnreachable {
-                    node: node.clone(),
-                    reason: format!("no answer within {timeout:?}"),
-                }),
-                Err(e) => Err(Error::Internal(e.to_string())),
-            };
+            let res = remote_answer(&node, self.rt.block_on(handle), timeout);
             answers.push((node, res));
         }
         answers
@@ -368,29 +379,21 @@ impl VolumeIo {
                 }
                 let mut retry = Vec::new();
                 for ((node, addr), call) in remotes.iter().zip(calls) {
-                    let res = match call.await {
-                        Ok(Ok(Ok(()))) => Ok(()),
-                        // The connection broke (it may have idled out): once more on the
-                        // node's shared one before calling the replica failed.
-                        Ok(Ok(Err(status)))
-                            if matches!(
-                                status.code(),
-                                tonic::Code::Unavailable
-                                    | tonic::Code::Unknown
-                                    | tonic::Code::Cancelled
-                            ) =>
-                        {
+                    let res = call.await;
+                    // The connection broke (it may have idled out): once more on the
+                    // node's shared one before calling the replica failed.
+                    if let Ok(Ok(Err(status))) = &res {
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled
+                        ) {
                             retry.push((node.clone(), addr.clone()));
                             continue;
                         }
-                        Ok(Ok(Err(status))) => Err(Error::from(status)),
-                        Ok(Err(_)) => Err(Error::NodeUnreachable {
-                            node: node.clone(),
-                            reason: format!("no answer within {timeout:?}"),
-                        }),
-                        Err(e) => Err(Error::Internal(e.to_string())),
-                    };
-                    answers.push((node.clone(), res));
+                    }
+                    answers.push((node.clone(), remote_answer(node, res, timeout)));
                 }
                 (answers, retry)
             })
@@ -401,11 +404,8 @@ impl VolumeIo {
             for (_, addr) in &retry {
                 thread_io::forget(addr);
             }
-            answers.extend(
-                self.fan_out_shared(&again, call, || Ok(()))
-                    .into_iter()
-                    .filter(|(n, _)| again.contains(n)),
-            );
+            // Only remote nodes are in `again`: the local write is not repeated.
+            answers.extend(self.fan_out_shared(&again, call, || Ok(())));
         }
         Some(answers)
     }

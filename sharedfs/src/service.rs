@@ -193,14 +193,9 @@ impl Served {
         if self.keep(ino, now) {
             return;
         }
-        let mut fs = self.fs.lock().expect("fs");
-        match fs.getattr(ino) {
-            Ok(i) if i.nlink == 0 => {
-                if let Err(e) = fs.destroy(ino) {
-                    warn!(volume = %self.volume_id, ino, error = %e, "freeing an unlinked file failed");
-                }
-            }
-            _ => {}
+        // Leaves it alone if it got a name again meanwhile.
+        if let Err(e) = self.fs.lock().expect("fs").destroy_many(&[ino]) {
+            warn!(volume = %self.volume_id, ino, error = %e, "freeing an unlinked file failed");
         }
     }
 
