@@ -27,6 +27,7 @@ pub mod placement;
 pub mod pool;
 pub mod range_lock;
 pub mod read_cache;
+pub mod reconcile;
 pub mod records;
 pub mod replication;
 pub mod resync;

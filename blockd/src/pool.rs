@@ -30,6 +30,18 @@ const STRIPES: usize = 64;
 pub struct Stamp {
     pub epoch: u64,
     pub version: u64,
+    /// The coordinator's completion watermark (every version below it is on every
+    /// in-sync replica); 0 for a resync copy, which says nothing about it.
+    pub complete_below: u64,
+}
+
+/// What a replica answers when it is opened (fenced) by a coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// The epoch it follows now.
+    pub epoch: u64,
+    /// The highest completion watermark any coordinator sent it.
+    pub complete_below: u64,
 }
 
 /// One replica file.
@@ -227,6 +239,7 @@ impl Pool {
         self.account(&r)?;
         res.map_err(|e| self.io_error(e))?;
         r.versions.set(regions, stamp.version, true)?;
+        r.versions.note_complete(stamp.complete_below);
         drop(guards);
         if fua {
             r.file.sync_data()?;
@@ -276,15 +289,16 @@ impl Pool {
     }
 
     /// Fences the replica at `epoch` (refusing older coordinators from now on) and
-    /// returns the epoch it follows. Creates the (empty, sparse) replica if missing.
-    /// Writes below `min_version` are refused from now on (0 leaves that as it is).
+    /// returns the epoch it follows and its completion watermark. Creates the (empty,
+    /// sparse) replica if missing. Writes below `min_version` are refused from now on (0
+    /// leaves that as it is).
     pub fn open_replica(
         &self,
         volume_id: &str,
         size: u64,
         epoch: u64,
         min_version: u64,
-    ) -> Result<u64> {
+    ) -> Result<Opened> {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
@@ -293,7 +307,10 @@ impl Pool {
         let all = r.lock(0..STRIPES as u64);
         r.floor.fetch_max(min_version, Ordering::SeqCst);
         drop(all);
-        Ok(r.versions.epoch())
+        Ok(Opened {
+            epoch: r.versions.epoch(),
+            complete_below: r.versions.complete_below(),
+        })
     }
 
     /// Regions whose version is above `after`, with their versions.
@@ -394,6 +411,7 @@ impl Pool {
         Self::refuse_late(&r, stamp)?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
+        r.versions.note_complete(stamp.complete_below);
         self.account(&r)
     }
 
@@ -495,6 +513,7 @@ mod tests {
     const S: Stamp = Stamp {
         epoch: 1,
         version: 5,
+        complete_below: 0,
     };
 
     #[test]
@@ -567,7 +586,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
         let size = 16 * MIB;
-        let st = |version| Stamp { epoch: 1, version };
+        let st = |version| Stamp {
+            epoch: 1,
+            version,
+            complete_below: 0,
+        };
         // Two writes to one region that do not overlap may arrive in either order; the
         // region keeps the newer version.
         pool.write("v", size, 4096, b"new", false, st(12)).unwrap();
@@ -593,7 +616,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
         let size = 16 * MIB;
-        let st = |epoch, version| Stamp { epoch, version };
+        let st = |epoch, version| Stamp {
+            epoch,
+            version,
+            complete_below: 0,
+        };
         pool.write("v", size, 3 * MIB + 10, b"abc", false, st(1, 7))
             .unwrap();
         pool.write(
@@ -614,7 +641,7 @@ mod tests {
             vec![(5, 8), (6, 8)]
         );
         // A new coordinator fences the replica; the old one is refused everywhere.
-        assert_eq!(pool.open_replica("v", size, 2, 0).unwrap(), 2);
+        assert_eq!(pool.open_replica("v", size, 2, 0).unwrap().epoch, 2);
         let err = pool.write("v", size, 0, b"x", false, st(1, 9)).unwrap_err();
         assert!(err.to_string().contains("stale epoch"), "{err}");
         assert!(pool.flush("v", size, 1).is_err());

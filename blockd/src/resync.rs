@@ -189,12 +189,19 @@ async fn follow_record(
 }
 
 /// A replica, seen from the resync: this node's pool or a remote node.
-struct Side<'a> {
+pub(crate) struct Side<'a> {
     io: &'a VolumeIo,
     node: String,
 }
 
-impl Side<'_> {
+impl<'a> Side<'a> {
+    pub(crate) fn new(io: &'a VolumeIo, node: &str) -> Self {
+        Self {
+            io,
+            node: node.to_string(),
+        }
+    }
+
     /// Fences the replica at this coordinator's epoch; from now on it refuses writes
     /// below `min_version`.
     fn open(&self, min_version: u64) -> Result<()> {
@@ -213,7 +220,7 @@ impl Side<'_> {
         self.call(async move { c.open(req).await.map(|_| ()) })
     }
 
-    fn changed(&self, after: u64) -> Result<Vec<(u64, u64)>> {
+    pub(crate) fn changed(&self, after: u64) -> Result<Vec<(u64, u64)>> {
         let io = self.io;
         if io.is_local(&self.node) {
             return io.pool().changed_regions(&io.volume_id, io.size(), after);
@@ -229,7 +236,7 @@ impl Side<'_> {
         })
     }
 
-    fn read_region(&self, region: u64) -> Result<(Vec<u8>, u64)> {
+    pub(crate) fn read_region(&self, region: u64) -> Result<(Vec<u8>, u64)> {
         let io = self.io;
         if io.is_local(&self.node) {
             return io.pool().read_region(&io.volume_id, io.size(), region);
@@ -245,11 +252,12 @@ impl Side<'_> {
         })
     }
 
-    fn write_region(&self, region: u64, data: Vec<u8>, version: u64) -> Result<()> {
+    pub(crate) fn write_region(&self, region: u64, data: Vec<u8>, version: u64) -> Result<()> {
         let io = self.io;
         let stamp = Stamp {
             epoch: io.epoch,
             version,
+            complete_below: 0,
         };
         if io.is_local(&self.node) {
             return io

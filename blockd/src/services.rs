@@ -158,6 +158,7 @@ impl Block for BlockService {
         let stamp = Stamp {
             epoch: r.epoch,
             version: r.version,
+            complete_below: r.complete_below,
         };
         let inline = !r.fua && r.data.len() <= INLINE_WRITE_MAX;
         let write = move |n: &Node| {
@@ -196,6 +197,7 @@ impl Block for BlockService {
         let stamp = Stamp {
             epoch: r.epoch,
             version: r.version,
+            complete_below: r.complete_below,
         };
         self.blocking(move |n| {
             n.pool
@@ -209,13 +211,16 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
-        let epoch = self
+        let opened = self
             .blocking(move |n| {
                 n.pool
                     .open_replica(&rep.volume_id, rep.size_bytes, r.epoch, r.min_version)
             })
             .await?;
-        Ok(Response::new(bpb::OpenReply { epoch }))
+        Ok(Response::new(bpb::OpenReply {
+            epoch: opened.epoch,
+            complete_below: opened.complete_below,
+        }))
     }
 
     async fn changed_regions(&self, req: Request<bpb::ChangedRequest>) -> Reply<bpb::ChangedReply> {
@@ -252,6 +257,7 @@ impl Block for BlockService {
         let stamp = Stamp {
             epoch: r.epoch,
             version: r.version,
+            complete_below: 0,
         };
         self.blocking(move |n| {
             n.pool

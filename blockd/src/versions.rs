@@ -7,8 +7,8 @@
 //! resync). Versions put the coordinator's epoch in the high bits, so every version of a
 //! newer coordinator is above every version of an older one.
 //!
-//! The file `<volume-id>.ver` holds a 4 KiB header (magic, format version, epoch) and
-//! then one little-endian u64 per region. It is sparse: regions never written take no
+//! The file `<volume-id>.ver` holds a 4 KiB header (magic, format version, epoch, and
+//! the completion watermark) and then one little-endian u64 per region. It is sparse: regions never written take no
 //! space and read as version 0. Memory does not grow with the volume: nothing here is
 //! cached beyond the epoch.
 
@@ -51,6 +51,9 @@ pub fn regions_of(offset: u64, len: u64) -> std::ops::Range<u64> {
 pub struct RegionVersions {
     file: File,
     epoch: AtomicU64,
+    /// The highest completion watermark a coordinator sent: every version below it was
+    /// on every in-sync replica when it was sent. Written to the header at each sync.
+    complete_below: AtomicU64,
     /// Serializes epoch changes (rare) so the header is written in order.
     epoch_lock: Mutex<()>,
 }
@@ -64,15 +67,15 @@ impl RegionVersions {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let mut header = [0u8; 24];
+        let mut header = [0u8; 32];
         let n = file.read_at(&mut header, 0)?;
-        let epoch = if n == 0 {
-            let mut h = [0u8; 24];
+        let (epoch, complete_below) = if n == 0 {
+            let mut h = [0u8; 32];
             h[..8].copy_from_slice(MAGIC);
             h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
             file.write_all_at(&h, 0)?;
             file.sync_data()?;
-            0
+            (0, 0)
         } else {
             let corrupt = |why: &str| Error::CorruptRecord {
                 key: path.display().to_string(),
@@ -87,11 +90,19 @@ impl RegionVersions {
                     "format version {v} is newer than this node understands"
                 )));
             }
-            u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"))
+            let epoch = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+            // A file written before the watermark existed has none (reads as 0).
+            let complete = if n >= 32 {
+                u64::from_le_bytes(header[24..32].try_into().expect("8 bytes"))
+            } else {
+                0
+            };
+            (epoch, complete)
         };
         Ok(Self {
             file,
             epoch: AtomicU64::new(epoch),
+            complete_below: AtomicU64::new(complete_below),
             epoch_lock: Mutex::new(()),
         })
     }
@@ -140,10 +151,23 @@ impl RegionVersions {
         Ok(())
     }
 
-    /// Makes every recorded version durable.
+    /// Makes every recorded version durable, and the completion watermark with them.
     pub fn sync(&self) -> Result<()> {
+        let w = self.complete_below();
+        self.file.write_all_at(&w.to_le_bytes(), 24)?;
         self.file.sync_data()?;
         Ok(())
+    }
+
+    /// Notes a coordinator's completion watermark (see `complete_below`); only raises it.
+    pub fn note_complete(&self, below: u64) {
+        self.complete_below.fetch_max(below, Ordering::AcqRel);
+    }
+
+    /// The highest completion watermark any coordinator sent (0: none known). A fact
+    /// that stays true: every version below it reached every replica then in sync.
+    pub fn complete_below(&self) -> u64 {
+        self.complete_below.load(Ordering::Acquire)
     }
 
     /// Every region whose version is above `after`, in ascending order, with its version.
@@ -235,5 +259,22 @@ mod tests {
         assert_eq!(v.epoch(), 3, "epoch survives reopen");
         assert!(v.admit(2).unwrap_err().to_string().contains("stale epoch"));
         assert_eq!(v.get(100_001).unwrap(), 20);
+    }
+
+    #[test]
+    fn the_completion_watermark_only_rises_and_survives_a_sync_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.ver");
+        let v = RegionVersions::open(&p).unwrap();
+        assert_eq!(v.complete_below(), 0);
+        v.note_complete(50);
+        v.note_complete(40); // an older write's watermark arriving late
+        assert_eq!(v.complete_below(), 50);
+        v.sync().unwrap();
+        v.note_complete(60); // not synced: may be lost, which only widens a reconcile
+        drop(v);
+        let v = RegionVersions::open(&p).unwrap();
+        assert_eq!(v.complete_below(), 50);
+        assert_eq!(v.epoch(), 0, "the watermark does not touch the epoch");
     }
 }

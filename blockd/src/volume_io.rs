@@ -230,9 +230,12 @@ impl VolumeIo {
 
     /// Fences every in-sync replica at this coordinator's epoch. Replicas that do not
     /// answer leave the in-sync set; at least one must answer.
+    /// Then makes the in-sync replicas equal where the previous coordinator's unfinished
+    /// writes may have left them different (`reconcile`).
     pub fn open(&self) -> Result<()> {
         let replica = self.replica_ref();
         let epoch = self.epoch;
+        let complete_below = Arc::new(AtomicU64::new(0));
         let answers = self.fan_out(
             &self.in_sync(),
             |mut c| {
@@ -241,19 +244,28 @@ impl VolumeIo {
                     epoch,
                     min_version: 0,
                 };
-                async move { c.open(req).await.map(|_| ()) }
+                let seen = complete_below.clone();
+                async move {
+                    let r = c.open(req).await?.into_inner();
+                    seen.fetch_max(r.complete_below, Ordering::SeqCst);
+                    Ok(())
+                }
             },
             || {
-                self.pool
-                    .open_replica(&self.volume_id, self.size, epoch, 0)
-                    .map(|_| ())
+                let r = self
+                    .pool
+                    .open_replica(&self.volume_id, self.size, epoch, 0)?;
+                complete_below.fetch_max(r.complete_below, Ordering::SeqCst);
+                Ok(())
             },
         );
         // Writes of the previous coordinator that were not acknowledged may have reached
         // only some replicas: a replica that left now is resynced from the start of the
         // previous epoch, which covers them.
         let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
-        self.settle(answers, Some(watermark))
+        self.settle(answers, Some(watermark))?;
+        crate::reconcile::reconcile(self, complete_below.load(Ordering::SeqCst))?;
+        Ok(())
     }
 
     /// Runs `call` against every remote replica among `nodes` in parallel, and `local`
@@ -459,7 +471,7 @@ impl VolumeIo {
 
     /// Records in the metadata store that `failed` left the in-sync set, holding every
     /// version up to `at`. Refuses if this coordinator is no longer the volume's.
-    fn remove_from_in_sync(&self, failed: &[String], at: u64) -> Result<()> {
+    pub(crate) fn remove_from_in_sync(&self, failed: &[String], at: u64) -> Result<()> {
         let key = self.keys.volume(&self.volume_id);
         let epoch = self.epoch;
         let me = self.local_node.clone();
@@ -526,7 +538,7 @@ impl VolumeIo {
         &self,
         offset: u64,
         len: u64,
-        call: impl Fn(u64) -> F,
+        call: impl Fn(Stamp) -> F,
         local: impl FnOnce(Stamp) -> Result<()>,
         on_cache: impl FnOnce(&ReadCache, bool),
     ) -> Result<()>
@@ -538,14 +550,22 @@ impl VolumeIo {
         let _barrier = self.barrier.read().expect("barrier");
         let _range = self.lock_range(offset, len);
         let version = self.next_version.fetch_add(1, Ordering::SeqCst);
-        self.inflight.lock().expect("inflight").insert(version);
+        // The oldest write not finished everywhere (this one at the latest): every
+        // version below it is on every in-sync replica. Replicas keep it, so a successor
+        // of this coordinator reconciles only what was written from there on.
+        let complete_below = {
+            let mut inflight = self.inflight.lock().expect("inflight");
+            inflight.insert(version);
+            *inflight.first().expect("just inserted")
+        };
         let stamp = Stamp {
             epoch: self.epoch,
             version,
+            complete_below,
         };
         let targets = self.write_set();
         self.raise_pending_floors(&targets)?;
-        let answers = self.fan_out_sized(&targets, call(version), || local(stamp), len as usize);
+        let answers = self.fan_out_sized(&targets, call(stamp), || local(stamp), len as usize);
         let unanswered: Vec<String> = answers
             .iter()
             .filter(|(n, r)| r.is_err() && *n != self.local_node)
@@ -633,7 +653,7 @@ impl VolumeIo {
         self.versioned(
             offset,
             data.len() as u64,
-            |version| {
+            |stamp| {
                 let payload = payload.clone();
                 let replica = replica.clone();
                 move |mut c: PeerBlockClient| {
@@ -643,7 +663,8 @@ impl VolumeIo {
                         data: payload.clone(),
                         fua,
                         epoch,
-                        version,
+                        version: stamp.version,
+                        complete_below: stamp.complete_below,
                     };
                     async move { c.write(req).await.map(|_| ()) }
                 }
@@ -669,7 +690,7 @@ impl VolumeIo {
         self.versioned(
             offset,
             len,
-            |version| {
+            |stamp| {
                 let replica = replica.clone();
                 move |mut c: PeerBlockClient| {
                     let req = DiscardRequest {
@@ -677,7 +698,8 @@ impl VolumeIo {
                         offset,
                         length: len,
                         epoch,
-                        version,
+                        version: stamp.version,
+                        complete_below: stamp.complete_below,
                     };
                     async move { c.discard(req).await.map(|_| ()) }
                 }

@@ -107,6 +107,7 @@ impl Block for FakeReplica {
         self.act().await?;
         Ok(Response::new(OpenReply {
             epoch: r.into_inner().epoch,
+            complete_below: 0,
         }))
     }
     async fn changed_regions(
