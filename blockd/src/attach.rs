@@ -295,29 +295,8 @@ impl Node {
     /// Mounts the device filesystem and, for ext4, the loop device (formatting it on
     /// first attach). Returns the attachment and the device path users see.
     async fn expose(&self, rec: &VolumeRecord) -> Result<(Attachment, String)> {
-        let mut clients = HashMap::new();
-        let mut addresses = HashMap::new();
-        for node_id in rec.replicas.iter().filter(|n| **n != self.id) {
-            let n = self.node_record(node_id).await?;
-            clients.insert(node_id.clone(), self.peers.block(&n.address)?);
-            addresses.insert(node_id.clone(), n.address.clone());
-        }
-        let io = Arc::new(VolumeIo::new(
-            rec,
-            self.id.clone(),
-            self.pool.clone(),
-            volume_io::targets(rec, &self.id, &clients),
-            self.meta.clone(),
-            self.keys.clone(),
-            self.cfg.replica_timeout,
-            tokio::runtime::Handle::current(),
-        ));
-        io.use_thread_io(self.peers.clone(), addresses);
         // Fence every in-sync replica at the new epoch before serving a single request.
-        let opener = io.clone();
-        tokio::task::spawn_blocking(move || opener.open())
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        let io = self.open_volume_io(rec, false).await?;
         if rec.shared {
             let hooks = self.shared_hooks()?;
             let (r, served) = (rec.clone(), io.clone());
@@ -389,6 +368,42 @@ impl Node {
                 Err(e)
             }
         }
+    }
+
+    /// The replicated I/O of a volume this node just claimed at `rec.epoch`, opened:
+    /// every in-sync replica fenced at that epoch and reconciled. `upkeep`: the claim of
+    /// a detached volume's upkeep (no attached node in the record).
+    pub(crate) async fn open_volume_io(
+        &self,
+        rec: &VolumeRecord,
+        upkeep: bool,
+    ) -> Result<Arc<VolumeIo>> {
+        let mut clients = HashMap::new();
+        let mut addresses = HashMap::new();
+        for node_id in rec.replicas.iter().filter(|n| **n != self.id) {
+            let n = self.node_record(node_id).await?;
+            clients.insert(node_id.clone(), self.peers.block(&n.address)?);
+            addresses.insert(node_id.clone(), n.address.clone());
+        }
+        let io = Arc::new(VolumeIo::new(
+            rec,
+            self.id.clone(),
+            self.pool.clone(),
+            volume_io::targets(rec, &self.id, &clients),
+            self.meta.clone(),
+            self.keys.clone(),
+            self.cfg.replica_timeout,
+            tokio::runtime::Handle::current(),
+        ));
+        if upkeep {
+            io.for_upkeep();
+        }
+        io.use_thread_io(self.peers.clone(), addresses);
+        let opener = io.clone();
+        tokio::task::spawn_blocking(move || opener.open())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(io)
     }
 
     /// Starts the volume's resync worker; setting the returned flag stops it.

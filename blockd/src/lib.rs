@@ -16,6 +16,7 @@
 
 pub mod attach;
 pub mod config;
+pub mod detached;
 pub mod device_fs;
 pub mod error;
 pub mod host;

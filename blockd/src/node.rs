@@ -164,6 +164,7 @@ impl Node {
         self.clean_stale_attachments().await;
         tokio::spawn(announce_loop(self.clone()));
         tokio::spawn(gc_loop(self.clone()));
+        tokio::spawn(crate::detached::upkeep_loop(self.clone()));
 
         let control = ControlServer::new(ControlService(self.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);

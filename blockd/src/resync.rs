@@ -96,7 +96,7 @@ pub fn spawn(io: Arc<VolumeIo>, ctx: WorkerCtx) {
 /// Adopts replica list changes from the volume record (ha-update), and replaces a
 /// replica whose node has been offline longer than `rebuild_after` (when a spare node
 /// is online): the new replica starts empty and the resync gives it a full copy.
-async fn follow_record(
+pub(crate) async fn follow_record(
     io: &VolumeIo,
     ctx: &WorkerCtx,
     down_since: &mut HashMap<String, Instant>,
@@ -331,7 +331,7 @@ fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
 }
 
 /// Catches one replica up; returns the bytes copied.
-fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
+pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
     let rec = record(io)?;
     let since = rec.left_at.get(node).copied().unwrap_or(0);
     let previous = rec.resync.get(node).cloned();

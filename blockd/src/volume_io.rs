@@ -89,6 +89,9 @@ pub struct VolumeIo {
     pub rt: tokio::runtime::Handle,
     /// Set once this node learns the volume has a newer coordinator: it serves nothing.
     fenced: std::sync::atomic::AtomicBool,
+    /// Opened by the upkeep of a detached volume (`detached.rs`): the record names no
+    /// attached node while it runs, and only the epoch says who owns the volume.
+    upkeep: std::sync::atomic::AtomicBool,
     /// Pages read over the network, kept write-through (only when this node held no
     /// replica at attach: local reads are served by the replica file's page cache).
     cache: Option<ReadCache>,
@@ -169,6 +172,7 @@ impl VolumeIo {
             timeout,
             rt,
             fenced: std::sync::atomic::AtomicBool::new(false),
+            upkeep: std::sync::atomic::AtomicBool::new(false),
             thread_peers: RwLock::new(None),
         }
     }
@@ -177,6 +181,12 @@ impl VolumeIo {
     /// calling thread (see `thread_io`). Replicas not listed use the node's runtime.
     pub fn use_thread_io(&self, peers: Arc<Peers>, addresses: HashMap<String, String>) {
         *self.thread_peers.write().expect("thread peers") = Some(ThreadPeers { peers, addresses });
+    }
+
+    /// Marks this as the upkeep of a detached volume: record updates expect no attached
+    /// node (and this epoch) instead of this node attached.
+    pub fn for_upkeep(&self) {
+        self.upkeep.store(true, Ordering::SeqCst);
     }
 
     /// Stops serving: another node coordinates this volume now.
@@ -477,6 +487,7 @@ impl VolumeIo {
         let me = self.local_node.clone();
         let meta = self.meta.clone();
         let failed_owned = failed.to_vec();
+        let upkeep = self.upkeep.load(Ordering::SeqCst);
         let result: Result<()> = self.rt.block_on(async move {
             loop {
                 let kv = meta
@@ -484,7 +495,8 @@ impl VolumeIo {
                     .await?
                     .ok_or_else(|| Error::NotFound("volume record".into()))?;
                 let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
-                if rec.epoch != epoch || rec.attached_node.as_deref() != Some(me.as_str()) {
+                let owner = (!upkeep).then_some(me.as_str());
+                if rec.epoch != epoch || rec.attached_node.as_deref() != owner {
                     return Err(Error::Fenced(format!(
                         "this node is no longer the coordinator (epoch {} now, ours {epoch})",
                         rec.epoch

@@ -203,6 +203,75 @@ fn killed_replica_is_dropped_then_resynced_incrementally() {
 }
 
 #[test]
+fn a_detached_volumes_returning_replica_is_caught_up_without_an_attach() {
+    require_root!();
+    let (mut c, id, holders, coord, mnt) = setup(2);
+    let victim = holders[1];
+    let victim_id = c.nodes[victim].id();
+    let before = shoal_tests::write_random_file(&mnt.join("before"), 64);
+    c.kill(victim);
+    // Written while the replica is away (the volume goes on, degraded).
+    let during = shoal_tests::write_random_file(&mnt.join("during"), 24);
+    wait_until(Duration::from_secs(20), "volume degraded", || {
+        c.json(coord, &["volume", "inspect", "db"])["degraded"] == true
+    });
+    c.shoal(coord, &["volume", "unmount", mnt.to_str().unwrap()])
+        .expect_ok("unmount");
+    c.shoal(coord, &["volume", "detach", "db"])
+        .expect_ok("detach");
+    let epoch_detached = c.json(coord, &["volume", "inspect", "db"])["epoch"]
+        .as_u64()
+        .unwrap();
+
+    // Nobody attaches it: the replica is caught up anyway.
+    c.restart(victim);
+    wait_until(
+        Duration::from_secs(60),
+        "detached volume's replica back in sync",
+        || all_in_sync(&c, coord),
+    );
+    let v = c.json(coord, &["volume", "inspect", "db"]);
+    assert!(
+        v["attached_node"].as_str().unwrap_or("").is_empty(),
+        "still detached: {v}"
+    );
+    assert!(
+        v["epoch"].as_u64().unwrap() > epoch_detached,
+        "the upkeep claimed the volume with a new epoch"
+    );
+    let moved = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == victim_id)
+        .unwrap()["last_resync_bytes"]
+        .as_u64()
+        .unwrap();
+    eprintln!("resync of the detached volume moved {moved} bytes");
+    assert!(
+        moved >= 24 * MIB as u64,
+        "the outage's writes were copied: {moved}"
+    );
+    assert!(
+        moved < 64 * MIB as u64,
+        "incremental: the 64 MiB written before the outage were not copied again: {moved}"
+    );
+    let sums = replica_sums(&c, &id, &holders);
+    assert_eq!(sums[0], sums[1], "replicas identical");
+
+    // And the volume is whole when attached next, on the replica that was away.
+    let mnt2 = c.path().join("mnt2");
+    c.shoal(victim, &["volume", "mount", "db", mnt2.to_str().unwrap()])
+        .expect_ok("mount on the caught-up node");
+    assert_eq!(sha256_file(&mnt2.join("before")), before);
+    assert_eq!(sha256_file(&mnt2.join("during")), during);
+    c.shoal(victim, &["volume", "unmount", mnt2.to_str().unwrap()])
+        .expect_ok("unmount");
+    c.shoal(victim, &["volume", "detach", "db"])
+        .expect_ok("detach");
+}
+
+#[test]
 fn hung_replica_stalls_writes_at_most_the_timeout() {
     require_root!();
     let (mut c, id, holders, coord, mnt) = setup(3);
