@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::cache::{Cache, Effect, Fresh, Name};
 use crate::fs::FIRST_COOKIE;
 use crate::inode::Kind;
+use crate::locks::{Held, LockTable, Mode as LockMode, Owner as LockOwnerId};
 
 /// Largest read or write the kernel sends.
 const MAX_IO: u32 = 1 << 20;
@@ -88,6 +89,9 @@ pub struct Rpc {
     stopping: AtomicBool,
     /// Names and attributes held under the coordinator's leases.
     cache: Mutex<Cache>,
+    /// The locks this mount holds at the coordinator (owners with session 0), as the
+    /// coordinator granted them: reclaimed at a new coordinator after a failover.
+    held: Mutex<LockTable>,
 }
 
 impl Rpc {
@@ -119,6 +123,7 @@ impl Rpc {
             rt,
             stopping: AtomicBool::new(false),
             cache: Mutex::new(Cache::default()),
+            held: Mutex::new(LockTable::default()),
         });
         rpc.open_session()?;
         let (tx, rx) = std::sync::mpsc::channel::<Op>();
@@ -279,12 +284,105 @@ impl Rpc {
         // The leases were the old session's.
         self.cache.lock().expect("cache").clear();
         self.session.store(r.session, Ordering::SeqCst);
+        self.reclaim_locks();
         Ok(())
+    }
+
+    /// Notes a lock change the coordinator accepted (`l` as sent).
+    fn note_setlk(&self, l: &Lk) {
+        let owner = LockOwnerId {
+            session: 0,
+            owner: l.owner,
+        };
+        let mut held = self.held.lock().expect("held locks");
+        let mode = match l.typ {
+            libc::F_RDLCK => LockMode::Read,
+            libc::F_WRLCK => LockMode::Write,
+            _ => {
+                held.unlock(l.ino, owner, l.start, l.end);
+                return;
+            }
+        };
+        // Granted by the coordinator, so nothing of this mount conflicts with it.
+        let _ = held.try_lock(
+            l.ino,
+            Held {
+                owner,
+                mode,
+                start: l.start,
+                end: l.end,
+                pid: l.pid,
+                fh: l.fh,
+            },
+        );
+    }
+
+    /// Notes the release of an owner's locks on a file: all of them (a close), or those
+    /// taken through one open (`fh`, a flock'd file's close).
+    fn note_release(&self, ino: u64, owner: u64, fh: Option<u64>) {
+        let owner = LockOwnerId { session: 0, owner };
+        let mut held = self.held.lock().expect("held locks");
+        match fh {
+            Some(fh) => held.release_open(ino, owner, fh),
+            None => held.unlock(ino, owner, 0, u64::MAX),
+        };
+    }
+
+    /// Asks a new session for every lock this mount held (after a failover the new
+    /// coordinator grants them during its grace period, before anyone else's). A lock it
+    /// refuses is lost: the application is not told (as with NFS), only the log says.
+    fn reclaim_locks(&self) {
+        let held = self.held.lock().expect("held locks").all();
+        if held.is_empty() {
+            return;
+        }
+        let session = self.session.load(Ordering::SeqCst);
+        let mut c = self.client();
+        let mut reclaimed = 0usize;
+        for (ino, h) in held {
+            let lk = Lk {
+                ino,
+                owner: h.owner.owner,
+                start: h.start,
+                end: h.end,
+                typ: match h.mode {
+                    LockMode::Read => libc::F_RDLCK,
+                    LockMode::Write => libc::F_WRLCK,
+                },
+                pid: h.pid,
+                wait: false,
+                fh: h.fh,
+                reclaim: true,
+            };
+            let msg = NsRequest {
+                volume_id: self.volume_id.clone(),
+                session,
+                seq: self.seq.fetch_add(1, Ordering::SeqCst),
+                uid: 0,
+                gid: 0,
+                op: Some(Op::Setlk(lk)),
+            };
+            let why = match self.rt.block_on(c.call(msg)) {
+                Ok(r) if r.get_ref().errno == 0 => {
+                    reclaimed += 1;
+                    continue;
+                }
+                Ok(r) => r.into_inner().detail,
+                Err(s) => s.to_string(),
+            };
+            warn!(volume = %self.volume_id, ino, owner = h.owner.owner, reason = %why, "a lock held through the previous coordinator is lost");
+            self.held
+                .lock()
+                .expect("held locks")
+                .unlock(ino, h.owner, h.start, h.end);
+        }
+        info!(volume = %self.volume_id, reclaimed, "locks reclaimed at the coordinator");
     }
 
     /// Renews the session until the mount goes away.
     pub fn heartbeat_loop(self: Arc<Self>, every: Duration) {
         std::thread::spawn(move || {
+            let mut failing_since: Option<std::time::Instant> = None;
             loop {
                 std::thread::sleep(every);
                 // Unmounted while asleep: the session is closed, renewing it would fail.
@@ -299,6 +397,7 @@ impl Rpc {
                 let ticket = self.cache().ticket(std::time::Instant::now());
                 match self.rt.block_on(c.heartbeat(req)) {
                     Ok(r) => {
+                        failing_since = None;
                         let ms = r.into_inner().renewed_ms;
                         if ms > 0 {
                             self.cache().renew(
@@ -312,7 +411,16 @@ impl Rpc {
                         warn!(volume = %self.volume_id, "session lost; opening a new one");
                         let _ = self.open_session();
                     }
-                    Err(s) => warn!(volume = %self.volume_id, error = %s, "heartbeat failed"),
+                    Err(s) => {
+                        warn!(volume = %self.volume_id, error = %s, "heartbeat failed");
+                        // An idle mount finds a new coordinator too: it may hold locks
+                        // to reclaim there within the grace period.
+                        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= RESOLVE_AFTER {
+                            self.re_resolve();
+                            failing_since = None;
+                        }
+                    }
                 }
             }
         });
@@ -703,19 +811,24 @@ impl Filesystem for Client {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let r = self.rpc.call(
-            req,
-            Op::Getlk(Lk {
-                ino: ino.0,
-                owner: lock_owner.0,
-                start,
-                end,
-                typ,
-                pid,
-                wait: false,
-                fh: fh.0,
-            }),
-        );
+        let op = Op::Getlk(Lk {
+            ino: ino.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+            wait: false,
+            fh: fh.0,
+            reclaim: false,
+        });
+        // Held back while a new coordinator lets mounts reclaim their locks: ask again.
+        let r = loop {
+            match self.rpc.call(req, op.clone()) {
+                Err(e) if e == Errno::EINPROGRESS => continue,
+                r => break r,
+            }
+        };
         match r {
             Ok(Some(Res::Lock(l))) => reply.locked(l.start, l.end, l.typ, l.pid),
             Ok(_) => reply.error(Errno::EIO),
@@ -737,7 +850,7 @@ impl Filesystem for Client {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let op = Op::Setlk(Lk {
+        let lk = Lk {
             ino: ino.0,
             owner: lock_owner.0,
             start,
@@ -746,10 +859,13 @@ impl Filesystem for Client {
             pid,
             wait: sleep,
             fh: fh.0,
-        });
+            reclaim: false,
+        };
+        let op = Op::Setlk(lk.clone());
         loop {
             match self.rpc.call(req, op.clone()) {
                 Ok(_) => {
+                    self.rpc.note_setlk(&lk);
                     if typ != libc::F_UNLCK {
                         // Remembered so the close (FLUSH) of this owner releases it.
                         self.posix_owners
@@ -1116,9 +1232,13 @@ impl Filesystem for Client {
             pid: 0,
             wait: false,
             fh: fh.0,
+            reclaim: false,
         });
         match self.rpc.call(req, op) {
-            Ok(_) => reply.ok(),
+            Ok(_) => {
+                self.rpc.note_release(ino.0, lock_owner.0, None);
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1148,8 +1268,11 @@ impl Filesystem for Client {
             lock_owner: lock_owner.map(|o| o.0),
             fh: fh.0,
         });
-        if lock_owner.is_some() {
+        if let Some(o) = lock_owner {
             let r = self.rpc.call(req, op);
+            if r.is_ok() {
+                self.rpc.note_release(ino.0, o.0, Some(fh.0));
+            }
             self.empty(reply, r);
         } else {
             self.rpc.send_later(op);

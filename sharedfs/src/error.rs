@@ -42,6 +42,10 @@ pub enum FsError {
     WouldBlock,
     #[error("operation not supported")]
     NotSupported,
+    /// A lock reclaimed after the grace period of a new coordinator: it may have been
+    /// taken and released by someone else meanwhile, so it is not granted.
+    #[error("lock lost: reclaimed after the grace period")]
+    NoLock,
     #[error("volume I/O failed: {0}")]
     Io(String),
     #[error("on-volume structure damaged: {0}")]
@@ -70,6 +74,7 @@ impl FsError {
             FsError::CrossDevice => libc::EXDEV,
             FsError::WouldBlock => libc::EAGAIN,
             FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::NoLock => libc::ENOLCK,
             FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
         }
     }

@@ -156,7 +156,7 @@ impl Fs {
         let fsb = FsBlock {
             btree_root: root,
             next_ino: ROOT_INO + 1,
-            reserved: 0,
+            in_service: 0,
             generation: 1,
         };
         store.write(FS_BLOCK, fsb.encode())?;
@@ -250,6 +250,19 @@ impl Fs {
                 Err(e)
             }
         }
+    }
+
+    /// Records whether a coordinator serves the namespace with locks that mounts may
+    /// have to reclaim (see `FsBlock::in_service`); returns what was recorded before.
+    pub fn set_in_service(&mut self, on: bool) -> Result<bool> {
+        self.run(|fs| {
+            let was = fs.fsb.in_service != 0;
+            if was != on {
+                fs.fsb.in_service = on as u64;
+                fs.write_fsb()?;
+            }
+            Ok(was)
+        })
     }
 
     /// Makes every committed change durable on every in-sync replica (fsync).

@@ -135,8 +135,11 @@ pub struct FsBlock {
     pub btree_root: u64,
     /// Inode numbers below this were handed out (possibly to inodes lost in a crash).
     pub next_ino: u64,
-    /// Unused (kept zero): free space is counted from the bitmap at open.
-    pub reserved: u64,
+    /// 1 while a coordinator serves the namespace and may have granted locks; 0 after a
+    /// clean stop with no lock held (and in volumes formatted before this field had a
+    /// use). A coordinator that finds 1 at open gives mounts a grace period to reclaim
+    /// their locks.
+    pub in_service: u64,
     /// Bumped by every transaction that touches this block; informational.
     pub generation: u64,
 }
@@ -148,7 +151,7 @@ impl FsBlock {
         for v in [
             self.btree_root,
             self.next_ino,
-            self.reserved,
+            self.in_service,
             self.generation,
         ] {
             b.extend_from_slice(&v.to_le_bytes());
@@ -165,7 +168,7 @@ impl FsBlock {
         Ok(Self {
             btree_root: u(0),
             next_ino: u(1),
-            reserved: u(2),
+            in_service: u(2),
             generation: u(3),
         })
     }

@@ -158,6 +158,19 @@ impl LockTable {
         self.held.get(&ino).cloned().unwrap_or_default()
     }
 
+    /// Every held lock with its inode, in no particular order (a mount's reclaim).
+    pub fn all(&self) -> Vec<(u64, Held)> {
+        self.held
+            .iter()
+            .flat_map(|(ino, v)| v.iter().map(move |h| (*ino, *h)))
+            .collect()
+    }
+
+    /// Whether no lock is held at all (waiters do not count).
+    pub fn is_empty(&self) -> bool {
+        self.held.values().all(|v| v.is_empty())
+    }
+
     /// Locks held by a session, over all files.
     pub fn count_session(&self, session: u64) -> usize {
         self.held

@@ -122,11 +122,15 @@ pub struct Served {
     handed: Mutex<HashMap<u64, Instant>>,
     /// Unlinked inodes kept for [`UNLINK_GRACE`]; the expiry tick frees them.
     deferred: Mutex<Vec<u64>>,
+    /// Until then, mounts reclaim the locks they held at the previous coordinator and
+    /// every other lock request waits (set when that coordinator did not stop cleanly).
+    grace_until: Option<Instant>,
 }
 
 impl Served {
-    fn new(volume_id: &str, fs: Fs, lease: Duration) -> Self {
+    fn new(volume_id: &str, fs: Fs, lease: Duration, grace: bool) -> Self {
         Served {
+            grace_until: grace.then(|| Instant::now() + lease),
             volume_id: volume_id.to_string(),
             fs: Mutex::new(fs),
             sessions: Mutex::new(HashMap::new()),
@@ -680,6 +684,10 @@ impl Served {
                 }
                 Op::Setlk(l) => {
                     drop(fs);
+                    if l.reclaim && !self.in_grace(Instant::now()) {
+                        // Someone may have taken and released it since: not granted.
+                        return Err(FsError::NoLock);
+                    }
                     let owner = Owner {
                         session,
                         owner: l.owner,
@@ -741,6 +749,27 @@ fn waiter_id(session: u64, l: &Lk) -> u64 {
 
 impl Served {
     /// F_SETLKW: takes the lock, or queues and waits up to [`LOCK_POLL`] for it.
+    fn in_grace(&self, now: Instant) -> bool {
+        self.grace_until.is_some_and(|end| now < end)
+    }
+
+    /// A lock request (other than a reclaim or an unlock) during the grace period waits
+    /// for its end, at most [`LOCK_POLL`] per call; Some("still waiting") when the grace
+    /// is still on after that (the mount asks again).
+    async fn hold_for_grace(&self) -> Option<NsReply> {
+        let end = self.grace_until?;
+        let now = Instant::now();
+        if now >= end {
+            return None;
+        }
+        tokio::time::sleep((end - now).min(LOCK_POLL)).await;
+        self.in_grace(Instant::now()).then(|| NsReply {
+            errno: libc::EINPROGRESS,
+            detail: "locks are being reclaimed after a coordinator change".into(),
+            ..Default::default()
+        })
+    }
+
     async fn lock_wait(&self, session: u64, l: &Lk) -> NsReply {
         let want = match held(session, l) {
             Ok(w) => w,
@@ -844,8 +873,17 @@ impl NamespaceService {
     }
 
     /// Starts serving `fs` as volume `volume_id`, with a task that expires sessions.
-    pub fn add(&self, volume_id: &str, fs: Fs, rt: &tokio::runtime::Handle) {
-        let served = Arc::new(Served::new(volume_id, fs, self.lease));
+    pub fn add(&self, volume_id: &str, mut fs: Fs, rt: &tokio::runtime::Handle) {
+        // Found in service: the previous coordinator did not stop cleanly and mounts may
+        // hold locks it granted. They get one session lease to reclaim them.
+        let grace = fs.set_in_service(true).unwrap_or_else(|e| {
+            warn!(volume = volume_id, error = %e, "cannot record the namespace as in service");
+            true
+        });
+        if grace {
+            info!(volume = volume_id, grace = ?self.lease, "the previous coordinator did not stop cleanly: mounts may reclaim their locks during the grace period");
+        }
+        let served = Arc::new(Served::new(volume_id, fs, self.lease, grace));
         self.volumes
             .write()
             .expect("volumes")
@@ -865,13 +903,15 @@ impl NamespaceService {
     }
 
     pub fn remove(&self, volume_id: &str) {
-        if self
-            .volumes
-            .write()
-            .expect("volumes")
-            .remove(volume_id)
-            .is_some()
-        {
+        let gone = self.volumes.write().expect("volumes").remove(volume_id);
+        if let Some(served) = gone {
+            // A clean stop: the next coordinator needs no grace unless locks are held
+            // (mounts elsewhere will reclaim them there).
+            if served.locks.lock().expect("locks").is_empty() {
+                if let Err(e) = served.fs.lock().expect("fs").set_in_service(false) {
+                    warn!(volume = volume_id, error = %e, "cannot record a clean stop");
+                }
+            }
             info!(volume = volume_id, "stopped serving the shared namespace");
         }
     }
@@ -1059,6 +1099,16 @@ impl Namespace for NamespaceService {
             );
             return Ok(Response::new(reply));
         }
+        let waits_for_grace = match &r.op {
+            Some(Op::Setlk(l)) => !l.reclaim && l.typ != libc::F_UNLCK,
+            Some(Op::Getlk(_)) => true,
+            _ => false,
+        };
+        if waits_for_grace {
+            if let Some(reply) = served.hold_for_grace().await {
+                return Ok(Response::new(reply));
+            }
+        }
         let keep = mutates(&r.op);
         let (session, seq) = (r.session, r.seq);
         let reply = match &r.op {
@@ -1130,9 +1180,13 @@ mod tests {
     use crate::inode::ROOT_INO;
 
     fn served(dir: &std::path::Path) -> Served {
+        served_with_grace(dir, false)
+    }
+
+    fn served_with_grace(dir: &std::path::Path, grace: bool) -> Served {
         let dev: Arc<dyn BlockDev> = Arc::new(FileDev::create(&dir.join("vol"), 64 << 20).unwrap());
         Fs::format(dev.clone(), [3; 16]).unwrap();
-        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE);
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, grace);
         let now = Instant::now();
         for id in [1, 2] {
             s.sessions
@@ -1223,5 +1277,67 @@ mod tests {
         // A stale number past the grace is ESTALE, so the kernel walks the path again.
         let late = call(&s, 2, Op::Open(Ino { ino: old.ino }));
         assert_eq!(late.errno, libc::ESTALE);
+    }
+
+    fn lk(owner: u64, reclaim: bool) -> Op {
+        Op::Setlk(Lk {
+            ino: ROOT_INO,
+            owner,
+            start: 0,
+            end: 99,
+            typ: libc::F_WRLCK,
+            pid: 1,
+            wait: false,
+            fh: 7,
+            reclaim,
+        })
+    }
+
+    #[test]
+    fn locks_are_reclaimed_during_the_grace_and_refused_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = served_with_grace(dir.path(), true);
+        assert_eq!(call(&s, 1, lk(5, true)).errno, 0, "reclaimed in the grace");
+        assert_eq!(
+            call(&s, 2, lk(6, true)).errno,
+            libc::EAGAIN,
+            "a conflicting reclaim is refused"
+        );
+        assert_eq!(s.locks.lock().unwrap().count_session(1), 1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        // Other lock requests wait: one poll later the grace (15 s) is still on.
+        let waited = rt.block_on(s.hold_for_grace()).expect("still in the grace");
+        assert_eq!(waited.errno, libc::EINPROGRESS);
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let clean = served_with_grace(dir2.path(), false);
+        assert!(rt.block_on(clean.hold_for_grace()).is_none(), "no grace, no wait");
+        assert_eq!(
+            call(&clean, 1, lk(5, true)).errno,
+            libc::ENOLCK,
+            "a reclaim outside a grace is refused: the lock may have changed hands"
+        );
+        assert_eq!(call(&clean, 1, lk(5, false)).errno, 0);
+    }
+
+    #[test]
+    fn the_in_service_flag_tells_a_clean_stop_from_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev: Arc<dyn BlockDev> =
+            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
+        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let mut fs = Fs::open(dev.clone()).unwrap();
+        assert!(!fs.set_in_service(true).unwrap(), "a new namespace was never served");
+        drop(fs); // a crash: nobody cleared it
+        let mut fs = Fs::open(dev.clone()).unwrap();
+        assert!(fs.set_in_service(true).unwrap(), "found in service: grace");
+        assert!(fs.set_in_service(false).unwrap());
+        drop(fs); // a clean stop
+        let mut fs = Fs::open(dev).unwrap();
+        assert!(!fs.set_in_service(true).unwrap(), "clean: no grace");
     }
 }

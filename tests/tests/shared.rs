@@ -906,3 +906,77 @@ fn a_process_that_exits_holding_a_posix_lock_releases_it_for_other_hosts() {
     fcntl_lock(&f, libc::F_WRLCK, false).expect("released by the close of another descriptor");
     drop(a1);
 }
+
+#[test]
+fn a_live_hosts_lock_survives_a_coordinator_failover() {
+    require_root!();
+    // The session lease is also the new coordinator's grace period for reclaims.
+    let mut c = Cluster::start(
+        3,
+        Opts {
+            extra_args: vec!["--session-lease".into(), "6".into()],
+            ..Default::default()
+        },
+    );
+    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
+    let pinned = format!("{n1},{n2}");
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "rl", "--size", "1G", "--repl", "2", "--shared", "--nodes",
+            &pinned,
+        ],
+    )
+    .expect_ok("create");
+    // Node 0 (no replica) mounts first and coordinates; hosts 1 and 2 mount too.
+    let m: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = c.path().join(format!("mnt-{i}"));
+            c.shoal(i, &["volume", "mount", "rl", p.to_str().unwrap()])
+                .expect_ok("mount");
+            p
+        })
+        .collect();
+    assert_eq!(c.json(1, &["volume", "inspect", "rl"])["attached_node"], c.nodes[0].id());
+    fs::write(m[1].join("f"), b"x").unwrap();
+    let open = |p: &Path| fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let fa = open(&m[1].join("f"));
+    fcntl_lock(&fa, libc::F_WRLCK, false).unwrap();
+    let fb = open(&m[2].join("f"));
+    assert!(fcntl_lock(&fb, libc::F_WRLCK, false).is_err(), "host 1 holds it");
+
+    // The coordinator dies; host 1 stays alive and idle, holding its lock.
+    c.kill(0);
+    let dead = c.nodes[0].id();
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "a new coordinator",
+        || {
+            let v = c.json(1, &["volume", "inspect", "rl"]);
+            !v["attached_node"].is_null() && v["attached_node"] != dead.as_str()
+        },
+    );
+    // Host 2 asks: it waits out the grace period (host 1 reclaims in it) and is refused.
+    let t = std::time::Instant::now();
+    let err = fcntl_lock(&fb, libc::F_WRLCK, false).expect_err("a live host's lock was broken");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)),
+        "{err}"
+    );
+    eprintln!("host 2's attempt answered after {:?}", t.elapsed());
+    let v = c.json(1, &["volume", "inspect", "rl"]);
+    let holder = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == n1.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("host 1 has a session at the new coordinator: {v}"));
+    assert_eq!(holder["locks"], 1, "reclaimed at the new coordinator: {v}");
+    // Host 1 lets go; now host 2 gets it.
+    fcntl_lock(&fa, libc::F_UNLCK, false).unwrap();
+    fcntl_lock(&fb, libc::F_WRLCK, false).expect("free once its holder unlocked");
+    fcntl_lock(&fb, libc::F_UNLCK, false).unwrap();
+    drop((fa, fb));
+    shoal_tests::cleanup_mounts(&m[0]);
+}
