@@ -38,6 +38,9 @@ use crate::volume_io::{targets, VolumeIo};
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// How often progress is written to the volume record.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Regions a resync copies at the same time (the cursor moves past a batch once all of
+/// it is copied).
+const COPIES_IN_FLIGHT: usize = 4;
 
 /// What the resync worker needs besides the volume.
 pub struct WorkerCtx {
@@ -330,6 +333,16 @@ fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
     })
 }
 
+/// Copies one region from `source` to `target` under the coordinator's lock of its range
+/// (so no write to it runs meanwhile); returns its length.
+fn copy_region(io: &VolumeIo, source: &Side, target: &Side, region: u64) -> Result<u64> {
+    let _lock = io.lock_range(region * REGION_BYTES, REGION_BYTES);
+    let (data, version) = source.read_region(region)?;
+    let len = data.len() as u64;
+    target.write_region(region, data, version)?;
+    Ok(len)
+}
+
 /// Catches one replica up; returns the bytes copied.
 pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
     let rec = record(io)?;
@@ -379,7 +392,7 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     save_progress(io, node, &progress)?;
     let mut last_save = Instant::now();
     let mut last_log = 0u64;
-    for region in plan {
+    for batch in plan.chunks(COPIES_IN_FLIGHT) {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::FailedPrecondition("volume detached".into()));
         }
@@ -388,15 +401,26 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
                 "the replica missed a write".into(),
             ));
         }
-        let copied = {
-            let _lock = io.lock_range(region * REGION_BYTES, REGION_BYTES);
-            let (data, version) = source.read_region(region)?;
-            let len = data.len() as u64;
-            target.write_region(region, data, version)?;
-            len
-        };
-        progress.done_bytes += copied;
-        progress.cursor = region + 1;
+        // A few regions at a time: each copy waits on a read and a direct write, so
+        // several in flight keep both replicas' disks and the network busy.
+        let copied: Vec<Result<u64>> = std::thread::scope(|s| {
+            let (source, target) = (&source, &target);
+            let copies: Vec<_> = batch
+                .iter()
+                .map(|&region| s.spawn(move || copy_region(io, source, target, region)))
+                .collect();
+            copies
+                .into_iter()
+                .map(|c| {
+                    c.join()
+                        .unwrap_or_else(|_| Err(Error::Internal("a region copy panicked".into())))
+                })
+                .collect()
+        });
+        for c in copied {
+            progress.done_bytes += c?;
+        }
+        progress.cursor = batch.last().expect("chunks are not empty") + 1;
         if last_save.elapsed() >= PROGRESS_EVERY {
             save_progress(io, node, &progress)?;
             last_save = Instant::now();

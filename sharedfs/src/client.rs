@@ -861,7 +861,7 @@ impl Filesystem for Client {
             fh: fh.0,
             reclaim: false,
         };
-        let op = Op::Setlk(lk.clone());
+        let op = Op::Setlk(lk);
         loop {
             match self.rpc.call(req, op.clone()) {
                 Ok(_) => {

@@ -1315,7 +1315,10 @@ mod tests {
 
         let dir2 = tempfile::tempdir().unwrap();
         let clean = served_with_grace(dir2.path(), false);
-        assert!(rt.block_on(clean.hold_for_grace()).is_none(), "no grace, no wait");
+        assert!(
+            rt.block_on(clean.hold_for_grace()).is_none(),
+            "no grace, no wait"
+        );
         assert_eq!(
             call(&clean, 1, lk(5, true)).errno,
             libc::ENOLCK,
@@ -1331,7 +1334,10 @@ mod tests {
             Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
         Fs::format(dev.clone(), [3; 16]).unwrap();
         let mut fs = Fs::open(dev.clone()).unwrap();
-        assert!(!fs.set_in_service(true).unwrap(), "a new namespace was never served");
+        assert!(
+            !fs.set_in_service(true).unwrap(),
+            "a new namespace was never served"
+        );
         drop(fs); // a crash: nobody cleared it
         let mut fs = Fs::open(dev.clone()).unwrap();
         assert!(fs.set_in_service(true).unwrap(), "found in service: grace");

@@ -16,6 +16,18 @@ fn node_index(c: &Cluster, id: &str) -> usize {
     (0..c.nodes.len()).find(|&i| c.nodes[i].id() == id).unwrap()
 }
 
+/// What the last finished resync of `node`'s replica copied, from `inspect`.
+fn last_resync_bytes(v: &Value, node: &str) -> u64 {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .unwrap()["last_resync_bytes"]
+        .as_u64()
+        .unwrap()
+}
+
 fn replica_states(v: &Value) -> Vec<(String, String)> {
     v["replicas"]
         .as_array()
@@ -179,14 +191,7 @@ fn killed_replica_is_dropped_then_resynced_incrementally() {
         all_in_sync(&c, coord)
     });
     let v = c.json(coord, &["volume", "inspect", "db"]);
-    let moved = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == victim_id)
-        .unwrap()["last_resync_bytes"]
-        .as_u64()
-        .unwrap();
+    let moved = last_resync_bytes(&v, &victim_id);
     eprintln!("resync moved {moved} bytes");
     assert!(moved > 0, "something was copied");
     // Incremental: at most what was written during the outage (plus region rounding and
@@ -239,14 +244,7 @@ fn a_detached_volumes_returning_replica_is_caught_up_without_an_attach() {
         v["epoch"].as_u64().unwrap() > epoch_detached,
         "the upkeep claimed the volume with a new epoch"
     );
-    let moved = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == victim_id)
-        .unwrap()["last_resync_bytes"]
-        .as_u64()
-        .unwrap();
+    let moved = last_resync_bytes(&v, &victim_id);
     eprintln!("resync of the detached volume moved {moved} bytes");
     assert!(
         moved >= 24 * MIB as u64,
@@ -352,14 +350,7 @@ fn ha_update_adds_a_replica_online_and_removes_one() {
         all_in_sync(&c, first)
     });
     let v = c.json(first, &["volume", "inspect", "db"]);
-    let copied = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == added)
-        .unwrap()["last_resync_bytes"]
-        .as_u64()
-        .unwrap();
+    let copied = last_resync_bytes(&v, &added);
     assert!(
         copied >= 32 * MIB as u64,
         "full copy of the written data: {copied}"

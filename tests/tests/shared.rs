@@ -923,8 +923,7 @@ fn a_live_hosts_lock_survives_a_coordinator_failover() {
     c.shoal(
         0,
         &[
-            "volume", "create", "rl", "--size", "1G", "--repl", "2", "--shared", "--nodes",
-            &pinned,
+            "volume", "create", "rl", "--size", "1G", "--repl", "2", "--shared", "--nodes", &pinned,
         ],
     )
     .expect_ok("create");
@@ -937,13 +936,25 @@ fn a_live_hosts_lock_survives_a_coordinator_failover() {
             p
         })
         .collect();
-    assert_eq!(c.json(1, &["volume", "inspect", "rl"])["attached_node"], c.nodes[0].id());
+    assert_eq!(
+        c.json(1, &["volume", "inspect", "rl"])["attached_node"],
+        c.nodes[0].id()
+    );
     fs::write(m[1].join("f"), b"x").unwrap();
-    let open = |p: &Path| fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let open = |p: &Path| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    };
     let fa = open(&m[1].join("f"));
     fcntl_lock(&fa, libc::F_WRLCK, false).unwrap();
     let fb = open(&m[2].join("f"));
-    assert!(fcntl_lock(&fb, libc::F_WRLCK, false).is_err(), "host 1 holds it");
+    assert!(
+        fcntl_lock(&fb, libc::F_WRLCK, false).is_err(),
+        "host 1 holds it"
+    );
 
     // The coordinator dies; host 1 stays alive and idle, holding its lock.
     c.kill(0);
