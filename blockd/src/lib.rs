@@ -18,7 +18,6 @@ pub mod attach;
 pub mod config;
 pub mod detached;
 pub mod device_fs;
-pub mod direct_io;
 pub mod error;
 pub mod host;
 pub mod membership;

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -47,9 +47,6 @@ pub struct Opened {
 /// One replica file.
 struct ReplicaFile {
     file: File,
-    /// The same file opened with `O_DIRECT` (None where the filesystem refuses it): big
-    /// aligned writes go around the page cache (see `direct_io`).
-    direct: Option<File>,
     versions: RegionVersions,
     stripes: Vec<Mutex<()>>,
     /// Writes below this version are late (sent before the replica's resync began).
@@ -165,14 +162,7 @@ impl Pool {
         if meta.len() < size {
             file.set_len(size)?;
         }
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .ok();
         let r = Arc::new(ReplicaFile {
-            direct,
             allocated: AtomicI64::new((meta.blocks() * 512) as i64),
             versions: RegionVersions::open(&self.versions_path(volume_id))?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -245,12 +235,7 @@ impl Pool {
         r.versions.admit(stamp.epoch)?;
         Self::refuse_late(&r, stamp)?;
         self.reserve(&r, offset, data.len() as u64)?;
-        let res = match &r.direct {
-            Some(d) if crate::direct_io::suits(offset, data.len()) => {
-                crate::direct_io::write_at(d, data, offset)
-            }
-            _ => r.file.write_all_at(data, offset),
-        };
+        let res = r.file.write_all_at(data, offset);
         self.account(&r)?;
         res.map_err(|e| self.io_error(e))?;
         r.versions.set(regions, stamp.version, true)?;
@@ -389,12 +374,7 @@ impl Pool {
             punch(&r.file, start, len)?;
         } else {
             self.reserve(&r, start, len)?;
-            let res = match &r.direct {
-                Some(d) if crate::direct_io::suits(start, data.len()) => {
-                    crate::direct_io::write_at(d, data, start)
-                }
-                _ => r.file.write_all_at(data, start),
-            };
+            let res = r.file.write_all_at(data, start);
             res.map_err(|e| self.io_error(e))?;
         }
         self.account(&r)?;
@@ -535,30 +515,6 @@ mod tests {
         version: 5,
         complete_below: 0,
     };
-
-    #[test]
-    fn direct_and_buffered_writes_of_one_replica_stay_coherent() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
-        let size = 16 * MIB;
-        let big = |b: u8| vec![b; MIB as usize];
-        // Big and aligned: direct (where the filesystem allows it).
-        pool.write("v", size, 0, &big(1), false, S).unwrap();
-        assert_eq!(pool.read("v", size, 0, MIB as u32).unwrap(), big(1));
-        // A small buffered write inside it, read back (now in the page cache)...
-        pool.write("v", size, 8192, &[2u8; 4096], false, S).unwrap();
-        assert_eq!(pool.read("v", size, 8192, 4096).unwrap(), vec![2u8; 4096]);
-        // ...then a direct write over both: no stale cached page survives it.
-        pool.write("v", size, 0, &big(3), false, S).unwrap();
-        assert_eq!(pool.read("v", size, 0, MIB as u32).unwrap(), big(3));
-        // A resync copy of a region is direct too, and reads back the same.
-        pool.write_region("v", size, 2, &big(4), S).unwrap();
-        assert_eq!(pool.read("v", size, 2 * MIB, MIB as u32).unwrap(), big(4));
-        pool.flush("v", size, 1).unwrap();
-        drop(pool);
-        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
-        assert_eq!(pool.read("v", size, 0, 4).unwrap(), vec![3u8; 4]);
-    }
 
     #[test]
     fn thin_allocation_grows_with_writes_and_discard_gives_back() {
