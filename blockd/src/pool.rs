@@ -383,9 +383,12 @@ impl Pool {
     }
 
     /// Makes every write to the replica (data and versions) durable.
-    pub fn flush(&self, volume_id: &str, size: u64, epoch: u64) -> Result<()> {
+    /// `complete_below` is the coordinator's completion watermark (0: none), kept with
+    /// the versions.
+    pub fn flush(&self, volume_id: &str, size: u64, epoch: u64, complete_below: u64) -> Result<()> {
         if let Some(r) = self.replica(volume_id, size, false)? {
             r.versions.admit(epoch)?;
+            r.versions.note_complete(complete_below);
             r.file.sync_data()?;
             r.versions.sync()?;
         }
@@ -644,7 +647,7 @@ mod tests {
         assert_eq!(pool.open_replica("v", size, 2, 0).unwrap().epoch, 2);
         let err = pool.write("v", size, 0, b"x", false, st(1, 9)).unwrap_err();
         assert!(err.to_string().contains("stale epoch"), "{err}");
-        assert!(pool.flush("v", size, 1).is_err());
+        assert!(pool.flush("v", size, 1, 0).is_err());
         assert!(pool.discard("v", size, 0, MIB, st(1, 9)).is_err());
         assert!(pool
             .write_region("v", size, 0, &vec![0u8; MIB as usize], st(1, 9))

@@ -185,8 +185,11 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
-        self.blocking(move |n| n.pool.flush(&rep.volume_id, rep.size_bytes, r.epoch))
-            .await?;
+        self.blocking(move |n| {
+            n.pool
+                .flush(&rep.volume_id, rep.size_bytes, r.epoch, r.complete_below)
+        })
+        .await?;
         Ok(Response::new(bpb::FlushReply {}))
     }
 

@@ -729,16 +729,30 @@ impl VolumeIo {
         self.check_fenced()?;
         let replica = self.replica_ref();
         let epoch = self.epoch;
+        // Everything handed out before now that is not in flight is complete: after a
+        // flush with nothing in flight (an unmount, a detach) a successor has nothing to
+        // reconcile.
+        let complete_below = {
+            let inflight = self.inflight.lock().expect("inflight");
+            inflight
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.next_version())
+        };
         let answers = self.fan_out(
             &self.write_set(),
             |mut c| {
                 let req = FlushRequest {
                     replica: replica.clone(),
                     epoch,
+                    complete_below,
                 };
                 async move { c.flush(req).await.map(|_| ()) }
             },
-            || self.pool.flush(&self.volume_id, self.size, epoch),
+            || {
+                self.pool
+                    .flush(&self.volume_id, self.size, epoch, complete_below)
+            },
         );
         self.settle(answers, None)
     }

@@ -81,7 +81,7 @@ impl Block for PoolReplica {
         let r = r.into_inner();
         let p = rep(r.replica)?;
         self.pool
-            .flush(&p.volume_id, p.size_bytes, r.epoch)
+            .flush(&p.volume_id, p.size_bytes, r.epoch, r.complete_below)
             .map_err(status)?;
         Ok(Response::new(FlushReply {}))
     }
