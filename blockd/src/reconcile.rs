@@ -7,8 +7,9 @@
 //! every write carries the coordinator's completion watermark — every version below it
 //! was on every in-sync replica when it was sent — and each replica keeps the highest
 //! watermark it was told (in memory, and in its version file at every flush). Before a
-//! new coordinator serves, [`reconcile`] takes the highest watermark its in-sync replicas
-//! report, lists on each of them the regions written at or above it, and copies each of
+//! new coordinator serves, [`reconcile`] takes the lowest watermark its in-sync replicas
+//! report (a replica that lost power reports the one of its last flush, and everything it
+//! lost is at or above that), lists on each of them the regions written at or above it, and copies each of
 //! those regions, with its version, from one replica (its own, when it has one) to the
 //! others. Which outcome wins does not matter: none of those writes was acknowledged.
 //! What matters is that every replica ends with the same one.
@@ -37,7 +38,7 @@ pub fn plan(changed: &[Vec<(u64, u64)>]) -> Vec<u64> {
 }
 
 /// The version after which a region may differ between in-sync replicas: just below
-/// the highest completion watermark they report, or, when none reports one (replicas
+/// the lowest completion watermark they report, or, when none reports one (replicas
 /// written before the watermark existed), the start of the previous epoch.
 pub fn compare_after(complete_below: u64, epoch: u64) -> u64 {
     if complete_below > 0 {

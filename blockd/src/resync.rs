@@ -431,6 +431,9 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
             info!(volume = %io.volume_id, %node, pct, bytes_left = total.saturating_sub(progress.done_bytes), "resync progress");
         }
     }
+    // The copies are durable before the replica counts as in sync (a detached volume's
+    // upkeep has no later flush to rely on).
+    io.flush()?;
     io.rejoin(node, progress.done_bytes)?;
     Ok(progress.done_bytes)
 }

@@ -245,7 +245,9 @@ impl VolumeIo {
     pub fn open(&self) -> Result<()> {
         let replica = self.replica_ref();
         let epoch = self.epoch;
-        let complete_below = Arc::new(AtomicU64::new(0));
+        // The lowest watermark of the answering replicas: one that lost power comes back
+        // with the one of its last flush, and what it lost is all at or above that.
+        let complete_below = Arc::new(AtomicU64::new(u64::MAX));
         let answers = self.fan_out(
             &self.in_sync(),
             |mut c| {
@@ -257,7 +259,7 @@ impl VolumeIo {
                 let seen = complete_below.clone();
                 async move {
                     let r = c.open(req).await?.into_inner();
-                    seen.fetch_max(r.complete_below, Ordering::SeqCst);
+                    seen.fetch_min(r.complete_below, Ordering::SeqCst);
                     Ok(())
                 }
             },
@@ -265,7 +267,7 @@ impl VolumeIo {
                 let r = self
                     .pool
                     .open_replica(&self.volume_id, self.size, epoch, 0)?;
-                complete_below.fetch_max(r.complete_below, Ordering::SeqCst);
+                complete_below.fetch_min(r.complete_below, Ordering::SeqCst);
                 Ok(())
             },
         );
@@ -274,7 +276,13 @@ impl VolumeIo {
         // previous epoch, which covers them.
         let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
         self.settle(answers, Some(watermark))?;
-        crate::reconcile::reconcile(self, complete_below.load(Ordering::SeqCst))?;
+        let lowest = complete_below.load(Ordering::SeqCst);
+        let copied =
+            crate::reconcile::reconcile(self, if lowest == u64::MAX { 0 } else { lowest })?;
+        if copied > 0 {
+            // Durable on every in-sync replica before anything is served.
+            self.flush()?;
+        }
         Ok(())
     }
 
@@ -561,14 +569,16 @@ impl VolumeIo {
         self.check_fenced()?;
         let _barrier = self.barrier.read().expect("barrier");
         let _range = self.lock_range(offset, len);
-        let version = self.next_version.fetch_add(1, Ordering::SeqCst);
         // The oldest write not finished everywhere (this one at the latest): every
         // version below it is on every in-sync replica. Replicas keep it, so a successor
-        // of this coordinator reconciles only what was written from there on.
-        let complete_below = {
+        // of this coordinator reconciles only what was written from there on. The version
+        // is taken under the same lock, so no version handed out is ever missing from
+        // `inflight` while a watermark (here or in `flush`) is computed.
+        let (version, complete_below) = {
             let mut inflight = self.inflight.lock().expect("inflight");
+            let version = self.next_version.fetch_add(1, Ordering::SeqCst);
             inflight.insert(version);
-            *inflight.first().expect("just inserted")
+            (version, *inflight.first().expect("just inserted"))
         };
         let stamp = Stamp {
             epoch: self.epoch,

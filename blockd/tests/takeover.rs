@@ -3,7 +3,8 @@
 //! files in a temporary directory) behind the real block API on loopback, the embedded
 //! metadata store. Checks takeover reconciliation: before the successor serves, both
 //! replicas hold the same bytes and versions in the region of the unfinished write, and
-//! only that region was copied (the completion watermark, not the volume, bounds it).
+//! only the regions at or above the completion watermark were copied (it, not the
+//! volume, bounds the work).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -197,10 +198,12 @@ fn a_successor_on_the_same_node_copies_its_unfinished_write_to_the_replica_that_
         &[0xBB; 4],
         "the local replica's outcome won"
     );
+    // The lowest watermark (r1's, sent with the last finished write) bounds what is
+    // compared: that write's region and the unfinished one, not the six before them.
     assert_eq!(
         c.replica("r1").region_writes.load(Ordering::SeqCst),
-        1,
-        "only the region written at or above the completion watermark was copied"
+        2,
+        "only the regions written at or above the completion watermark were copied"
     );
 
     // The old coordinator's write, let go, fails: it was replaced.
@@ -226,7 +229,7 @@ fn a_successor_elsewhere_gives_every_replica_its_source_replicas_outcome() {
         &[0u8; 4],
         "r2 lost the unacknowledged write, like r1"
     );
-    assert_eq!(c.replica("r2").region_writes.load(Ordering::SeqCst), 1);
+    assert_eq!(c.replica("r2").region_writes.load(Ordering::SeqCst), 2);
     assert_eq!(c.replica("r1").region_writes.load(Ordering::SeqCst), 0);
     for r in 0..8u64 {
         assert_eq!(

@@ -92,6 +92,12 @@ pub struct Rpc {
     /// The locks this mount holds at the coordinator (owners with session 0), as the
     /// coordinator granted them: reclaimed at a new coordinator after a failover.
     held: Mutex<LockTable>,
+    /// One session change at a time (see `replace_session`).
+    session_lock: Mutex<()>,
+    /// When the last heartbeat that the coordinator answered was sent, and the session
+    /// lease: a mount silent for longer may have lost its locks to another mount.
+    renewed_at: Mutex<std::time::Instant>,
+    lease: Mutex<Duration>,
 }
 
 impl Rpc {
@@ -124,6 +130,9 @@ impl Rpc {
             stopping: AtomicBool::new(false),
             cache: Mutex::new(Cache::default()),
             held: Mutex::new(LockTable::default()),
+            session_lock: Mutex::new(()),
+            renewed_at: Mutex::new(std::time::Instant::now()),
+            lease: Mutex::new(Duration::from_secs(15)),
         });
         rpc.open_session()?;
         let (tx, rx) = std::sync::mpsc::channel::<Op>();
@@ -252,12 +261,13 @@ impl Rpc {
             let _g = self.resolving.lock();
             return;
         };
+        let old = self.session.load(Ordering::SeqCst);
         match (self.resolve)() {
             Ok(addr) => {
                 if let Some(c) = (self.connect)(&addr) {
                     *self.client.write().expect("client") = c;
                     *self.addr.write().expect("addr") = addr.clone();
-                    match self.open_session() {
+                    match self.replace_session(Some(old)) {
                         Ok(()) => {
                             info!(volume = %self.volume_id, coordinator = %addr, "reconnected to the coordinator")
                         }
@@ -274,6 +284,19 @@ impl Rpc {
     }
 
     fn open_session(&self) -> Result<(), tonic::Status> {
+        self.replace_session(None)
+    }
+
+    /// Opens a new session, unless `stale` (the session a request just failed with) was
+    /// replaced by another thread meanwhile. One at a time: the locks are reclaimed under
+    /// the new session before it is published, so every other thread's request (an
+    /// unlock, a close) still carries the old one, fails, waits here, and then runs after
+    /// the reclaim.
+    fn replace_session(&self, stale: Option<u64>) -> Result<(), tonic::Status> {
+        let _one = self.session_lock.lock().expect("session lock");
+        if stale.is_some_and(|s| s != self.session.load(Ordering::SeqCst)) {
+            return Ok(());
+        }
         let mut c = self.client();
         let req = OpenSessionRequest {
             volume_id: self.volume_id.clone(),
@@ -283,8 +306,10 @@ impl Rpc {
         let r = self.rt.block_on(c.open_session(req))?.into_inner();
         // The leases were the old session's.
         self.cache.lock().expect("cache").clear();
+        self.reclaim_locks(r.session);
+        *self.renewed_at.lock().expect("renewed") = std::time::Instant::now();
+        *self.lease.lock().expect("lease") = Duration::from_millis(r.lease_ms as u64);
         self.session.store(r.session, Ordering::SeqCst);
-        self.reclaim_locks();
         Ok(())
     }
 
@@ -303,8 +328,9 @@ impl Rpc {
                 return;
             }
         };
-        // Granted by the coordinator, so nothing of this mount conflicts with it.
-        let _ = held.try_lock(
+        // Granted by the coordinator: recorded whatever this copy still shows (another
+        // owner's unlock may be noted after this grant).
+        held.force(
             l.ino,
             Held {
                 owner,
@@ -331,12 +357,20 @@ impl Rpc {
     /// Asks a new session for every lock this mount held (after a failover the new
     /// coordinator grants them during its grace period, before anyone else's). A lock it
     /// refuses is lost: the application is not told (as with NFS), only the log says.
-    fn reclaim_locks(&self) {
+    fn reclaim_locks(&self, session: u64) {
         let held = self.held.lock().expect("held locks").all();
         if held.is_empty() {
             return;
         }
-        let session = self.session.load(Ordering::SeqCst);
+        let silent = self.renewed_at.lock().expect("renewed").elapsed();
+        let lease = *self.lease.lock().expect("lease");
+        if silent >= lease {
+            // The coordinator may have expired the old session and given the locks to
+            // another mount: reclaiming them could take them from their holder.
+            warn!(volume = %self.volume_id, locks = held.len(), ?silent, "cut off longer than the session lease: the locks held through the old session are lost");
+            *self.held.lock().expect("held locks") = LockTable::default();
+            return;
+        }
         let mut c = self.client();
         let mut reclaimed = 0usize;
         for (ino, h) in held {
@@ -394,10 +428,13 @@ impl Rpc {
                     volume_id: self.volume_id.clone(),
                     session: self.session.load(Ordering::SeqCst),
                 };
-                let ticket = self.cache().ticket(std::time::Instant::now());
+                let hb_session = req.session;
+                let sent = std::time::Instant::now();
+                let ticket = self.cache().ticket(sent);
                 match self.rt.block_on(c.heartbeat(req)) {
                     Ok(r) => {
                         failing_since = None;
+                        *self.renewed_at.lock().expect("renewed") = sent;
                         let ms = r.into_inner().renewed_ms;
                         if ms > 0 {
                             self.cache().renew(
@@ -409,7 +446,7 @@ impl Rpc {
                     }
                     Err(s) if s.code() == tonic::Code::NotFound => {
                         warn!(volume = %self.volume_id, "session lost; opening a new one");
-                        let _ = self.open_session();
+                        let _ = self.replace_session(Some(hb_session));
                     }
                     Err(s) => {
                         warn!(volume = %self.volume_id, error = %s, "heartbeat failed");
@@ -477,9 +514,10 @@ impl Rpc {
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
+            let msg_session = self.session.load(Ordering::SeqCst);
             let msg = NsRequest {
                 volume_id: self.volume_id.clone(),
-                session: self.session.load(Ordering::SeqCst),
+                session: msg_session,
                 seq,
                 uid,
                 gid,
@@ -534,7 +572,7 @@ impl Rpc {
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!(volume = %self.volume_id, "session lost; opening a new one");
-                    if self.open_session().is_err() {
+                    if self.replace_session(Some(msg_session)).is_err() {
                         std::thread::sleep(delay);
                     }
                 }

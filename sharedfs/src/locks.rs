@@ -81,6 +81,12 @@ impl LockTable {
         Ok(())
     }
 
+    /// Sets `want` whatever else is held (a mount's copy of what its coordinator granted:
+    /// its notes may arrive out of order, and the coordinator has decided already).
+    pub fn force(&mut self, ino: u64, want: Held) {
+        self.apply(ino, Some(want.mode), want);
+    }
+
     /// Releases `owner`'s locks on `[start, end]`, then grants waiters that can go.
     /// Returns the waiters granted.
     pub fn unlock(&mut self, ino: u64, owner: Owner, start: u64, end: u64) -> Vec<u64> {

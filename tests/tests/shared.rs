@@ -910,14 +910,10 @@ fn a_process_that_exits_holding_a_posix_lock_releases_it_for_other_hosts() {
 #[test]
 fn a_live_hosts_lock_survives_a_coordinator_failover() {
     require_root!();
-    // The session lease is also the new coordinator's grace period for reclaims.
-    let mut c = Cluster::start(
-        3,
-        Opts {
-            extra_args: vec!["--session-lease".into(), "6".into()],
-            ..Default::default()
-        },
-    );
+    // The session lease (default 15 s) is also the new coordinator's grace period for
+    // reclaims, and it must outlast the failover: a mount silent for longer than the
+    // lease gives its locks up rather than reclaim them.
+    let mut c = Cluster::start(3, Opts::default());
     let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
     let pinned = format!("{n1},{n2}");
     c.shoal(
