@@ -167,19 +167,8 @@ async fn run_pass(
         stop: Arc::new(AtomicBool::new(false)),
     };
     resync::follow_record(&io, &ctx, down_since).await?;
-    let in_sync = io.in_sync();
-    let behind: Vec<String> = io
-        .replica_nodes()
-        .into_iter()
-        .filter(|n| !in_sync.contains(n) && node.membership.is_online(n))
-        .collect();
-    for target in behind {
-        let (io2, n2) = (io.clone(), target.clone());
-        let stop = Arc::new(AtomicBool::new(false));
-        let bytes = tokio::task::spawn_blocking(move || resync::resync_one(&io2, &n2, &stop))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .inspect_err(|_| io.stop_catch_up(&target))?;
+    for target in resync::behind(&io, &node.membership) {
+        let bytes = resync::resync_node(&io, &target, Arc::new(AtomicBool::new(false))).await?;
         info!(node = %target, bytes, "resync of a detached volume finished");
     }
     Ok(())

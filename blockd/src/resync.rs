@@ -68,32 +68,46 @@ pub fn spawn(io: Arc<VolumeIo>, ctx: WorkerCtx) {
                     continue;
                 }
             }
-            let in_sync = io.in_sync();
-            let behind: Vec<String> = io
-                .replica_nodes()
-                .into_iter()
-                .filter(|n| !in_sync.contains(n) && ctx.membership.is_online(n))
-                .collect();
-            for node in behind {
+            for node in behind(&io, &ctx.membership) {
                 if ctx.stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let (io2, stop2, n2) = (io.clone(), ctx.stop.clone(), node.clone());
-                let res = tokio::task::spawn_blocking(move || resync_one(&io2, &n2, &stop2)).await;
-                match res {
-                    Ok(Ok(bytes)) => info!(volume = %io.volume_id, %node, bytes, "resync finished"),
-                    Ok(Err(e)) => {
-                        io.stop_catch_up(&node);
-                        warn!(volume = %io.volume_id, %node, error = %e, "resync stopped; will retry");
-                    }
+                match resync_node(&io, &node, ctx.stop.clone()).await {
+                    Ok(bytes) => info!(volume = %io.volume_id, %node, bytes, "resync finished"),
                     Err(e) => {
-                        io.stop_catch_up(&node);
-                        warn!(volume = %io.volume_id, %node, error = %e, "resync task failed");
+                        warn!(volume = %io.volume_id, %node, error = %e, "resync stopped; will retry")
                     }
                 }
             }
         }
     });
+}
+
+/// Replicas outside the in-sync set whose node is online: the ones to resync now.
+pub(crate) fn behind(io: &VolumeIo, membership: &Membership) -> Vec<String> {
+    let in_sync = io.in_sync();
+    io.replica_nodes()
+        .into_iter()
+        .filter(|n| !in_sync.contains(n) && membership.is_online(n))
+        .collect()
+}
+
+/// Resyncs one replica on the blocking pool; a failed one stops receiving catch-up
+/// writes. Returns the bytes copied.
+pub(crate) async fn resync_node(
+    io: &Arc<VolumeIo>,
+    node: &str,
+    stop: Arc<AtomicBool>,
+) -> Result<u64> {
+    let (io2, n2) = (io.clone(), node.to_string());
+    let res = tokio::task::spawn_blocking(move || resync_one(&io2, &n2, &stop))
+        .await
+        .map_err(|e| Error::Internal(format!("resync task failed: {e}")))
+        .and_then(|r| r);
+    if res.is_err() {
+        io.stop_catch_up(node);
+    }
+    res
 }
 
 /// Adopts replica list changes from the volume record (ha-update), and replaces a
@@ -348,10 +362,7 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     let rec = record(io)?;
     let since = rec.left_at.get(node).copied().unwrap_or(0);
     let previous = rec.resync.get(node).cloned();
-    let target = Side {
-        io,
-        node: node.to_string(),
-    };
+    let target = Side::new(io, node);
     let in_sync = io.in_sync();
     let source_node = if in_sync.contains(&io.local_node) && io.is_local(&io.local_node) {
         io.local_node.clone()
@@ -362,10 +373,7 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
             .cloned()
             .ok_or_else(|| Error::Internal("no in-sync replica to copy from".into()))?
     };
-    let source = Side {
-        io,
-        node: source_node,
-    };
+    let source = Side::new(io, &source_node);
     // Every write below this version that could still reach the target is one that
     // timed out before it left the write set: it must not land over what is copied.
     target.open(io.next_version())?;
@@ -401,8 +409,8 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
                 "the replica missed a write".into(),
             ));
         }
-        // A few regions at a time: each copy waits on a read and a direct write, so
-        // several in flight keep both replicas' disks and the network busy.
+        // A few regions at a time: each copy waits on a read and a write on two nodes,
+        // so several in flight keep both replicas' disks and the network busy.
         let copied: Vec<Result<u64>> = std::thread::scope(|s| {
             let (source, target) = (&source, &target);
             let copies: Vec<_> = batch
