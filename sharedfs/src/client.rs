@@ -84,7 +84,12 @@ pub struct Rpc {
     /// Requests whose answer nobody waits for (closes), sent in order by one thread.
     background: std::sync::Mutex<Option<std::sync::mpsc::Sender<Op>>>,
     session: AtomicU64,
+    /// This mount's id at every coordinator: its changes' replies are recorded under it.
+    id: u64,
     seq: AtomicU64,
+    /// Numbers of the requests waiting for their answer: the lowest tells the
+    /// coordinator which recorded replies it may forget.
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
     rt: tokio::runtime::Handle,
     stopping: AtomicBool,
     /// Names and attributes held under the coordinator's leases.
@@ -125,7 +130,9 @@ impl Rpc {
             resolving: std::sync::Mutex::new(()),
             background: std::sync::Mutex::new(None),
             session: AtomicU64::new(0),
+            id: u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap()) | 1,
             seq: AtomicU64::new(1),
+            in_flight: Mutex::new(std::collections::BTreeSet::new()),
             rt,
             stopping: AtomicBool::new(false),
             cache: Mutex::new(Cache::default()),
@@ -302,6 +309,7 @@ impl Rpc {
             volume_id: self.volume_id.clone(),
             host: self.host.clone(),
             mountpoint: self.mountpoint.clone(),
+            client: self.id,
         };
         let r = self.rt.block_on(c.open_session(req))?.into_inner();
         // The leases were the old session's.
@@ -395,6 +403,8 @@ impl Rpc {
                 uid: 0,
                 gid: 0,
                 op: Some(Op::Setlk(lk)),
+                retry: false,
+                done_below: self.done_below(),
             };
             let why = match self.rt.block_on(c.call(msg)) {
                 Ok(r) if r.get_ref().errno == 0 => {
@@ -502,6 +512,12 @@ impl Rpc {
         self.cache.lock().expect("cache")
     }
 
+    /// The lowest number of a request still waiting for its answer (or the next one).
+    fn done_below(&self) -> u64 {
+        let waiting = self.in_flight.lock().expect("in flight").first().copied();
+        waiting.unwrap_or_else(|| self.seq.load(Ordering::SeqCst))
+    }
+
     fn call_as(
         &self,
         uid: u32,
@@ -510,9 +526,11 @@ impl Rpc {
         effect: &Effect,
     ) -> Result<(Option<Res>, Duration), Errno> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let _answering = InFlight::enter(&self.in_flight, seq);
         let ticket = self.cache().ticket(std::time::Instant::now());
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
+        let mut retry = false;
         loop {
             let msg_session = self.session.load(Ordering::SeqCst);
             let msg = NsRequest {
@@ -522,7 +540,10 @@ impl Rpc {
                 uid,
                 gid,
                 op: Some(op.clone()),
+                retry,
+                done_below: self.done_below(),
             };
+            retry = true;
             match self.send(msg) {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -604,6 +625,25 @@ impl Rpc {
                 }
             }
         }
+    }
+}
+
+/// A request waiting for its answer, for as long as this lives.
+struct InFlight<'a> {
+    set: &'a Mutex<std::collections::BTreeSet<u64>>,
+    seq: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(set: &'a Mutex<std::collections::BTreeSet<u64>>, seq: u64) -> Self {
+        set.lock().expect("in flight").insert(seq);
+        InFlight { set, seq }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("in flight").remove(&self.seq);
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Fs {
     next_ino: u64,
     meta_hint: u64,
     data_hint: u64,
+    /// Inside a transaction: a nested `run` joins it instead of committing.
+    in_tx: bool,
 }
 
 /// The B-tree's view of the block store and allocator.
@@ -165,6 +167,7 @@ impl Fs {
             alloc,
             fsb,
             next_ino: ROOT_INO + 1,
+            in_tx: false,
             meta_hint: hint,
             data_hint: geometry.data_start(),
         };
@@ -201,6 +204,7 @@ impl Fs {
             store,
             alloc,
             next_ino: fsb.next_ino,
+            in_tx: false,
             fsb,
             meta_hint: g.data_start(),
             data_hint: g.data_start() + (g.blocks - g.data_start()) / 64,
@@ -238,9 +242,16 @@ impl Fs {
         Ok(())
     }
 
-    /// Runs `f` as one transaction.
+    /// Runs `f` as one transaction. Nested in another, it is part of that one (an error
+    /// must reach the outer `run`, which rolls everything back).
     pub(crate) fn run<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        match f(self) {
+        if self.in_tx {
+            return f(self);
+        }
+        self.in_tx = true;
+        let r = f(self);
+        self.in_tx = false;
+        match r {
             Ok(v) => {
                 self.commit()?;
                 Ok(v)

@@ -4,7 +4,8 @@
 //! are), [`journal`] and [`pages`] (atomic metadata transactions), [`btree`] (the one
 //! ordered map every namespace record lives in), [`alloc`] (the free-space bitmap), and
 //! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations). Over the
-//! network: [`service`] (the namespace API on the coordinator), [`client`] (the FUSE
+//! network: [`service`] (the namespace API on the coordinator; [`replies`] keeps its answers to
+//! changes in the volume), [`client`] (the FUSE
 //! mount on any host), [`hooks`] (what the node calls), [`volume_dev`] (a replicated
 //! volume as the block device).
 
@@ -14,6 +15,7 @@ pub mod cache;
 pub mod client;
 pub mod dev;
 pub mod error;
+pub mod failpoints;
 pub mod fs;
 pub mod fsck;
 pub mod hooks;
@@ -23,6 +25,7 @@ pub mod layout;
 pub mod leases;
 pub mod locks;
 pub mod pages;
+pub mod replies;
 pub mod service;
 pub mod volume_dev;
 

@@ -5,7 +5,9 @@
 //! change is atomic for every client at once) and the sessions: who is mounted, which
 //! inodes each mount holds open (an unlinked inode lives until the last close), and the
 //! replies to recent requests, so a retried request returns the first answer instead
-//! of running twice. A session that stops renewing expires after the lease.
+//! of running twice (changes that cannot safely run twice also record their outcome in
+//! the volume, see [`crate::replies`], so this holds across a failover too). A session
+//! that stops renewing expires after the lease.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,11 +26,16 @@ use crate::fs::{Cred, Fs, RenameMode, SetAttr as FsSetAttr};
 use crate::inode::{Inode, Time as FsTime};
 use crate::leases::LeaseTable;
 use crate::locks::{Held, LockTable, Mode, Owner};
+use crate::replies::{Outcome, ReplyTag};
 
 /// How long a session lives without a heartbeat.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// Replies kept per session for retried requests.
 const REPLAY_DEPTH: usize = 128;
+/// How long the replies recorded for a mount that went away (its session expired, or it
+/// had one at the previous coordinator and has not come back) are kept: a mount cut off
+/// this long retries its last requests as new ones.
+const REPLY_HORIZON: Duration = Duration::from_secs(600);
 /// Unlinked inodes freed per transaction by the expiry tick.
 const DESTROY_BATCH: usize = 64;
 /// Entries with attributes per reply at most (the fs lock is held while they are read).
@@ -61,6 +68,8 @@ struct NameLease {
 }
 
 struct Session {
+    /// The mount's id, the same for all its sessions (0: an old mount without one).
+    client: u64,
     host: String,
     mountpoint: String,
     opened: Instant,
@@ -78,8 +87,9 @@ struct Session {
 }
 
 impl Session {
-    fn new(host: String, mountpoint: String, now: Instant) -> Self {
+    fn new(client: u64, host: String, mountpoint: String, now: Instant) -> Self {
         Session {
+            client,
             host,
             mountpoint,
             opened: now,
@@ -125,11 +135,24 @@ pub struct Served {
     /// Until then, mounts reclaim the locks they held at the previous coordinator and
     /// every other lock request waits (set when that coordinator did not stop cleanly).
     grace_until: Option<Instant>,
+    /// Mounts with replies recorded in the volume and no session here, since when: their
+    /// records go after [`REPLY_HORIZON`] unless they come back.
+    departed: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Served {
-    fn new(volume_id: &str, fs: Fs, lease: Duration, grace: bool) -> Self {
+    fn new(volume_id: &str, mut fs: Fs, lease: Duration, grace: bool) -> Self {
+        // Every mount with recorded replies was a previous coordinator's.
+        let now = Instant::now();
+        let departed = match fs.reply_clients() {
+            Ok(c) => c.into_iter().map(|c| (c, now)).collect(),
+            Err(e) => {
+                warn!(volume = volume_id, error = %e, "cannot list the recorded replies");
+                HashMap::new()
+            }
+        };
         Served {
+            departed: Mutex::new(departed),
             grace_until: grace.then(|| Instant::now() + lease),
             volume_id: volume_id.to_string(),
             fs: Mutex::new(fs),
@@ -238,8 +261,112 @@ impl Served {
         };
         for (id, s) in gone {
             info!(volume = %self.volume_id, session = id, host = %s.host, "session expired: its locks are released");
+            // It may come back (cut off, not gone) and retry: its replies stay a while.
+            if s.client != 0 {
+                self.departed
+                    .lock()
+                    .expect("departed")
+                    .insert(s.client, now);
+            }
             self.drop_session(id, s);
         }
+        self.forget_departed(now);
+    }
+
+    /// Forgets the recorded replies of mounts gone longer than [`REPLY_HORIZON`].
+    fn forget_departed(&self, now: Instant) {
+        let due: std::collections::HashSet<u64> = {
+            let live: std::collections::HashSet<u64> = self
+                .sessions
+                .lock()
+                .expect("sessions")
+                .values()
+                .map(|s| s.client)
+                .collect();
+            let mut departed = self.departed.lock().expect("departed");
+            departed.retain(|c, _| !live.contains(c));
+            departed
+                .iter()
+                .filter(|(_, t)| now.saturating_duration_since(**t) >= REPLY_HORIZON)
+                .map(|(c, _)| *c)
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        match self
+            .fs
+            .lock()
+            .expect("fs")
+            .forget_replies(|c| due.contains(&c), usize::MAX)
+        {
+            Ok(n) => {
+                debug!(volume = %self.volume_id, records = n, mounts = due.len(), "forgot the replies of mounts gone for good");
+                self.departed
+                    .lock()
+                    .expect("departed")
+                    .retain(|c, _| !due.contains(c));
+            }
+            Err(e) => warn!(volume = %self.volume_id, error = %e, "cannot forget old replies"),
+        }
+    }
+
+    /// Forgets a mount's recorded replies (it unmounted: it retries nothing).
+    fn forget_client(&self, client: u64) {
+        if client == 0 {
+            return;
+        }
+        let elsewhere = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .any(|s| s.client == client);
+        if elsewhere {
+            return;
+        }
+        if let Err(e) = self
+            .fs
+            .lock()
+            .expect("fs")
+            .forget_replies(|c| c == client, usize::MAX)
+        {
+            warn!(volume = %self.volume_id, error = %e, "cannot forget a mount's replies");
+        }
+    }
+
+    /// A retried change that already ran (by this coordinator or an earlier one): the
+    /// reply its recorded outcome gives, as things are now.
+    fn recorded_reply(&self, session: u64, client: u64, seq: u64, op: &Op) -> Option<NsReply> {
+        let mut fs = self.fs.lock().expect("fs");
+        let outcome = match fs.recorded_reply(client, seq) {
+            Ok(o) => o?,
+            Err(e) => {
+                warn!(volume = %self.volume_id, error = %e, "cannot read a recorded reply");
+                return None;
+            }
+        };
+        let result = match outcome {
+            Outcome::Done => None,
+            Outcome::Inode(ino) => match fs.getattr(ino) {
+                Ok(i) => Some(Res::Attr(to_attr(&i))),
+                Err(e) => return Some(fail(&e)),
+            },
+        };
+        drop(fs);
+        if let (Op::Create(c), Some(Res::Attr(a))) = (op, &result) {
+            self.hand_out(a.ino);
+            // The mount holds what it created open: count it in this session.
+            if c.open {
+                if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
+                    *s.opens.entry(a.ino).or_insert(0) += 1;
+                }
+            }
+        }
+        Some(NsReply {
+            result,
+            ..Default::default()
+        })
     }
 
     /// Frees what a session held: its locks (waking waiters) and its open files.
@@ -274,6 +401,17 @@ impl Served {
     /// Runs one operation. Returns the reply and the inodes whose attributes it changed
     /// (other mounts' leases on them must be recalled before the reply goes out).
     fn execute(&self, session: u64, req: &NsRequest) -> (NsReply, Vec<u64>) {
+        let client = self
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get(&session)
+            .map_or(0, |s| s.client);
+        let tag = (client != 0 && req.op.as_ref().is_some_and(recorded)).then_some(ReplyTag {
+            client,
+            seq: req.seq,
+            done_below: req.done_below,
+        });
         let cred = Cred {
             uid: req.uid,
             gid: req.gid,
@@ -287,7 +425,7 @@ impl Served {
         let mut changed = Vec::new();
         let leased = std::cell::Cell::new(false);
         let mut names = NameLease::default();
-        let result = match self.run(session, cred, op, &mut changed, &leased, &mut names) {
+        let result = match self.run(session, tag, cred, op, &mut changed, &leased, &mut names) {
             // An operation on an inode (not a name) that another host removed since this
             // mount looked it up: ESTALE makes the kernel walk the path again (open and
             // stat retry once), as over NFS, instead of failing with ENOENT.
@@ -431,9 +569,11 @@ impl Served {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         session: u64,
+        tag: Option<ReplyTag>,
         cred: Cred,
         op: &Op,
         changed: &mut Vec<u64>,
@@ -478,16 +618,22 @@ impl Served {
                         ctime: None,
                     };
                     changed.push(s.ino);
-                    attr(fs.setattr(s.ino, &set)?)
+                    attr(fs.recorded(tag, |fs| fs.setattr(s.ino, &set), inode)?)
                 }
                 Op::Create(c) => {
-                    let i = fs.create(
-                        c.parent,
-                        &c.name,
-                        c.mode,
-                        c.rdev,
-                        cred,
-                        c.symlink_target.as_deref(),
+                    let i = fs.recorded(
+                        tag,
+                        |fs| {
+                            fs.create(
+                                c.parent,
+                                &c.name,
+                                c.mode,
+                                c.rdev,
+                                cred,
+                                c.symlink_target.as_deref(),
+                            )
+                        },
+                        inode,
                     )?;
                     changed.push(c.parent);
                     self.lease_names(session, &mut fs, &[c.parent], true, names);
@@ -503,13 +649,13 @@ impl Served {
                 }
                 Op::Link(l) => {
                     changed.extend([l.ino, l.parent]);
-                    let i = fs.link(l.ino, l.parent, &l.name)?;
+                    let i = fs.recorded(tag, |fs| fs.link(l.ino, l.parent, &l.name), inode)?;
                     self.lease_names(session, &mut fs, &[l.parent], true, names);
                     attr(i)
                 }
                 Op::Unlink(e) => {
                     let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
-                    orphan = fs.unlink(e.parent, &e.name)?;
+                    orphan = fs.recorded(tag, |fs| fs.unlink(e.parent, &e.name), done)?;
                     self.lease_names(session, &mut fs, &[e.parent], true, names);
                     changed.push(e.parent);
                     changed.extend(child.ok());
@@ -517,7 +663,7 @@ impl Served {
                 }
                 Op::Rmdir(e) => {
                     let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
-                    fs.rmdir(e.parent, &e.name)?;
+                    fs.recorded(tag, |fs| fs.rmdir(e.parent, &e.name), done)?;
                     self.lease_names(session, &mut fs, &[e.parent], true, names);
                     changed.push(e.parent);
                     changed.extend(child.ok());
@@ -532,7 +678,11 @@ impl Served {
                     };
                     let src = fs.lookup(r.parent, &r.name).map(|i| i.ino);
                     let dst = fs.lookup(r.new_parent, &r.new_name).map(|i| i.ino);
-                    orphan = fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode)?;
+                    orphan = fs.recorded(
+                        tag,
+                        |fs| fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode),
+                        done,
+                    )?;
                     let dirs = [r.parent, r.new_parent];
                     self.lease_names(session, &mut fs, &dirs, true, names);
                     changed.extend(dirs);
@@ -579,7 +729,11 @@ impl Served {
                 }
                 Op::Write(w) => {
                     changed.push(w.ino);
-                    attr(fs.write(w.ino, w.offset, &w.data, w.append)?)
+                    attr(fs.recorded(
+                        tag,
+                        |fs| fs.write(w.ino, w.offset, &w.data, w.append),
+                        inode,
+                    )?)
                 }
                 Op::Fsync(_) => {
                     fs.sync()?;
@@ -596,12 +750,18 @@ impl Served {
                 }
                 Op::Getxattr(x) => Ok(Some(Res::Data(fs.getxattr(x.ino, &x.name)?.into()))),
                 Op::Setxattr(x) => {
-                    fs.setxattr(
-                        x.ino,
-                        &x.name,
-                        &x.value,
-                        x.flags & libc::XATTR_CREATE != 0,
-                        x.flags & libc::XATTR_REPLACE != 0,
+                    fs.recorded(
+                        tag,
+                        |fs| {
+                            fs.setxattr(
+                                x.ino,
+                                &x.name,
+                                &x.value,
+                                x.flags & libc::XATTR_CREATE != 0,
+                                x.flags & libc::XATTR_REPLACE != 0,
+                            )
+                        },
+                        done,
                     )?;
                     changed.push(x.ino);
                     Ok(None)
@@ -610,7 +770,7 @@ impl Served {
                     names: fs.listxattr(i.ino)?,
                 }))),
                 Op::Removexattr(x) => {
-                    fs.removexattr(x.ino, &x.name)?;
+                    fs.recorded(tag, |fs| fs.removexattr(x.ino, &x.name), done)?;
                     changed.push(x.ino);
                     Ok(None)
                 }
@@ -837,6 +997,34 @@ pub fn to_attr(i: &Inode) -> Attr {
     }
 }
 
+/// The outcome of a change that returns an inode.
+fn inode(i: &Inode) -> Outcome {
+    Outcome::Inode(i.ino)
+}
+
+/// The outcome of a change that returns nothing worth recording.
+fn done<T>(_: &T) -> Outcome {
+    Outcome::Done
+}
+
+/// Whether `op`, run a second time, could do something the first run did not, or fail
+/// where the first succeeded: such a change records its outcome in the volume.
+fn recorded(op: &Op) -> bool {
+    match op {
+        Op::Create(_)
+        | Op::Link(_)
+        | Op::Unlink(_)
+        | Op::Rmdir(_)
+        | Op::Rename(_)
+        | Op::Removexattr(_) => true,
+        // Another host may write between the two runs: a second truncate cuts its data.
+        Op::Setattr(s) => s.size.is_some(),
+        Op::Write(w) => w.append,
+        Op::Setxattr(x) => x.flags & libc::XATTR_CREATE != 0,
+        _ => false,
+    }
+}
+
 /// Whether a retried `op` must get its first reply rather than run again.
 fn mutates(op: &Option<Op>) -> bool {
     !matches!(
@@ -955,11 +1143,11 @@ impl Namespace for NamespaceService {
         // Random ids: a session of an earlier coordinator never matches a new one.
         let id = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
         let now = Instant::now();
-        served
-            .sessions
-            .lock()
-            .expect("sessions")
-            .insert(id, Session::new(r.host.clone(), r.mountpoint.clone(), now));
+        served.sessions.lock().expect("sessions").insert(
+            id,
+            Session::new(r.client, r.host.clone(), r.mountpoint.clone(), now),
+        );
+        served.departed.lock().expect("departed").remove(&r.client);
         info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
         Ok(Response::new(OpenSessionReply {
             session: id,
@@ -1003,9 +1191,13 @@ impl Namespace for NamespaceService {
         if let Some(s) = gone {
             info!(volume = %r.volume_id, session = r.session, "session closed");
             let id = r.session;
-            tokio::task::spawn_blocking(move || served.drop_session(id, s))
-                .await
-                .ok();
+            tokio::task::spawn_blocking(move || {
+                let client = s.client;
+                served.drop_session(id, s);
+                served.forget_client(client);
+            })
+            .await
+            .ok();
         }
         Ok(Response::new(HeartbeatReply::default()))
     }
@@ -1099,6 +1291,20 @@ impl Namespace for NamespaceService {
             );
             return Ok(Response::new(reply));
         }
+        if r.retry && r.op.as_ref().is_some_and(recorded) {
+            let client = served.with_session(r.session, |s| s.client)?;
+            let (s2, seq, op) = (served.clone(), r.seq, r.op.clone().expect("checked"));
+            let session = r.session;
+            let found = run_blocking(served.clone(), move |_| {
+                s2.recorded_reply(session, client, seq, &op)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            if let Some(reply) = found {
+                info!(volume = %r.volume_id, session, seq, "a retried change had already run: its recorded outcome is the answer");
+                return Ok(Response::new(reply));
+            }
+        }
         let waits_for_grace = match &r.op {
             Some(Op::Setlk(l)) => !l.reclaim && l.typ != libc::F_UNLCK,
             Some(Op::Getlk(_)) => true,
@@ -1116,10 +1322,17 @@ impl Namespace for NamespaceService {
                 served.lock_wait(session, l).await
             }
             _ => {
-                let (reply, changed) =
-                    run_blocking(served.clone(), move |s| s.execute(session, &r))
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
+                let (reply, changed) = run_blocking(served.clone(), move |s| {
+                    let out = s.execute(session, &r);
+                    if out.0.errno == 0 {
+                        if let Some(op) = &r.op {
+                            crate::failpoints::after_commit(op);
+                        }
+                    }
+                    out
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
                 // Nobody else may still see the old attributes once this returns.
                 served.recall(session, &changed).await;
                 reply
@@ -1192,7 +1405,7 @@ mod tests {
             s.sessions
                 .lock()
                 .unwrap()
-                .insert(id, Session::new(format!("h{id}"), "/m".into(), now));
+                .insert(id, Session::new(0, format!("h{id}"), "/m".into(), now));
         }
         s
     }
@@ -1277,6 +1490,107 @@ mod tests {
         // A stale number past the grace is ESTALE, so the kernel walks the path again.
         let late = call(&s, 2, Op::Open(Ino { ino: old.ino }));
         assert_eq!(late.errno, libc::ESTALE);
+    }
+
+    #[test]
+    fn a_change_retried_at_a_new_coordinator_is_answered_from_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev: Arc<dyn BlockDev> =
+            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
+        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let rename = Op::Rename(Rename {
+            parent: ROOT_INO,
+            name: ".tmp".into(),
+            new_parent: ROOT_INO,
+            new_name: "current".into(),
+            mode: 0,
+        });
+        let mount = 0x5eed;
+        let first = {
+            let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
+            let now = Instant::now();
+            s.sessions
+                .lock()
+                .unwrap()
+                .insert(1, Session::new(mount, "h1".into(), "/m".into(), now));
+            create(&s, ".tmp");
+            let req = NsRequest {
+                seq: 5,
+                done_below: 5,
+                op: Some(rename.clone()),
+                ..Default::default()
+            };
+            let r = s.execute(1, &req).0;
+            assert_eq!(r.errno, 0, "{}", r.detail);
+            // The coordinator dies here: its reply never reaches the mount.
+            let ino =
+                s.fs.lock()
+                    .unwrap()
+                    .lookup(ROOT_INO, b"current")
+                    .unwrap()
+                    .ino;
+            ino
+        };
+        // The next coordinator opens the volume; the mount comes back in a new session,
+        // after another mount made a new ".tmp".
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, false);
+        assert!(s.departed.lock().unwrap().contains_key(&mount));
+        let now = Instant::now();
+        s.sessions
+            .lock()
+            .unwrap()
+            .insert(7, Session::new(mount, "h1".into(), "/m".into(), now));
+        create(&s, ".tmp");
+        let again = s.recorded_reply(7, mount, 5, &rename).expect("recorded");
+        assert_eq!(again.errno, 0, "{}", again.detail);
+        // Not run a second time: the new ".tmp" is still there, "current" is the first.
+        let mut fs = s.fs.lock().unwrap();
+        assert!(fs.lookup(ROOT_INO, b".tmp").is_ok());
+        assert_eq!(fs.lookup(ROOT_INO, b"current").unwrap().ino, first);
+        drop(fs);
+        // Another mount's number, or one never run, has no record: it runs.
+        assert!(s.recorded_reply(7, mount + 1, 5, &rename).is_none());
+        assert!(s.recorded_reply(7, mount, 6, &rename).is_none());
+        // The mount is back: its records stay past the horizon.
+        s.expire(Instant::now() + REPLY_HORIZON);
+        assert!(s.recorded_reply(7, mount, 5, &rename).is_some());
+    }
+
+    #[test]
+    fn replies_of_a_mount_that_never_returns_are_forgotten_after_the_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev: Arc<dyn BlockDev> =
+            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
+        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let op = Op::Create(Create {
+            parent: ROOT_INO,
+            name: "x".into(),
+            mode: libc::S_IFREG | 0o644,
+            ..Default::default()
+        });
+        {
+            let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
+            s.sessions.lock().unwrap().insert(
+                1,
+                Session::new(11, "h1".into(), "/m".into(), Instant::now()),
+            );
+            let req = NsRequest {
+                seq: 3,
+                done_below: 3,
+                op: Some(op.clone()),
+                ..Default::default()
+            };
+            assert_eq!(s.execute(1, &req).0.errno, 0);
+        }
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, false);
+        s.expire(Instant::now());
+        assert!(s.recorded_reply(1, 11, 3, &op).is_some(), "kept for now");
+        s.expire(Instant::now() + REPLY_HORIZON);
+        assert!(
+            s.recorded_reply(1, 11, 3, &op).is_none(),
+            "gone after the horizon"
+        );
+        assert!(s.fs.lock().unwrap().reply_clients().unwrap().is_empty());
     }
 
     fn lk(owner: u64, reclaim: bool) -> Op {

@@ -216,6 +216,8 @@ pub struct NodeProc {
     pub ip: String,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment for the node process (failpoints), from its next start.
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeProc {
@@ -352,6 +354,7 @@ impl Cluster {
             ip,
             data_dir,
             args,
+            env: Vec::new(),
         });
         self.spawn(i);
         i
@@ -379,6 +382,7 @@ impl Cluster {
             .args(&node.args)
             .env("RUST_LOG", "info")
             .env_remove("SHOAL_ENDPOINT")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

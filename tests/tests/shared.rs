@@ -987,3 +987,80 @@ fn a_live_hosts_lock_survives_a_coordinator_failover() {
     drop((fa, fb));
     shoal_tests::cleanup_mounts(&m[0]);
 }
+
+#[test]
+fn a_create_whose_reply_was_lost_in_a_failover_is_not_run_twice() {
+    require_root!();
+    let mut c = Cluster::start(3, Opts::default());
+    // Node 0 coordinates, holds no replica, and dies right after it commits the create
+    // of "only-once", before its reply goes out.
+    c.nodes[0].env.push((
+        "SHOAL_FAILPOINTS".into(),
+        "crash-after-commit=only-once".into(),
+    ));
+    c.restart(0);
+    c.wait_all_online();
+    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
+    let pinned = format!("{n1},{n2}");
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "once", "--size", "1G", "--repl", "2", "--shared", "--nodes",
+            &pinned,
+        ],
+    )
+    .expect_ok("create");
+    let m0 = c.path().join("mnt-0");
+    let m1 = c.path().join("mnt-1");
+    c.shoal(0, &["volume", "mount", "once", m0.to_str().unwrap()])
+        .expect_ok("mount on the coordinator");
+    c.shoal(1, &["volume", "mount", "once", m1.to_str().unwrap()])
+        .expect_ok("mount elsewhere");
+    let dead = c.nodes[0].id();
+    assert_eq!(
+        c.json(1, &["volume", "inspect", "once"])["attached_node"],
+        dead
+    );
+    fs::write(m1.join("before"), b"x").unwrap();
+
+    // O_EXCL: run twice, the second run would fail with EEXIST.
+    let t = std::time::Instant::now();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m1.join("only-once"))
+        .expect("the create succeeded once; its retry must not fail");
+    eprintln!("create answered after {:?}", t.elapsed());
+    f.write_all(b"mine").unwrap();
+    drop(f);
+    assert!(!c.nodes[0].running(), "the failpoint fired");
+    let v = c.json(1, &["volume", "inspect", "once"]);
+    assert!(
+        !v["attached_node"].is_null() && v["attached_node"] != dead.as_str(),
+        "taken over: {v}"
+    );
+    assert!(
+        c.log(1).contains("recorded outcome") || c.log(2).contains("recorded outcome"),
+        "answered from the record"
+    );
+    assert_eq!(fs::read(m1.join("only-once")).unwrap(), b"mine");
+    let names: Vec<String> = fs::read_dir(&m1)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "only-once").count(),
+        1,
+        "{names:?}"
+    );
+    // It really exists: a new exclusive create fails.
+    let again = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m1.join("only-once"));
+    assert_eq!(
+        again.expect_err("exists").raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    shoal_tests::cleanup_mounts(&m0);
+}

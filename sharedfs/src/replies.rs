@@ -1,0 +1,237 @@
+//! Replies to changes, recorded in the volume: what makes a retried create, rename,
+//! unlink or append safe across a coordinator failover.
+//!
+//! A mount may send a request, lose the connection before the answer, and send it again
+//! (same mount id, same sequence number) to whichever coordinator serves next. The
+//! coordinator keeps recent replies in memory, but a new coordinator has none of them,
+//! and running the request again is wrong: the create fails with EEXIST, the unlink with
+//! ENOENT, the append lands twice, the rename moves whatever got the old name since.
+//! So a change that cannot simply run again records its outcome in the same transaction
+//! as the change itself:
+//!
+//! ```text
+//! key    R | mount id (BE u64) | seq (BE u64)
+//! value  kind u8 (0 = done, 1 = an inode's attributes) | ino u64
+//! ```
+//! Committed together, the change and its record are both in the volume or neither is.
+//! A retry that finds the record gets the recorded outcome (the inode's attributes as they
+//! are now) without running again. Each mount tells which of its requests are answered
+//! (`done_below`); the records below that are deleted with the next one it makes, so a
+//! mount has about as many records as requests in flight. A mount's records go when its
+//! session ends, and a new coordinator drops those of mounts that do not come back.
+
+use std::ops::Bound;
+
+use crate::error::{FsError, Result};
+use crate::fs::Fs;
+
+const TAG: u8 = b'R';
+/// Old records deleted per new one at most (more go with the next).
+const PRUNE_BATCH: usize = 64;
+
+/// Which request a change answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTag {
+    /// The mount's id (never 0).
+    pub client: u64,
+    pub seq: u64,
+    /// The mount's requests below this have their answers.
+    pub done_below: u64,
+}
+
+/// What a recorded change returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success without a result (unlink, rename, ...).
+    Done,
+    /// Success with an inode's attributes (create, link, write, ...).
+    Inode(u64),
+}
+
+fn key(client: u64, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(TAG);
+    k.extend_from_slice(&client.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode(o: Outcome) -> Vec<u8> {
+    let (kind, ino) = match o {
+        Outcome::Done => (0u8, 0u64),
+        Outcome::Inode(i) => (1, i),
+    };
+    let mut v = vec![kind];
+    v.extend_from_slice(&ino.to_le_bytes());
+    v
+}
+
+fn decode(v: &[u8]) -> Result<Outcome> {
+    let ino = v
+        .get(1..9)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match (v.first(), ino) {
+        (Some(0), Some(_)) => Ok(Outcome::Done),
+        (Some(1), Some(i)) => Ok(Outcome::Inode(i)),
+        _ => Err(FsError::Corrupt(format!("a recorded reply {v:?}"))),
+    }
+}
+
+impl Fs {
+    /// Runs the change `f` as one transaction that also records its outcome under `tag`
+    /// (when given) and forgets the mount's replies below `tag.done_below`.
+    pub fn recorded<T>(
+        &mut self,
+        tag: Option<ReplyTag>,
+        f: impl FnOnce(&mut Fs) -> Result<T>,
+        outcome: impl FnOnce(&T) -> Outcome,
+    ) -> Result<T> {
+        let Some(tag) = tag.filter(|t| t.client != 0) else {
+            return f(self);
+        };
+        self.run(|fs| {
+            let v = f(fs)?;
+            fs.bt_put(&key(tag.client, tag.seq), &encode(outcome(&v)))?;
+            let below = tag.done_below.min(tag.seq);
+            let old = fs.bt_range(
+                &key(tag.client, 0),
+                Bound::Excluded(&key(tag.client, below)),
+                PRUNE_BATCH,
+            )?;
+            for (k, _) in old {
+                fs.bt_del(&k)?;
+            }
+            Ok(v)
+        })
+    }
+
+    /// The outcome recorded for a mount's request, if it ran.
+    pub fn recorded_reply(&mut self, client: u64, seq: u64) -> Result<Option<Outcome>> {
+        if client == 0 {
+            return Ok(None);
+        }
+        self.bt_get(&key(client, seq))?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// The mounts with recorded replies.
+    pub fn reply_clients(&mut self) -> Result<Vec<u64>> {
+        let rows = self.bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?;
+        let mut ids: Vec<u64> = rows
+            .iter()
+            .filter(|(k, _)| k.len() == 17)
+            .map(|(k, _)| u64::from_be_bytes(k[1..9].try_into().unwrap()))
+            .collect();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Forgets every reply recorded for the mounts `drop` picks (by id), at most `limit`
+    /// records in one transaction; returns how many went.
+    pub fn forget_replies(&mut self, drop: impl Fn(u64) -> bool, limit: usize) -> Result<usize> {
+        let rows = self.bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?;
+        let doomed: Vec<Vec<u8>> = rows
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.len() == 17 && drop(u64::from_be_bytes(k[1..9].try_into().unwrap())))
+            .take(limit)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.run(|fs| {
+            for k in &doomed {
+                fs.bt_del(k)?;
+            }
+            Ok(doomed.len())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::{BlockDev, FileDev};
+    use crate::fs::Cred;
+    use std::sync::Arc;
+
+    fn fresh() -> (tempfile::TempDir, Arc<dyn BlockDev>, Fs) {
+        let dir = tempfile::tempdir().unwrap();
+        let dev: Arc<dyn BlockDev> =
+            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
+        Fs::format(dev.clone(), [7; 16]).unwrap();
+        let fs = Fs::open(dev.clone()).unwrap();
+        (dir, dev, fs)
+    }
+
+    fn tag(seq: u64, done_below: u64) -> Option<ReplyTag> {
+        Some(ReplyTag {
+            client: 42,
+            seq,
+            done_below,
+        })
+    }
+
+    #[test]
+    fn a_change_and_its_record_commit_together_and_survive_a_reopen() {
+        let (_dir, dev, mut fs) = fresh();
+        let cred = Cred { uid: 0, gid: 0 };
+        let i = fs
+            .recorded(
+                tag(5, 5),
+                |fs| fs.create(1, b"a", libc::S_IFREG | 0o644, 0, cred, None),
+                |i| Outcome::Inode(i.ino),
+            )
+            .unwrap();
+        // A change that fails records nothing (and changes nothing).
+        let again = fs.recorded(
+            tag(6, 5),
+            |fs| fs.create(1, b"a", libc::S_IFREG | 0o644, 0, cred, None),
+            |i| Outcome::Inode(i.ino),
+        );
+        assert!(matches!(again, Err(FsError::Exists)));
+        drop(fs);
+        // What a new coordinator finds after replaying the journal.
+        let mut fs = Fs::open(dev).unwrap();
+        assert_eq!(
+            fs.recorded_reply(42, 5).unwrap(),
+            Some(Outcome::Inode(i.ino))
+        );
+        assert_eq!(fs.recorded_reply(42, 6).unwrap(), None);
+        assert_eq!(fs.recorded_reply(43, 5).unwrap(), None);
+        assert_eq!(fs.recorded_reply(0, 5).unwrap(), None);
+    }
+
+    #[test]
+    fn answered_requests_are_forgotten_with_the_next_change() {
+        let (_dir, _dev, mut fs) = fresh();
+        for seq in 1..=3 {
+            fs.recorded(
+                tag(seq, 1),
+                |fs| fs.setxattr(1, format!("user.{seq}").as_bytes(), b"v", false, false),
+                |_| Outcome::Done,
+            )
+            .unwrap();
+        }
+        // Request 1 is still in flight: all three are kept.
+        for seq in 1..=3 {
+            assert_eq!(fs.recorded_reply(42, seq).unwrap(), Some(Outcome::Done));
+        }
+        fs.recorded(
+            tag(9, 9),
+            |fs| fs.removexattr(1, b"user.1"),
+            |_| Outcome::Done,
+        )
+        .unwrap();
+        for seq in 1..=3 {
+            assert_eq!(fs.recorded_reply(42, seq).unwrap(), None, "seq {seq}");
+        }
+        assert_eq!(fs.recorded_reply(42, 9).unwrap(), Some(Outcome::Done));
+        // A mount that went away: all of its records go.
+        assert_eq!(fs.forget_replies(|c| c == 42, 100).unwrap(), 1);
+        assert_eq!(fs.recorded_reply(42, 9).unwrap(), None);
+        let r = fs.fsck(false).unwrap();
+        assert!(r.clean(), "{:?}", r.problems);
+    }
+}
