@@ -132,6 +132,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             service.clone(),
             node.peers.clone(),
             &node.id,
+            &node.cfg.listen.to_string(),
             tokio::runtime::Handle::current(),
         ));
         let _ = node.shared.set(shared);

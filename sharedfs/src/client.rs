@@ -1,5 +1,6 @@
 //! The FUSE client: a mount of a shared volume on any host, forwarding every operation
-//! to the namespace service on the volume's coordinator.
+//! to the namespace service on the volume's coordinator: over gRPC, or as a plain call
+//! when the coordinator is the node this mount lives in (`InProcess`).
 //!
 //! Coherence comes from the coordinator, which serializes all changes, and from caching
 //! only under its leases: the kernel caches attributes for the lease's time (recalled by
@@ -54,6 +55,13 @@ const RESOLVE_AFTER: Duration = Duration::from_secs(2);
 /// Makes a client for a coordinator address.
 pub type Connect = Arc<dyn Fn(&str) -> Option<PeerNamespaceClient> + Send + Sync>;
 
+/// The namespace service of the node a mount lives in, and that node's address.
+#[derive(Clone)]
+pub struct InProcess {
+    pub address: String,
+    pub service: crate::service::NamespaceService,
+}
+
 /// A FUSE thread's own runtime and connection to the coordinator.
 struct Local {
     rt: tokio::runtime::Runtime,
@@ -79,6 +87,9 @@ pub struct Rpc {
     connect: Connect,
     /// Makes a client on a connection of its own, for one FUSE thread's own runtime.
     private: Connect,
+    /// This node's address and namespace service: while the coordinator is this node,
+    /// requests are calls in this process, not gRPC.
+    in_process: Option<InProcess>,
     /// Serializes re-resolution among the FUSE threads.
     resolving: std::sync::Mutex<()>,
     /// Requests whose answer nobody waits for (closes), sent in order by one thread.
@@ -116,6 +127,7 @@ impl Rpc {
         resolve: Resolver,
         connect: Connect,
         private: Connect,
+        in_process: Option<InProcess>,
         rt: tokio::runtime::Handle,
     ) -> Result<Arc<Self>, tonic::Status> {
         let rpc = Arc::new(Self {
@@ -127,6 +139,7 @@ impl Rpc {
             resolve,
             connect,
             private,
+            in_process,
             resolving: std::sync::Mutex::new(()),
             background: std::sync::Mutex::new(None),
             session: AtomicU64::new(0),
@@ -156,9 +169,20 @@ impl Rpc {
         Ok(rpc)
     }
 
-    /// One call. Outside a runtime (FUSE threads) it runs on the thread's own runtime and
+    /// One call. To this node's own namespace service it is a call on this thread; over
+    /// gRPC, outside a runtime (FUSE threads) it runs on the thread's own runtime and
     /// connection, so no other thread is involved; otherwise on the node's runtime.
     fn send(&self, msg: NsRequest) -> Result<tonic::Response<NsReply>, tonic::Status> {
+        if let Some(p) = &self.in_process {
+            let here = *self.addr.read().expect("addr") == p.address
+                && p.service.served(&self.volume_id).is_some();
+            if here {
+                return self
+                    .rt
+                    .block_on(p.service.call_local(msg))
+                    .map(tonic::Response::new);
+            }
+        }
         if tokio::runtime::Handle::try_current().is_ok() {
             let mut c = self.client();
             return self.rt.block_on(c.call(msg));
@@ -1646,10 +1670,11 @@ impl Mount {
         resolve: Resolver,
         connect: Connect,
         private: Connect,
+        in_process: Option<InProcess>,
         rt: tokio::runtime::Handle,
     ) -> std::io::Result<Self> {
         let rpc = Rpc::connect(
-            volume_id, host, path, addr, client, resolve, connect, private, rt,
+            volume_id, host, path, addr, client, resolve, connect, private, in_process, rt,
         )
         .map_err(|s| std::io::Error::other(format!("opening a session: {}", s.message())))?;
         // Often enough to renew the leases (2 s at the mount) before they run out.

@@ -13,7 +13,7 @@ use shoal_blockd::volume_io::VolumeIo;
 use shoal_blockd::{Error, Result};
 use tracing::info;
 
-use crate::client::{Connect, Mount};
+use crate::client::{Connect, InProcess, Mount};
 use crate::dev::BlockDev;
 use crate::error::FsError;
 use crate::fs::Fs;
@@ -24,6 +24,8 @@ pub struct Shared {
     pub service: NamespaceService,
     peers: Arc<Peers>,
     node_id: String,
+    /// The address this node serves and advertises.
+    address: String,
     rt: tokio::runtime::Handle,
     mounts: Mutex<HashMap<PathBuf, Mount>>,
 }
@@ -33,12 +35,14 @@ impl Shared {
         service: NamespaceService,
         peers: Arc<Peers>,
         node_id: &str,
+        address: &str,
         rt: tokio::runtime::Handle,
     ) -> Self {
         Self {
             service,
             peers,
             node_id: node_id.to_string(),
+            address: address.to_string(),
             rt,
             mounts: Mutex::new(HashMap::new()),
         }
@@ -134,6 +138,10 @@ impl SharedNamespaces for Shared {
             resolve,
             connect,
             private,
+            Some(InProcess {
+                address: self.address.clone(),
+                service: self.service.clone(),
+            }),
             self.rt.clone(),
         )
         .map_err(|e| Error::Internal(format!("mounting at {}: {e}", path.display())))?;

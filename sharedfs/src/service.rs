@@ -1275,7 +1275,16 @@ impl Namespace for NamespaceService {
 
     async fn call(&self, req: Request<NsRequest>) -> Result<Response<NsReply>, Status> {
         self.check(&req)?;
-        let r = req.into_inner();
+        self.call_local(req.into_inner()).await.map(Response::new)
+    }
+}
+
+impl NamespaceService {
+    /// One namespace operation, for a mount in this process as for one over gRPC (which
+    /// `call` checks first). A mount on the coordinator's own node calls this directly
+    /// from its FUSE thread (`Handle::block_on`): the operation then runs on that thread,
+    /// with no network round trip and no hand-off between threads.
+    pub async fn call_local(&self, r: NsRequest) -> Result<NsReply, Status> {
         let served = self.volume(&r.volume_id)?;
         let replayed = served.with_session(r.session, |s| {
             s.replies
@@ -1289,7 +1298,7 @@ impl Namespace for NamespaceService {
                 seq = r.seq,
                 "retried request: first reply"
             );
-            return Ok(Response::new(reply));
+            return Ok(reply);
         }
         if r.retry && r.op.as_ref().is_some_and(recorded) {
             let client = served.with_session(r.session, |s| s.client)?;
@@ -1302,7 +1311,7 @@ impl Namespace for NamespaceService {
             .map_err(|e| Status::internal(e.to_string()))?;
             if let Some(reply) = found {
                 info!(volume = %r.volume_id, session, seq, "a retried change had already run: its recorded outcome is the answer");
-                return Ok(Response::new(reply));
+                return Ok(reply);
             }
         }
         let waits_for_grace = match &r.op {
@@ -1312,7 +1321,7 @@ impl Namespace for NamespaceService {
         };
         if waits_for_grace {
             if let Some(reply) = served.hold_for_grace().await {
-                return Ok(Response::new(reply));
+                return Ok(reply);
             }
         }
         let keep = mutates(&r.op);
@@ -1347,7 +1356,7 @@ impl Namespace for NamespaceService {
                 s.replies.push_back((seq, reply.clone()));
             }
         }
-        Ok(Response::new(reply))
+        Ok(reply)
     }
 }
 
