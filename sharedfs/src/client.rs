@@ -108,6 +108,9 @@ pub struct Rpc {
     /// The locks this mount holds at the coordinator (owners with session 0), as the
     /// coordinator granted them: reclaimed at a new coordinator after a failover.
     held: Mutex<LockTable>,
+    /// How many times this mount has each file open (as the coordinator counted them):
+    /// told to a new coordinator, so a file unlinked while open here outlives a failover.
+    opened: Mutex<std::collections::HashMap<u64, u32>>,
     /// One session change at a time (see `replace_session`).
     session_lock: Mutex<()>,
     /// When the last heartbeat that the coordinator answered was sent, and the session
@@ -151,6 +154,7 @@ impl Rpc {
             cache: Mutex::new(Cache::default()),
             held: Mutex::new(LockTable::default()),
             session_lock: Mutex::new(()),
+            opened: Mutex::new(std::collections::HashMap::new()),
             renewed_at: Mutex::new(std::time::Instant::now()),
             lease: Mutex::new(Duration::from_secs(15)),
         });
@@ -334,6 +338,16 @@ impl Rpc {
             host: self.host.clone(),
             mountpoint: self.mountpoint.clone(),
             client: self.id,
+            opens: self
+                .opened
+                .lock()
+                .expect("opened")
+                .iter()
+                .map(|(ino, count)| OpenFile {
+                    ino: *ino,
+                    count: *count,
+                })
+                .collect(),
         };
         let r = self.rt.block_on(c.open_session(req))?.into_inner();
         // The leases were the old session's.
@@ -536,6 +550,27 @@ impl Rpc {
         self.cache.lock().expect("cache")
     }
 
+    /// Keeps `opened` as the coordinator counts: an open or a create-and-open that
+    /// succeeded adds one, a release (whatever its answer) takes one.
+    fn note_opens(&self, op: &Op, r: &NsReply) {
+        let mut opened = self.opened.lock().expect("opened");
+        match (op, &r.result) {
+            (Op::Open(i), _) if r.errno == 0 => *opened.entry(i.ino).or_insert(0) += 1,
+            (Op::Create(c), Some(Res::Attr(a))) if c.open && r.errno == 0 => {
+                *opened.entry(a.ino).or_insert(0) += 1
+            }
+            (Op::Release(rel), _) => {
+                if let Some(n) = opened.get_mut(&rel.ino) {
+                    *n -= 1;
+                    if *n == 0 {
+                        opened.remove(&rel.ino);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The lowest number of a request still waiting for its answer (or the next one).
     fn done_below(&self) -> u64 {
         let waiting = self.in_flight.lock().expect("in flight").first().copied();
@@ -610,6 +645,7 @@ impl Rpc {
                         listed_ttl: ttl,
                     };
                     self.cache().settle(ticket, &fresh, &effect);
+                    self.note_opens(&op, &r);
                     if r.errno != 0 {
                         return Err(Errno::from_i32(r.errno));
                     }

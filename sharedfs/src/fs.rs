@@ -196,11 +196,23 @@ impl Fs {
 
     /// Opens the namespace on `dev`: replays the journal, frees leftover orphans.
     pub fn open(dev: Arc<dyn BlockDev>) -> Result<Self> {
+        let mut fs = Self::open_keeping_orphans(dev)?;
+        for ino in fs.orphans()? {
+            debug!(ino, "freeing an orphan left by an earlier run");
+            fs.destroy(ino)?;
+        }
+        Ok(fs)
+    }
+
+    /// Opens the namespace on `dev` and replays the journal, leaving the files that were
+    /// unlinked while open (`orphans`) alone: a coordinator taking over frees them only
+    /// once the mounts that still have them open could say so.
+    pub fn open_keeping_orphans(dev: Arc<dyn BlockDev>) -> Result<Self> {
         let mut store = PageStore::open(dev)?;
         let alloc = Alloc::open(&mut store)?;
         let fsb = store.with(FS_BLOCK, FsBlock::decode)??;
         let g = store.checkpoint.geometry;
-        let mut fs = Fs {
+        let fs = Fs {
             store,
             alloc,
             next_ino: fsb.next_ino,
@@ -209,10 +221,6 @@ impl Fs {
             meta_hint: g.data_start(),
             data_hint: g.data_start() + (g.blocks - g.data_start()) / 64,
         };
-        for ino in fs.orphans()? {
-            debug!(ino, "freeing an orphan left by an earlier run");
-            fs.destroy(ino)?;
-        }
         Ok(fs)
     }
 

@@ -80,7 +80,7 @@ fn uuid_of(rec: &VolumeRecord) -> [u8; 16] {
 impl SharedNamespaces for Shared {
     fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>) -> Result<()> {
         let dev: Arc<dyn BlockDev> = Arc::new(VolumeDev(io));
-        let fs = match Fs::open(dev.clone()) {
+        let fs = match Fs::open_keeping_orphans(dev.clone()) {
             Ok(fs) => fs,
             Err(FsError::Corrupt(why)) if !rec.formatted => {
                 info!(volume = %rec.name, reason = %why, "formatting the shared namespace on first attach");

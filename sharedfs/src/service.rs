@@ -138,12 +138,29 @@ pub struct Served {
     /// Mounts with replies recorded in the volume and no session here, since when: their
     /// records go after [`REPLY_HORIZON`] unless they come back.
     departed: Mutex<HashMap<u64, Instant>>,
+    /// Files found unlinked while open when this coordinator started after one that did
+    /// not stop cleanly: freed after the grace period unless a mount said it has them
+    /// open (then at their last close here).
+    inherited_orphans: Mutex<Vec<u64>>,
 }
 
 impl Served {
     fn new(volume_id: &str, mut fs: Fs, lease: Duration, grace: bool) -> Self {
         // Every mount with recorded replies was a previous coordinator's.
         let now = Instant::now();
+        let orphans = fs.orphans().unwrap_or_else(|e| {
+            warn!(volume = volume_id, error = %e, "cannot list the files unlinked while open");
+            Vec::new()
+        });
+        let inherited_orphans = if grace {
+            orphans
+        } else {
+            // A clean stop before: no mount has any of them open.
+            if let Err(e) = fs.destroy_many(&orphans) {
+                warn!(volume = volume_id, error = %e, "cannot free files left unlinked");
+            }
+            Vec::new()
+        };
         let departed = match fs.reply_clients() {
             Ok(c) => c.into_iter().map(|c| (c, now)).collect(),
             Err(e) => {
@@ -153,6 +170,7 @@ impl Served {
         };
         Served {
             departed: Mutex::new(departed),
+            inherited_orphans: Mutex::new(inherited_orphans),
             grace_until: grace.then(|| Instant::now() + lease),
             volume_id: volume_id.to_string(),
             fs: Mutex::new(fs),
@@ -233,7 +251,11 @@ impl Served {
             .lock()
             .expect("handed")
             .retain(|_, t| now.duration_since(*t) < UNLINK_GRACE);
-        let deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
+        let mut deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
+        if !self.in_grace(now) {
+            // The mounts had their chance to say which of these they still have open.
+            deferred.append(&mut self.inherited_orphans.lock().expect("orphans"));
+        }
         let mut due = Vec::new();
         for ino in deferred {
             if self.keep(ino, now) {
@@ -271,6 +293,28 @@ impl Served {
             self.drop_session(id, s);
         }
         self.forget_departed(now);
+    }
+
+    /// Counts the files a mount says it has open (it comes from another session or
+    /// coordinator) in its new session, so they outlive an unlink until it closes them.
+    fn reopen(&self, session: u64, opens: &[OpenFile]) {
+        if opens.is_empty() {
+            return;
+        }
+        let live: Vec<(u64, u32)> = {
+            let mut fs = self.fs.lock().expect("fs");
+            opens
+                .iter()
+                .filter(|o| o.count > 0 && fs.getattr(o.ino).is_ok())
+                .map(|o| (o.ino, o.count))
+                .collect()
+        };
+        if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
+            for (ino, n) in &live {
+                *s.opens.entry(*ino).or_insert(0) += n;
+            }
+        }
+        info!(volume = %self.volume_id, session, files = live.len(), gone = opens.len() - live.len(), "open files reclaimed");
     }
 
     /// Forgets the recorded replies of mounts gone longer than [`REPLY_HORIZON`].
@@ -1093,10 +1137,12 @@ impl NamespaceService {
     pub fn remove(&self, volume_id: &str) {
         let gone = self.volumes.write().expect("volumes").remove(volume_id);
         if let Some(served) = gone {
-            // A clean stop: the next coordinator needs no grace unless locks are held
-            // (mounts elsewhere will reclaim them there).
-            if served.locks.lock().expect("locks").is_empty() {
-                if let Err(e) = served.fs.lock().expect("fs").set_in_service(false) {
+            // A clean stop: the next coordinator needs no grace unless locks are held or
+            // files unlinked while open live on (mounts elsewhere reclaim them there).
+            let mut fs = served.fs.lock().expect("fs");
+            let open_orphans = fs.orphans().map_or(true, |o| !o.is_empty());
+            if served.locks.lock().expect("locks").is_empty() && !open_orphans {
+                if let Err(e) = fs.set_in_service(false) {
                     warn!(volume = volume_id, error = %e, "cannot record a clean stop");
                 }
             }
@@ -1148,6 +1194,12 @@ impl Namespace for NamespaceService {
             Session::new(r.client, r.host.clone(), r.mountpoint.clone(), now),
         );
         served.departed.lock().expect("departed").remove(&r.client);
+        if !r.opens.is_empty() {
+            let opens = r.opens;
+            run_blocking(served.clone(), move |s| s.reopen(id, &opens))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
         info!(volume = %r.volume_id, session = id, host = %r.host, mountpoint = %r.mountpoint, "session opened");
         Ok(Response::new(OpenSessionReply {
             session: id,

@@ -1064,3 +1064,70 @@ fn a_create_whose_reply_was_lost_in_a_failover_is_not_run_twice() {
     );
     shoal_tests::cleanup_mounts(&m0);
 }
+
+/// Free blocks of the filesystem at `p` (statvfs).
+fn free_blocks(p: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(p).unwrap().blocks_free() as u64
+}
+
+#[test]
+fn a_file_unlinked_while_open_survives_a_coordinator_failover() {
+    require_root!();
+    let mut c = Cluster::start(3, Opts::default());
+    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
+    let pinned = format!("{n1},{n2}");
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "uo", "--size", "1G", "--repl", "2", "--shared", "--nodes", &pinned,
+        ],
+    )
+    .expect_ok("create");
+    // Node 0 (no replica) mounts first and coordinates.
+    let m: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = c.path().join(format!("mnt-{i}"));
+            c.shoal(i, &["volume", "mount", "uo", p.to_str().unwrap()])
+                .expect_ok("mount");
+            p
+        })
+        .collect();
+    let dead = c.nodes[0].id();
+    assert_eq!(
+        c.json(1, &["volume", "inspect", "uo"])["attached_node"],
+        dead
+    );
+    let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    fs::write(m[1].join("scratch"), &body).unwrap();
+    let before = free_blocks(&m[1]);
+    // Host 1 keeps it open; host 2 unlinks it (the scratch-file pattern).
+    let mut f = fs::File::open(m[1].join("scratch")).unwrap();
+    fs::remove_file(m[2].join("scratch")).unwrap();
+    assert!(!m[1].join("scratch").exists());
+
+    c.kill(0);
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "a new coordinator",
+        || {
+            let v = c.json(1, &["volume", "inspect", "uo"]);
+            !v["attached_node"].is_null() && v["attached_node"] != dead.as_str()
+        },
+    );
+    // Past the new coordinator's grace period (one session lease, 15 s): by then it has
+    // freed every unlinked file no mount said it had open.
+    std::thread::sleep(std::time::Duration::from_secs(17));
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut got).expect("the open file still reads");
+    assert!(got == body, "the open file's bytes after the failover");
+    // Its last close frees it.
+    drop(f);
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the file's blocks to be freed at its last close",
+        || free_blocks(&m[1]) >= before + 1000,
+    );
+    let r = c.json(1, &["volume", "fsck", "uo"]);
+    assert_eq!(r["clean"], true, "{r}");
+    shoal_tests::cleanup_mounts(&m[0]);
+}
