@@ -1457,9 +1457,25 @@ mod tests {
         served_with_grace(dir, false)
     }
 
-    fn served_with_grace(dir: &std::path::Path, grace: bool) -> Served {
+    /// A freshly formatted namespace in `dir`.
+    fn formatted(dir: &std::path::Path) -> Arc<dyn BlockDev> {
         let dev: Arc<dyn BlockDev> = Arc::new(FileDev::create(&dir.join("vol"), 64 << 20).unwrap());
         Fs::format(dev.clone(), [3; 16]).unwrap();
+        dev
+    }
+
+    /// A coordinator of `dev` with one session (`session`) of mount `client`.
+    fn coordinator(dev: &Arc<dyn BlockDev>, session: u64, client: u64) -> Served {
+        let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
+        s.sessions.lock().unwrap().insert(
+            session,
+            Session::new(client, "h1".into(), "/m".into(), Instant::now()),
+        );
+        s
+    }
+
+    fn served_with_grace(dir: &std::path::Path, grace: bool) -> Served {
+        let dev = formatted(dir);
         let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, grace);
         let now = Instant::now();
         for id in [1, 2] {
@@ -1556,9 +1572,7 @@ mod tests {
     #[test]
     fn a_change_retried_at_a_new_coordinator_is_answered_from_its_record() {
         let dir = tempfile::tempdir().unwrap();
-        let dev: Arc<dyn BlockDev> =
-            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
-        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let dev = formatted(dir.path());
         let rename = Op::Rename(Rename {
             parent: ROOT_INO,
             name: ".tmp".into(),
@@ -1568,12 +1582,7 @@ mod tests {
         });
         let mount = 0x5eed;
         let first = {
-            let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
-            let now = Instant::now();
-            s.sessions
-                .lock()
-                .unwrap()
-                .insert(1, Session::new(mount, "h1".into(), "/m".into(), now));
+            let s = coordinator(&dev, 1, mount);
             create(&s, ".tmp");
             let req = NsRequest {
                 seq: 5,
@@ -1594,13 +1603,11 @@ mod tests {
         };
         // The next coordinator opens the volume; the mount comes back in a new session,
         // after another mount made a new ".tmp".
-        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, false);
-        assert!(s.departed.lock().unwrap().contains_key(&mount));
-        let now = Instant::now();
-        s.sessions
-            .lock()
-            .unwrap()
-            .insert(7, Session::new(mount, "h1".into(), "/m".into(), now));
+        let s = coordinator(&dev, 7, mount);
+        assert!(
+            s.departed.lock().unwrap().contains_key(&mount),
+            "found at start"
+        );
         create(&s, ".tmp");
         let again = s.recorded_reply(7, mount, 5, &rename).expect("recorded");
         assert_eq!(again.errno, 0, "{}", again.detail);
@@ -1620,9 +1627,7 @@ mod tests {
     #[test]
     fn replies_of_a_mount_that_never_returns_are_forgotten_after_the_horizon() {
         let dir = tempfile::tempdir().unwrap();
-        let dev: Arc<dyn BlockDev> =
-            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
-        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let dev = formatted(dir.path());
         let op = Op::Create(Create {
             parent: ROOT_INO,
             name: "x".into(),
@@ -1630,11 +1635,7 @@ mod tests {
             ..Default::default()
         });
         {
-            let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
-            s.sessions.lock().unwrap().insert(
-                1,
-                Session::new(11, "h1".into(), "/m".into(), Instant::now()),
-            );
+            let s = coordinator(&dev, 1, 11);
             let req = NsRequest {
                 seq: 3,
                 done_below: 3,
@@ -1705,9 +1706,7 @@ mod tests {
     #[test]
     fn the_in_service_flag_tells_a_clean_stop_from_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let dev: Arc<dyn BlockDev> =
-            Arc::new(FileDev::create(&dir.path().join("vol"), 64 << 20).unwrap());
-        Fs::format(dev.clone(), [3; 16]).unwrap();
+        let dev = formatted(dir.path());
         let mut fs = Fs::open(dev.clone()).unwrap();
         assert!(
             !fs.set_in_service(true).unwrap(),

@@ -29,6 +29,32 @@ fn mounted_everywhere(name: &str) -> (Cluster, Vec<PathBuf>) {
     (c, paths)
 }
 
+/// Creates a shared volume with its two replicas pinned to nodes 1 and 2 and mounts it on
+/// the first `hosts` nodes, node 0 (no replica) first, so node 0 coordinates it.
+fn coordinated_by_node_0(c: &Cluster, name: &str, hosts: usize) -> Vec<PathBuf> {
+    let pinned = format!("{},{}", c.nodes[1].id(), c.nodes[2].id());
+    c.shoal(
+        0,
+        &[
+            "volume", "create", name, "--size", "1G", "--repl", "2", "--shared", "--nodes", &pinned,
+        ],
+    )
+    .expect_ok("create");
+    let m: Vec<PathBuf> = (0..hosts)
+        .map(|i| {
+            let p = c.path().join(format!("mnt-{i}"));
+            c.shoal(i, &["volume", "mount", name, p.to_str().unwrap()])
+                .expect_ok("mount");
+            p
+        })
+        .collect();
+    assert_eq!(
+        c.json(1, &["volume", "inspect", name])["attached_node"],
+        c.nodes[0].id()
+    );
+    m
+}
+
 fn is_mounted(p: &Path) -> bool {
     mounts().iter().any(|(_, m)| Path::new(m) == p)
 }
@@ -914,28 +940,9 @@ fn a_live_hosts_lock_survives_a_coordinator_failover() {
     // reclaims, and it must outlast the failover: a mount silent for longer than the
     // lease gives its locks up rather than reclaim them.
     let mut c = Cluster::start(3, Opts::default());
-    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
-    let pinned = format!("{n1},{n2}");
-    c.shoal(
-        0,
-        &[
-            "volume", "create", "rl", "--size", "1G", "--repl", "2", "--shared", "--nodes", &pinned,
-        ],
-    )
-    .expect_ok("create");
-    // Node 0 (no replica) mounts first and coordinates; hosts 1 and 2 mount too.
-    let m: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let p = c.path().join(format!("mnt-{i}"));
-            c.shoal(i, &["volume", "mount", "rl", p.to_str().unwrap()])
-                .expect_ok("mount");
-            p
-        })
-        .collect();
-    assert_eq!(
-        c.json(1, &["volume", "inspect", "rl"])["attached_node"],
-        c.nodes[0].id()
-    );
+    let n1 = c.nodes[1].id();
+    // Node 0 (no replica) coordinates; hosts 1 and 2 mount too.
+    let m = coordinated_by_node_0(&c, "rl", 3);
     fs::write(m[1].join("f"), b"x").unwrap();
     let open = |p: &Path| {
         fs::OpenOptions::new()
@@ -1000,27 +1007,9 @@ fn a_create_whose_reply_was_lost_in_a_failover_is_not_run_twice() {
     ));
     c.restart(0);
     c.wait_all_online();
-    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
-    let pinned = format!("{n1},{n2}");
-    c.shoal(
-        0,
-        &[
-            "volume", "create", "once", "--size", "1G", "--repl", "2", "--shared", "--nodes",
-            &pinned,
-        ],
-    )
-    .expect_ok("create");
-    let m0 = c.path().join("mnt-0");
-    let m1 = c.path().join("mnt-1");
-    c.shoal(0, &["volume", "mount", "once", m0.to_str().unwrap()])
-        .expect_ok("mount on the coordinator");
-    c.shoal(1, &["volume", "mount", "once", m1.to_str().unwrap()])
-        .expect_ok("mount elsewhere");
+    let m = coordinated_by_node_0(&c, "once", 2);
+    let (m0, m1) = (m[0].clone(), m[1].clone());
     let dead = c.nodes[0].id();
-    assert_eq!(
-        c.json(1, &["volume", "inspect", "once"])["attached_node"],
-        dead
-    );
     fs::write(m1.join("before"), b"x").unwrap();
 
     // O_EXCL: run twice, the second run would fail with EEXIST.
@@ -1074,29 +1063,8 @@ fn free_blocks(p: &Path) -> u64 {
 fn a_file_unlinked_while_open_survives_a_coordinator_failover() {
     require_root!();
     let mut c = Cluster::start(3, Opts::default());
-    let (n1, n2) = (c.nodes[1].id(), c.nodes[2].id());
-    let pinned = format!("{n1},{n2}");
-    c.shoal(
-        0,
-        &[
-            "volume", "create", "uo", "--size", "1G", "--repl", "2", "--shared", "--nodes", &pinned,
-        ],
-    )
-    .expect_ok("create");
-    // Node 0 (no replica) mounts first and coordinates.
-    let m: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let p = c.path().join(format!("mnt-{i}"));
-            c.shoal(i, &["volume", "mount", "uo", p.to_str().unwrap()])
-                .expect_ok("mount");
-            p
-        })
-        .collect();
+    let m = coordinated_by_node_0(&c, "uo", 3);
     let dead = c.nodes[0].id();
-    assert_eq!(
-        c.json(1, &["volume", "inspect", "uo"])["attached_node"],
-        dead
-    );
     let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
     fs::write(m[1].join("scratch"), &body).unwrap();
     let before = free_blocks(&m[1]);
