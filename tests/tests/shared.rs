@@ -55,6 +55,20 @@ fn coordinated_by_node_0(c: &Cluster, name: &str, hosts: usize) -> Vec<PathBuf> 
     m
 }
 
+/// Kills node 0 (the coordinator of `name`) and waits until another node serves it.
+fn kill_node_0_and_wait_for_a_new_coordinator(c: &mut Cluster, name: &str) {
+    let dead = c.nodes[0].id();
+    c.kill(0);
+    shoal_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        "a new coordinator",
+        || {
+            let v = c.json(1, &["volume", "inspect", name]);
+            !v["attached_node"].is_null() && v["attached_node"] != dead.as_str()
+        },
+    );
+}
+
 fn is_mounted(p: &Path) -> bool {
     mounts().iter().any(|(_, m)| Path::new(m) == p)
 }
@@ -960,16 +974,7 @@ fn a_live_hosts_lock_survives_a_coordinator_failover() {
     );
 
     // The coordinator dies; host 1 stays alive and idle, holding its lock.
-    c.kill(0);
-    let dead = c.nodes[0].id();
-    shoal_tests::wait_until(
-        std::time::Duration::from_secs(60),
-        "a new coordinator",
-        || {
-            let v = c.json(1, &["volume", "inspect", "rl"]);
-            !v["attached_node"].is_null() && v["attached_node"] != dead.as_str()
-        },
-    );
+    kill_node_0_and_wait_for_a_new_coordinator(&mut c, "rl");
     // Host 2 asks: it waits out the grace period (host 1 reclaims in it) and is refused.
     let t = std::time::Instant::now();
     let err = fcntl_lock(&fb, libc::F_WRLCK, false).expect_err("a live host's lock was broken");
@@ -1064,7 +1069,6 @@ fn a_file_unlinked_while_open_survives_a_coordinator_failover() {
     require_root!();
     let mut c = Cluster::start(3, Opts::default());
     let m = coordinated_by_node_0(&c, "uo", 3);
-    let dead = c.nodes[0].id();
     let body: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
     fs::write(m[1].join("scratch"), &body).unwrap();
     let before = free_blocks(&m[1]);
@@ -1073,15 +1077,7 @@ fn a_file_unlinked_while_open_survives_a_coordinator_failover() {
     fs::remove_file(m[2].join("scratch")).unwrap();
     assert!(!m[1].join("scratch").exists());
 
-    c.kill(0);
-    shoal_tests::wait_until(
-        std::time::Duration::from_secs(60),
-        "a new coordinator",
-        || {
-            let v = c.json(1, &["volume", "inspect", "uo"]);
-            !v["attached_node"].is_null() && v["attached_node"] != dead.as_str()
-        },
-    );
+    kill_node_0_and_wait_for_a_new_coordinator(&mut c, "uo");
     // Past the new coordinator's grace period (one session lease, 15 s): by then it has
     // freed every unlinked file no mount said it had open.
     std::thread::sleep(std::time::Duration::from_secs(17));
