@@ -1655,6 +1655,71 @@ mod tests {
         assert!(s.fs.lock().unwrap().reply_clients().unwrap().is_empty());
     }
 
+    #[test]
+    fn files_unlinked_while_open_outlive_a_crash_only_where_a_mount_reclaims_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = formatted(dir.path());
+        let (kept, dropped) = {
+            let s = coordinator(&dev, 1, 0);
+            let kept = create(&s, "kept");
+            let dropped = create(&s, "dropped");
+            for (ino, name) in [(kept, "kept"), (dropped, "dropped")] {
+                assert_eq!(call(&s, 1, Op::Open(Ino { ino })).errno, 0);
+                let r = call(
+                    &s,
+                    1,
+                    Op::Unlink(Entry {
+                        parent: ROOT_INO,
+                        name: name.into(),
+                    }),
+                );
+                assert_eq!(r.errno, 0, "{}", r.detail);
+            }
+            (kept, dropped)
+            // The coordinator dies with both open.
+        };
+        let fs = Fs::open_keeping_orphans(dev.clone()).unwrap();
+        let s = Served::new("v", fs, DEFAULT_LEASE, true);
+        s.sessions
+            .lock()
+            .unwrap()
+            .insert(9, Session::new(5, "h1".into(), "/m".into(), Instant::now()));
+        // The mount comes back with one of them open.
+        s.reopen(
+            9,
+            &[OpenFile {
+                ino: kept,
+                count: 1,
+            }],
+        );
+        let exists = |ino| s.fs.lock().unwrap().getattr(ino).is_ok();
+        s.expire(Instant::now());
+        assert!(
+            exists(kept) && exists(dropped),
+            "both kept during the grace"
+        );
+        // The grace is over; the mount kept renewing its session.
+        let later = Instant::now() + DEFAULT_LEASE + UNLINK_GRACE;
+        s.sessions.lock().unwrap().get_mut(&9).unwrap().last_seen = later;
+        s.expire(later);
+        assert!(exists(kept), "still open at the mount");
+        assert!(
+            !exists(dropped),
+            "nobody has it open: freed after the grace"
+        );
+        call(
+            &s,
+            9,
+            Op::Release(Release {
+                ino: kept,
+                ..Default::default()
+            }),
+        );
+        assert!(!exists(kept), "freed at its last close");
+        let r = s.fs.lock().unwrap().fsck(false).unwrap();
+        assert!(r.clean(), "{:?}", r.problems);
+    }
+
     fn lk(owner: u64, reclaim: bool) -> Op {
         Op::Setlk(Lk {
             ino: ROOT_INO,
