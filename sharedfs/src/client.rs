@@ -551,7 +551,7 @@ impl Rpc {
     }
 
     /// Keeps `opened` as the coordinator counts: an open or a create-and-open that
-    /// succeeded adds one, a release (whatever its answer) takes one.
+    /// succeeded adds one (a release takes one: `note_closed`).
     fn note_opens(&self, op: &Op, r: &NsReply) {
         let mut opened = self.opened.lock().expect("opened");
         match (op, &r.result) {
@@ -559,22 +559,28 @@ impl Rpc {
             (Op::Create(c), Some(Res::Attr(a))) if c.open && r.errno == 0 => {
                 *opened.entry(a.ino).or_insert(0) += 1
             }
-            (Op::Release(rel), _) => {
-                if let Some(n) = opened.get_mut(&rel.ino) {
-                    *n -= 1;
-                    if *n == 0 {
-                        opened.remove(&rel.ino);
-                    }
-                }
-            }
             _ => {}
+        }
+    }
+
+    /// A release is on its way (whatever its answer will be): one open fewer.
+    fn note_closed(&self, ino: u64) {
+        let mut opened = self.opened.lock().expect("opened");
+        if let Some(n) = opened.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                opened.remove(&ino);
+            }
         }
     }
 
     /// The lowest number of a request still waiting for its answer (or the next one).
     fn done_below(&self) -> u64 {
-        let waiting = self.in_flight.lock().expect("in flight").first().copied();
-        waiting.unwrap_or_else(|| self.seq.load(Ordering::SeqCst))
+        let waiting = self.in_flight.lock().expect("in flight");
+        match waiting.first() {
+            Some(s) => *s,
+            None => self.seq.load(Ordering::SeqCst),
+        }
     }
 
     fn call_as(
@@ -584,8 +590,8 @@ impl Rpc {
         op: Op,
         effect: &Effect,
     ) -> Result<(Option<Res>, Duration), Errno> {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let _answering = InFlight::enter(&self.in_flight, seq);
+        let answering = InFlight::enter(&self.in_flight, &self.seq);
+        let seq = answering.seq;
         let ticket = self.cache().ticket(std::time::Instant::now());
         let mut delay = Duration::from_millis(20);
         let mut failing_since: Option<std::time::Instant> = None;
@@ -695,8 +701,12 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    fn enter(set: &'a Mutex<std::collections::BTreeSet<u64>>, seq: u64) -> Self {
-        set.lock().expect("in flight").insert(seq);
+    /// Takes the next number and notes it as waiting, in one step: a `done_below`
+    /// computed meanwhile cannot pass a number already handed out.
+    fn enter(set: &'a Mutex<std::collections::BTreeSet<u64>>, next: &AtomicU64) -> Self {
+        let mut waiting = set.lock().expect("in flight");
+        let seq = next.fetch_add(1, Ordering::SeqCst);
+        waiting.insert(seq);
         InFlight { set, seq }
     }
 }
@@ -1406,6 +1416,7 @@ impl Filesystem for Client {
             lock_owner: lock_owner.map(|o| o.0),
             fh: fh.0,
         });
+        self.rpc.note_closed(ino.0);
         if let Some(o) = lock_owner {
             let r = self.rpc.call(req, op);
             if r.is_ok() {

@@ -46,6 +46,9 @@ pub enum FsError {
     /// taken and released by someone else meanwhile, so it is not granted.
     #[error("lock lost: reclaimed after the grace period")]
     NoLock,
+    /// The coordinator is stopping: the request is asked again at the next one.
+    #[error("the coordinator is stopping")]
+    NotServing,
     #[error("volume I/O failed: {0}")]
     Io(String),
     #[error("on-volume structure damaged: {0}")]
@@ -75,6 +78,8 @@ impl FsError {
             FsError::WouldBlock => libc::EAGAIN,
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::NoLock => libc::ENOLCK,
+            // Never shown to an application: the mount retries elsewhere (see service).
+            FsError::NotServing => libc::ESHUTDOWN,
             FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
         }
     }

@@ -82,6 +82,15 @@ pub enum RenameMode {
     Exchange,
 }
 
+/// In-service states. Stopped cleanly: the next coordinator starts at once.
+pub const STOPPED_CLEAN: u64 = 0;
+/// Served (or stopped with locks held): mounts may hold locks and files open that the
+/// next coordinator must let them reclaim.
+pub const SERVING: u64 = 1;
+/// Stopped cleanly with no lock held but with files open on mounts: the next
+/// coordinator frees no file until they could say which they have open.
+pub const STOPPED_WITH_OPEN_FILES: u64 = 2;
+
 /// The first cookie a directory entry gets; 1 and 2 are "." and "..".
 pub const FIRST_COOKIE: u64 = 3;
 
@@ -271,13 +280,14 @@ impl Fs {
         }
     }
 
-    /// Records whether a coordinator serves the namespace with locks that mounts may
-    /// have to reclaim (see `FsBlock::in_service`); returns what was recorded before.
-    pub fn set_in_service(&mut self, on: bool) -> Result<bool> {
+    /// Records what a successor must wait for before it frees or grants anything (see
+    /// `FsBlock::in_service`: [`STOPPED_CLEAN`], [`SERVING`], [`STOPPED_WITH_OPEN_FILES`]);
+    /// returns what was recorded before.
+    pub fn set_in_service(&mut self, state: u64) -> Result<u64> {
         self.run(|fs| {
-            let was = fs.fsb.in_service != 0;
-            if was != on {
-                fs.fsb.in_service = on as u64;
+            let was = fs.fsb.in_service;
+            if was != state {
+                fs.fsb.in_service = state;
                 fs.write_fsb()?;
             }
             Ok(was)

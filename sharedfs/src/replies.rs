@@ -11,8 +11,10 @@
 //!
 //! ```text
 //! key    R | mount id (BE u64) | seq (BE u64)
-//! value  kind u8 (0 = done, 1 = an inode's attributes) | ino u64
+//! value  kind u8 (0 = done, 1 = an inode's attributes) | ino u64 | session u64
 //! ```
+//! (`session`: the coordinator's session the change ran in, so an answer from the record
+//! in that same session does not count a create-and-open a second time.)
 //! Committed together, the change and its record are both in the volume or neither is.
 //! A retry that finds the record gets the recorded outcome (the inode's attributes as they
 //! are now) without running again. Each mount tells which of its requests are answered
@@ -28,12 +30,16 @@ use crate::fs::Fs;
 const TAG: u8 = b'R';
 /// Old records deleted per new one at most (more go with the next).
 const PRUNE_BATCH: usize = 64;
+/// Records deleted per transaction when a mount's records go.
+pub const FORGET_BATCH: usize = 512;
 
 /// Which request a change answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyTag {
     /// The mount's id (never 0).
     pub client: u64,
+    /// The coordinator's session the change runs in.
+    pub session: u64,
     pub seq: u64,
     /// The mount's requests below this have their answers.
     pub done_below: u64,
@@ -56,23 +62,26 @@ fn key(client: u64, seq: u64) -> Vec<u8> {
     k
 }
 
-fn encode(o: Outcome) -> Vec<u8> {
+fn encode(o: Outcome, session: u64) -> Vec<u8> {
     let (kind, ino) = match o {
         Outcome::Done => (0u8, 0u64),
         Outcome::Inode(i) => (1, i),
     };
     let mut v = vec![kind];
     v.extend_from_slice(&ino.to_le_bytes());
+    v.extend_from_slice(&session.to_le_bytes());
     v
 }
 
-fn decode(v: &[u8]) -> Result<Outcome> {
-    let ino = v
-        .get(1..9)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    match (v.first(), ino) {
-        (Some(0), Some(_)) => Ok(Outcome::Done),
-        (Some(1), Some(i)) => Ok(Outcome::Inode(i)),
+fn decode(v: &[u8]) -> Result<(Outcome, u64)> {
+    let word = |at: usize| {
+        v.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let session = word(9).unwrap_or(0);
+    match (v.first(), word(1)) {
+        (Some(0), Some(_)) => Ok((Outcome::Done, session)),
+        (Some(1), Some(i)) => Ok((Outcome::Inode(i), session)),
         _ => Err(FsError::Corrupt(format!("a recorded reply {v:?}"))),
     }
 }
@@ -91,7 +100,7 @@ impl Fs {
         };
         self.run(|fs| {
             let v = f(fs)?;
-            fs.bt_put(&key(tag.client, tag.seq), &encode(outcome(&v)))?;
+            fs.bt_put(&key(tag.client, tag.seq), &encode(outcome(&v), tag.session))?;
             let below = tag.done_below.min(tag.seq);
             let old = fs.bt_range(
                 &key(tag.client, 0),
@@ -105,8 +114,8 @@ impl Fs {
         })
     }
 
-    /// The outcome recorded for a mount's request, if it ran.
-    pub fn recorded_reply(&mut self, client: u64, seq: u64) -> Result<Option<Outcome>> {
+    /// The outcome recorded for a mount's request, if it ran, and the session it ran in.
+    pub fn recorded_reply(&mut self, client: u64, seq: u64) -> Result<Option<(Outcome, u64)>> {
         if client == 0 {
             return Ok(None);
         }
@@ -127,25 +136,25 @@ impl Fs {
         Ok(ids)
     }
 
-    /// Forgets every reply recorded for the mounts `drop` picks (by id), at most `limit`
-    /// records in one transaction; returns how many went.
-    pub fn forget_replies(&mut self, drop: impl Fn(u64) -> bool, limit: usize) -> Result<usize> {
+    /// Forgets every reply recorded for the mounts `drop` picks (by id), in transactions
+    /// of at most [`FORGET_BATCH`] records (one must fit in the journal); returns how many
+    /// went.
+    pub fn forget_replies(&mut self, drop: impl Fn(u64) -> bool) -> Result<usize> {
         let rows = self.bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?;
         let doomed: Vec<Vec<u8>> = rows
             .into_iter()
             .map(|(k, _)| k)
             .filter(|k| k.len() == 17 && drop(u64::from_be_bytes(k[1..9].try_into().unwrap())))
-            .take(limit)
             .collect();
-        if doomed.is_empty() {
-            return Ok(0);
+        for batch in doomed.chunks(FORGET_BATCH) {
+            self.run(|fs| {
+                for k in batch {
+                    fs.bt_del(k)?;
+                }
+                Ok(())
+            })?;
         }
-        self.run(|fs| {
-            for k in &doomed {
-                fs.bt_del(k)?;
-            }
-            Ok(doomed.len())
-        })
+        Ok(doomed.len())
     }
 }
 
@@ -168,6 +177,7 @@ mod tests {
     fn tag(seq: u64, done_below: u64) -> Option<ReplyTag> {
         Some(ReplyTag {
             client: 42,
+            session: 3,
             seq,
             done_below,
         })
@@ -196,7 +206,7 @@ mod tests {
         let mut fs = Fs::open(dev).unwrap();
         assert_eq!(
             fs.recorded_reply(42, 5).unwrap(),
-            Some(Outcome::Inode(i.ino))
+            Some((Outcome::Inode(i.ino), 3))
         );
         assert_eq!(fs.recorded_reply(42, 6).unwrap(), None);
         assert_eq!(fs.recorded_reply(43, 5).unwrap(), None);
@@ -216,7 +226,10 @@ mod tests {
         }
         // Request 1 is still in flight: all three are kept.
         for seq in 1..=3 {
-            assert_eq!(fs.recorded_reply(42, seq).unwrap(), Some(Outcome::Done));
+            assert_eq!(
+                fs.recorded_reply(42, seq).unwrap(),
+                Some((Outcome::Done, 3))
+            );
         }
         fs.recorded(
             tag(9, 9),
@@ -227,9 +240,9 @@ mod tests {
         for seq in 1..=3 {
             assert_eq!(fs.recorded_reply(42, seq).unwrap(), None, "seq {seq}");
         }
-        assert_eq!(fs.recorded_reply(42, 9).unwrap(), Some(Outcome::Done));
+        assert_eq!(fs.recorded_reply(42, 9).unwrap(), Some((Outcome::Done, 3)));
         // A mount that went away: all of its records go.
-        assert_eq!(fs.forget_replies(|c| c == 42, 100).unwrap(), 1);
+        assert_eq!(fs.forget_replies(|c| c == 42).unwrap(), 1);
         assert_eq!(fs.recorded_reply(42, 9).unwrap(), None);
         let r = fs.fsck(false).unwrap();
         assert!(r.clean(), "{:?}", r.problems);

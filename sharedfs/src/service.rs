@@ -22,7 +22,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::error::FsError;
-use crate::fs::{Cred, Fs, RenameMode, SetAttr as FsSetAttr};
+use crate::fs::{
+    Cred, Fs, RenameMode, SetAttr as FsSetAttr, SERVING, STOPPED_CLEAN, STOPPED_WITH_OPEN_FILES,
+};
 use crate::inode::{Inode, Time as FsTime};
 use crate::leases::LeaseTable;
 use crate::locks::{Held, LockTable, Mode, Owner};
@@ -135,6 +137,14 @@ pub struct Served {
     /// Until then, mounts reclaim the locks they held at the previous coordinator and
     /// every other lock request waits (set when that coordinator did not stop cleanly).
     grace_until: Option<Instant>,
+    /// Until then no file that lost its last name is freed: mounts coming from the
+    /// previous coordinator have not all said yet which files they have open (set unless
+    /// that coordinator stopped cleanly with no file open anywhere).
+    files_grace_until: Option<Instant>,
+    /// Set under the fs lock when this coordinator stops: every request after that is
+    /// refused as "not served here" and asked again at the next coordinator, so nothing
+    /// changes after the stop recorded what its successor must wait for.
+    closing: std::sync::atomic::AtomicBool,
     /// Mounts with replies recorded in the volume and no session here, since when: their
     /// records go after [`REPLY_HORIZON`] unless they come back.
     departed: Mutex<HashMap<u64, Instant>>,
@@ -145,14 +155,17 @@ pub struct Served {
 }
 
 impl Served {
-    fn new(volume_id: &str, mut fs: Fs, lease: Duration, grace: bool) -> Self {
+    /// Serves `fs`, which a previous coordinator left in in-service state `found`.
+    fn new(volume_id: &str, mut fs: Fs, lease: Duration, found: u64) -> Self {
+        let grace = found == SERVING;
+        let files_grace = found != STOPPED_CLEAN;
         // Every mount with recorded replies was a previous coordinator's.
         let now = Instant::now();
         let orphans = fs.orphans().unwrap_or_else(|e| {
             warn!(volume = volume_id, error = %e, "cannot list the files unlinked while open");
             Vec::new()
         });
-        let inherited_orphans = if grace {
+        let inherited_orphans = if files_grace {
             orphans
         } else {
             // A clean stop before: no mount has any of them open.
@@ -172,6 +185,8 @@ impl Served {
             departed: Mutex::new(departed),
             inherited_orphans: Mutex::new(inherited_orphans),
             grace_until: grace.then(|| Instant::now() + lease),
+            files_grace_until: files_grace.then(|| Instant::now() + lease),
+            closing: std::sync::atomic::AtomicBool::new(false),
             volume_id: volume_id.to_string(),
             fs: Mutex::new(fs),
             sessions: Mutex::new(HashMap::new()),
@@ -220,6 +235,11 @@ impl Served {
         if self.open_count(ino) > 0 {
             return true;
         }
+        if self.in_files_grace(now) {
+            // A mount that has not reconnected yet may have it open.
+            self.deferred.lock().expect("deferred").push(ino);
+            return true;
+        }
         let recent = self
             .handed
             .lock()
@@ -252,7 +272,7 @@ impl Served {
             .expect("handed")
             .retain(|_, t| now.duration_since(*t) < UNLINK_GRACE);
         let mut deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
-        if !self.in_grace(now) {
+        if !self.in_files_grace(now) {
             // The mounts had their chance to say which of these they still have open.
             deferred.append(&mut self.inherited_orphans.lock().expect("orphans"));
         }
@@ -342,7 +362,7 @@ impl Served {
             .fs
             .lock()
             .expect("fs")
-            .forget_replies(|c| due.contains(&c), usize::MAX)
+            .forget_replies(|c| due.contains(&c))
         {
             Ok(n) => {
                 debug!(volume = %self.volume_id, records = n, mounts = due.len(), "forgot the replies of mounts gone for good");
@@ -369,48 +389,42 @@ impl Served {
         if elsewhere {
             return;
         }
-        if let Err(e) = self
-            .fs
-            .lock()
-            .expect("fs")
-            .forget_replies(|c| c == client, usize::MAX)
-        {
-            warn!(volume = %self.volume_id, error = %e, "cannot forget a mount's replies");
+        if let Err(e) = self.fs.lock().expect("fs").forget_replies(|c| c == client) {
+            warn!(volume = %self.volume_id, error = %e, "cannot forget a mount's replies (tried again later)");
+            self.departed
+                .lock()
+                .expect("departed")
+                .insert(client, Instant::now());
         }
     }
 
-    /// A retried change that already ran (by this coordinator or an earlier one): the
-    /// reply its recorded outcome gives, as things are now.
-    fn recorded_reply(&self, session: u64, client: u64, seq: u64, op: &Op) -> Option<NsReply> {
-        let mut fs = self.fs.lock().expect("fs");
-        let outcome = match fs.recorded_reply(client, seq) {
-            Ok(o) => o?,
-            Err(e) => {
-                warn!(volume = %self.volume_id, error = %e, "cannot read a recorded reply");
-                return None;
-            }
-        };
+    /// The answer to a retried change that already ran (by this coordinator or an
+    /// earlier one), from its recorded outcome, as things are now. Called with the fs
+    /// lock held since the record was read, so the change cannot run in between.
+    fn answer_recorded(
+        &self,
+        mut fs: std::sync::MutexGuard<'_, Fs>,
+        session: u64,
+        op: &Op,
+        (outcome, ran_in): (Outcome, u64),
+    ) -> Result<Option<Res>, FsError> {
         let result = match outcome {
             Outcome::Done => None,
-            Outcome::Inode(ino) => match fs.getattr(ino) {
-                Ok(i) => Some(Res::Attr(to_attr(&i))),
-                Err(e) => return Some(fail(&e)),
-            },
+            Outcome::Inode(ino) => Some(Res::Attr(to_attr(&fs.getattr(ino)?))),
         };
         drop(fs);
         if let (Op::Create(c), Some(Res::Attr(a))) = (op, &result) {
             self.hand_out(a.ino);
-            // The mount holds what it created open: count it in this session.
-            if c.open {
+            // The mount holds what it created open. Counted where it ran; a new session
+            // (the mount's list of open files did not have it yet) counts it now.
+            if c.open && ran_in != session {
                 if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
                     *s.opens.entry(a.ino).or_insert(0) += 1;
                 }
             }
         }
-        Some(NsReply {
-            result,
-            ..Default::default()
-        })
+        info!(volume = %self.volume_id, session, "a retried change had already run: its recorded outcome is the answer");
+        Ok(result)
     }
 
     /// Frees what a session held: its locks (waking waiters) and its open files.
@@ -453,6 +467,7 @@ impl Served {
             .map_or(0, |s| s.client);
         let tag = (client != 0 && req.op.as_ref().is_some_and(recorded)).then_some(ReplyTag {
             client,
+            session,
             seq: req.seq,
             done_below: req.done_below,
         });
@@ -469,7 +484,15 @@ impl Served {
         let mut changed = Vec::new();
         let leased = std::cell::Cell::new(false);
         let mut names = NameLease::default();
-        let result = match self.run(session, tag, cred, op, &mut changed, &leased, &mut names) {
+        let result = match self.run(
+            session,
+            (tag, req.retry),
+            cred,
+            op,
+            &mut changed,
+            &leased,
+            &mut names,
+        ) {
             // An operation on an inode (not a name) that another host removed since this
             // mount looked it up: ESTALE makes the kernel walk the path again (open and
             // stat retry once), as over NFS, instead of failing with ENOENT.
@@ -617,7 +640,7 @@ impl Served {
     fn run(
         &self,
         session: u64,
-        tag: Option<ReplyTag>,
+        (tag, retry): (Option<ReplyTag>, bool),
         cred: Cred,
         op: &Op,
         changed: &mut Vec<u64>,
@@ -633,6 +656,19 @@ impl Served {
         let mut orphan = None;
         let out = {
             let mut fs = self.fs.lock().expect("fs");
+            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(FsError::NotServing);
+            }
+            // A retry of a change that may have run: its record and the change itself are
+            // read and made under this one hold of the fs lock, so a retry that overtakes
+            // its first attempt cannot run the change a second time.
+            let recorded = match tag {
+                Some(t) if retry => fs.recorded_reply(t.client, t.seq)?,
+                _ => None,
+            };
+            if let Some(found) = recorded {
+                return self.answer_recorded(fs, session, op, found);
+            }
             match op {
                 Op::Lookup(l) => {
                     // Before the answer, so a negative one is leased too.
@@ -683,12 +719,13 @@ impl Served {
                     self.lease_names(session, &mut fs, &[c.parent], true, names);
                     let ino = i.ino;
                     let r = attr(i);
-                    drop(fs);
+                    // Counted before the fs lock goes, so a stop sees it (see `remove`).
                     if c.open {
                         if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
                             *s.opens.entry(ino).or_insert(0) += 1;
                         }
                     }
+                    drop(fs);
                     r
                 }
                 Op::Link(l) => {
@@ -829,10 +866,10 @@ impl Served {
                 Op::Readlink(i) => Ok(Some(Res::Data(fs.readlink(i.ino)?.into()))),
                 Op::Open(i) => {
                     let r = attr(fs.getattr(i.ino)?);
-                    drop(fs);
                     if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
                         *s.opens.entry(i.ino).or_insert(0) += 1;
                     }
+                    drop(fs);
                     r
                 }
                 Op::Release(i) => {
@@ -905,7 +942,12 @@ impl Served {
                         return Ok(None);
                     }
                     let want = held(session, l)?;
-                    match self.locks.lock().expect("locks").try_lock(l.ino, want) {
+                    let mut locks = self.locks.lock().expect("locks");
+                    // Checked under the lock table's lock, which the stop also takes.
+                    if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err(FsError::NotServing);
+                    }
+                    match locks.try_lock(l.ino, want) {
                         Ok(()) => Ok(None),
                         Err(_) => Err(FsError::WouldBlock),
                     }
@@ -957,6 +999,10 @@ impl Served {
         self.grace_until.is_some_and(|end| now < end)
     }
 
+    fn in_files_grace(&self, now: Instant) -> bool {
+        self.files_grace_until.is_some_and(|end| now < end)
+    }
+
     /// A lock request (other than a reclaim or an unlock) during the grace period waits
     /// for its end, at most [`LOCK_POLL`] per call; Some("still waiting") when the grace
     /// is still on after that (the mount asks again).
@@ -988,6 +1034,10 @@ impl Served {
             notified.as_mut().enable();
             {
                 let mut t = self.locks.lock().expect("locks");
+                if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    t.dequeue(id);
+                    return fail(&FsError::NotServing);
+                }
                 if t.take_grant(id) || t.try_lock(l.ino, want).is_ok() {
                     t.dequeue(id);
                     return NsReply::default();
@@ -1108,14 +1158,20 @@ impl NamespaceService {
     pub fn add(&self, volume_id: &str, mut fs: Fs, rt: &tokio::runtime::Handle) {
         // Found in service: the previous coordinator did not stop cleanly and mounts may
         // hold locks it granted. They get one session lease to reclaim them.
-        let grace = fs.set_in_service(true).unwrap_or_else(|e| {
+        let found = fs.set_in_service(SERVING).unwrap_or_else(|e| {
             warn!(volume = volume_id, error = %e, "cannot record the namespace as in service");
-            true
+            SERVING
         });
-        if grace {
-            info!(volume = volume_id, grace = ?self.lease, "the previous coordinator did not stop cleanly: mounts may reclaim their locks during the grace period");
+        match found {
+            STOPPED_CLEAN => {}
+            STOPPED_WITH_OPEN_FILES => {
+                info!(volume = volume_id, grace = ?self.lease, "files were open at the previous coordinator's stop: no unlinked file is freed during the grace period")
+            }
+            _ => {
+                info!(volume = volume_id, grace = ?self.lease, "the previous coordinator did not stop cleanly: mounts may reclaim their locks and open files during the grace period")
+            }
         }
-        let served = Arc::new(Served::new(volume_id, fs, self.lease, grace));
+        let served = Arc::new(Served::new(volume_id, fs, self.lease, found));
         self.volumes
             .write()
             .expect("volumes")
@@ -1137,14 +1193,30 @@ impl NamespaceService {
     pub fn remove(&self, volume_id: &str) {
         let gone = self.volumes.write().expect("volumes").remove(volume_id);
         if let Some(served) = gone {
-            // A clean stop: the next coordinator needs no grace unless locks are held or
-            // files unlinked while open live on (mounts elsewhere reclaim them there).
+            // A clean stop: the next coordinator needs no grace for locks unless some are
+            // held, and none for files unless some are open (mounts elsewhere reclaim them
+            // there). Nothing changes after this looks: `closing` turns requests away.
             let mut fs = served.fs.lock().expect("fs");
-            let open_orphans = fs.orphans().map_or(true, |o| !o.is_empty());
-            if served.locks.lock().expect("locks").is_empty() && !open_orphans {
-                if let Err(e) = fs.set_in_service(false) {
-                    warn!(volume = volume_id, error = %e, "cannot record a clean stop");
-                }
+            served
+                .closing
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let locks_held = !served.locks.lock().expect("locks").is_empty();
+            let files_open = fs.orphans().map_or(true, |o| !o.is_empty())
+                || served
+                    .sessions
+                    .lock()
+                    .expect("sessions")
+                    .values()
+                    .any(|s| !s.opens.is_empty());
+            let state = if locks_held {
+                SERVING
+            } else if files_open {
+                STOPPED_WITH_OPEN_FILES
+            } else {
+                STOPPED_CLEAN
+            };
+            if let Err(e) = fs.set_in_service(state) {
+                warn!(volume = volume_id, error = %e, "cannot record a clean stop");
             }
             info!(volume = volume_id, "stopped serving the shared namespace");
         }
@@ -1352,20 +1424,6 @@ impl NamespaceService {
             );
             return Ok(reply);
         }
-        if r.retry && r.op.as_ref().is_some_and(recorded) {
-            let client = served.with_session(r.session, |s| s.client)?;
-            let (s2, seq, op) = (served.clone(), r.seq, r.op.clone().expect("checked"));
-            let session = r.session;
-            let found = run_blocking(served.clone(), move |_| {
-                s2.recorded_reply(session, client, seq, &op)
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-            if let Some(reply) = found {
-                info!(volume = %r.volume_id, session, seq, "a retried change had already run: its recorded outcome is the answer");
-                return Ok(reply);
-            }
-        }
         let waits_for_grace = match &r.op {
             Some(Op::Setlk(l)) => !l.reclaim && l.typ != libc::F_UNLCK,
             Some(Op::Getlk(_)) => true,
@@ -1399,6 +1457,13 @@ impl NamespaceService {
                 reply
             }
         };
+        if reply.errno == libc::ESHUTDOWN {
+            // `FsError::NotServing`: the mount finds the next coordinator and asks there.
+            return Err(Status::unavailable(format!(
+                "volume {} is no longer served by this node (its coordinator is stopping)",
+                served.volume_id
+            )));
+        }
         // "Still waiting" is asked again under a new number: do not replay it.
         if keep && reply.errno != libc::EINPROGRESS {
             if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
@@ -1466,7 +1531,12 @@ mod tests {
 
     /// A coordinator of `dev` with one session (`session`) of mount `client`.
     fn coordinator(dev: &Arc<dyn BlockDev>, session: u64, client: u64) -> Served {
-        let s = Served::new("v", Fs::open(dev.clone()).unwrap(), DEFAULT_LEASE, false);
+        let s = Served::new(
+            "v",
+            Fs::open(dev.clone()).unwrap(),
+            DEFAULT_LEASE,
+            STOPPED_CLEAN,
+        );
         s.sessions.lock().unwrap().insert(
             session,
             Session::new(client, "h1".into(), "/m".into(), Instant::now()),
@@ -1476,7 +1546,8 @@ mod tests {
 
     fn served_with_grace(dir: &std::path::Path, grace: bool) -> Served {
         let dev = formatted(dir);
-        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, grace);
+        let found = if grace { SERVING } else { STOPPED_CLEAN };
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, found);
         let now = Instant::now();
         for id in [1, 2] {
             s.sessions
@@ -1609,19 +1680,38 @@ mod tests {
             "found at start"
         );
         create(&s, ".tmp");
-        let again = s.recorded_reply(7, mount, 5, &rename).expect("recorded");
+        let retry = |seq| NsRequest {
+            seq,
+            done_below: seq,
+            retry: true,
+            op: Some(rename.clone()),
+            ..Default::default()
+        };
+        let again = s.execute(7, &retry(5)).0;
         assert_eq!(again.errno, 0, "{}", again.detail);
         // Not run a second time: the new ".tmp" is still there, "current" is the first.
         let mut fs = s.fs.lock().unwrap();
         assert!(fs.lookup(ROOT_INO, b".tmp").is_ok());
         assert_eq!(fs.lookup(ROOT_INO, b"current").unwrap().ino, first);
         drop(fs);
-        // Another mount's number, or one never run, has no record: it runs.
-        assert!(s.recorded_reply(7, mount + 1, 5, &rename).is_none());
-        assert!(s.recorded_reply(7, mount, 6, &rename).is_none());
+        let record = |client, seq| s.fs.lock().unwrap().recorded_reply(client, seq).unwrap();
+        // Another mount's number, or one never run, has no record.
+        assert!(record(mount + 1, 5).is_none());
+        assert!(record(mount, 6).is_none());
+        // A retry of a change that never ran runs it.
+        assert_eq!(s.execute(7, &retry(6)).0.errno, 0);
+        assert_ne!(
+            s.fs.lock()
+                .unwrap()
+                .lookup(ROOT_INO, b"current")
+                .unwrap()
+                .ino,
+            first
+        );
         // The mount is back: its records stay past the horizon.
+        s.sessions.lock().unwrap().get_mut(&7).unwrap().last_seen = Instant::now() + REPLY_HORIZON;
         s.expire(Instant::now() + REPLY_HORIZON);
-        assert!(s.recorded_reply(7, mount, 5, &rename).is_some());
+        assert!(record(mount, 6).is_some());
     }
 
     #[test]
@@ -1644,14 +1734,12 @@ mod tests {
             };
             assert_eq!(s.execute(1, &req).0.errno, 0);
         }
-        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, false);
+        let s = Served::new("v", Fs::open(dev).unwrap(), DEFAULT_LEASE, STOPPED_CLEAN);
         s.expire(Instant::now());
-        assert!(s.recorded_reply(1, 11, 3, &op).is_some(), "kept for now");
+        let record = || s.fs.lock().unwrap().recorded_reply(11, 3).unwrap();
+        assert!(record().is_some(), "kept for now");
         s.expire(Instant::now() + REPLY_HORIZON);
-        assert!(
-            s.recorded_reply(1, 11, 3, &op).is_none(),
-            "gone after the horizon"
-        );
+        assert!(record().is_none(), "gone after the horizon");
         assert!(s.fs.lock().unwrap().reply_clients().unwrap().is_empty());
     }
 
@@ -1679,7 +1767,7 @@ mod tests {
             // The coordinator dies with both open.
         };
         let fs = Fs::open_keeping_orphans(dev.clone()).unwrap();
-        let s = Served::new("v", fs, DEFAULT_LEASE, true);
+        let s = Served::new("v", fs, DEFAULT_LEASE, SERVING);
         s.sessions
             .lock()
             .unwrap()
@@ -1715,9 +1803,66 @@ mod tests {
                 ..Default::default()
             }),
         );
+        // (Released within the grace by the real clock: the tick frees it.)
+        s.expire(later);
         assert!(!exists(kept), "freed at its last close");
         let r = s.fs.lock().unwrap().fsck(false).unwrap();
         assert!(r.clean(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn after_a_clean_stop_with_files_open_nothing_is_freed_until_mounts_reconnect() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = formatted(dir.path());
+        let s = Served::new(
+            "v",
+            Fs::open(dev).unwrap(),
+            DEFAULT_LEASE,
+            STOPPED_WITH_OPEN_FILES,
+        );
+        s.sessions
+            .lock()
+            .unwrap()
+            .insert(1, Session::new(0, "h1".into(), "/m".into(), Instant::now()));
+        let ino = create(&s, "f");
+        let r = call(
+            &s,
+            1,
+            Op::Unlink(Entry {
+                parent: ROOT_INO,
+                name: "f".into(),
+            }),
+        );
+        assert_eq!(r.errno, 0);
+        s.expire(Instant::now() + UNLINK_GRACE);
+        assert!(
+            s.fs.lock().unwrap().getattr(ino).is_ok(),
+            "a mount that has not reconnected yet may have it open"
+        );
+        // Locks are not held back: no lock was held at the stop.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(s.hold_for_grace()).is_none());
+        let later = Instant::now() + DEFAULT_LEASE + UNLINK_GRACE;
+        s.sessions.lock().unwrap().get_mut(&1).unwrap().last_seen = later;
+        s.expire(later);
+        assert!(s.fs.lock().unwrap().getattr(ino).is_err(), "freed after it");
+        // A stopping coordinator changes nothing more: the mount asks the next one.
+        s.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = call(
+            &s,
+            1,
+            Op::Create(Create {
+                parent: ROOT_INO,
+                name: "late".into(),
+                mode: libc::S_IFREG | 0o644,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(r.errno, libc::ESHUTDOWN);
+        assert!(s.fs.lock().unwrap().lookup(ROOT_INO, b"late").is_err());
     }
 
     fn lk(owner: u64, reclaim: bool) -> Op {
@@ -1773,16 +1918,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = formatted(dir.path());
         let mut fs = Fs::open(dev.clone()).unwrap();
-        assert!(
-            !fs.set_in_service(true).unwrap(),
+        assert_eq!(
+            fs.set_in_service(SERVING).unwrap(),
+            STOPPED_CLEAN,
             "a new namespace was never served"
         );
         drop(fs); // a crash: nobody cleared it
         let mut fs = Fs::open(dev.clone()).unwrap();
-        assert!(fs.set_in_service(true).unwrap(), "found in service: grace");
-        assert!(fs.set_in_service(false).unwrap());
+        assert_eq!(fs.set_in_service(SERVING).unwrap(), SERVING, "grace");
+        assert_eq!(fs.set_in_service(STOPPED_WITH_OPEN_FILES).unwrap(), SERVING);
+        drop(fs); // a clean stop with files open on mounts
+        let mut fs = Fs::open(dev.clone()).unwrap();
+        assert_eq!(fs.set_in_service(SERVING).unwrap(), STOPPED_WITH_OPEN_FILES);
+        assert_eq!(fs.set_in_service(STOPPED_CLEAN).unwrap(), SERVING);
         drop(fs); // a clean stop
         let mut fs = Fs::open(dev).unwrap();
-        assert!(!fs.set_in_service(true).unwrap(), "clean: no grace");
+        assert_eq!(
+            fs.set_in_service(SERVING).unwrap(),
+            STOPPED_CLEAN,
+            "clean: no grace"
+        );
     }
 }
