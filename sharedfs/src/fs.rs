@@ -221,7 +221,7 @@ impl Fs {
         let alloc = Alloc::open(&mut store)?;
         let fsb = store.with(FS_BLOCK, FsBlock::decode)??;
         let g = store.checkpoint.geometry;
-        let fs = Fs {
+        let mut fs = Fs {
             store,
             alloc,
             next_ino: fsb.next_ino,
@@ -230,6 +230,7 @@ impl Fs {
             meta_hint: g.data_start(),
             data_hint: g.data_start() + (g.blocks - g.data_start()) / 64,
         };
+        fs.finish_trims()?;
         Ok(fs)
     }
 
@@ -1068,12 +1069,16 @@ impl Fs {
         self.trim_beyond(i)
     }
 
-    /// Frees every extent past `i.size`, in batches of committed transactions.
+    /// Frees every extent past `i.size`, in batches of committed transactions. While more
+    /// than one batch is needed, a `T` record marks the inode, so that a crash between the
+    /// batches is finished at the next open (`finish_trims`): no extent may stay past the
+    /// size, or growing the file again would show old data.
     fn trim_beyond(&mut self, i: &mut Inode) -> Result<()> {
         let keep = i.size.div_ceil(BLOCK_U64);
+        let mut marked = false;
         loop {
-            let mut done = true;
-            for _ in 0..FREE_BATCH {
+            let mut freed = 0;
+            while freed < FREE_BATCH {
                 let Some((l, phys, n)) = self.last_extent(i.ino)? else {
                     break;
                 };
@@ -1091,16 +1096,47 @@ impl Fs {
                         .free_data(&mut self.store, phys + kept, n - kept)?;
                     i.blocks = i.blocks.saturating_sub(n - kept);
                 }
-                done = false;
+                freed += 1;
             }
-            if done {
+            if freed < FREE_BATCH {
+                if marked {
+                    self.bt_del(&trim_key(i.ino))?;
+                }
                 return Ok(());
             }
             // Keep one transaction within the journal: what is freed so far is
             // consistent on its own (the inode records the blocks it still has).
+            if !marked {
+                self.bt_put(&trim_key(i.ino), &[])?;
+                marked = true;
+            }
             self.put_inode(i)?;
             self.commit()?;
         }
+    }
+
+    /// Finishes the truncates a crash interrupted (see `trim_beyond`).
+    fn finish_trims(&mut self) -> Result<()> {
+        let pending: Vec<u64> = self
+            .bt_range(&trim_key(0), Bound::Excluded(&[b'T' + 1]), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| ino_of(&k))
+            .collect();
+        for ino in pending {
+            debug!(ino, "finishing a truncate a crash interrupted");
+            self.run(|fs| {
+                match fs.getattr(ino) {
+                    Ok(mut i) => {
+                        fs.trim_beyond(&mut i)?;
+                        fs.put_inode(&i)?;
+                    }
+                    Err(FsError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+                fs.bt_del(&trim_key(ino)).map(|_| ())
+            })?;
+        }
+        Ok(())
     }
 
     /// Allocates (zeroed) blocks for `[offset, offset+len)`; grows the size unless

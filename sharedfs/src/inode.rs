@@ -221,6 +221,10 @@ pub fn orphan_key(ino: u64) -> Vec<u8> {
     key(b'O', ino, &[])
 }
 
+pub fn trim_key(ino: u64) -> Vec<u8> {
+    key(b'T', ino, &[])
+}
+
 /// The first key after every key starting with `tag ino`.
 pub fn after(tag: u8, ino: u64) -> Vec<u8> {
     match ino.checked_add(1) {

@@ -100,18 +100,41 @@ impl Fs {
         };
         self.run(|fs| {
             let v = f(fs)?;
-            fs.bt_put(&key(tag.client, tag.seq), &encode(outcome(&v), tag.session))?;
-            let below = tag.done_below.min(tag.seq);
-            let old = fs.bt_range(
-                &key(tag.client, 0),
-                Bound::Excluded(&key(tag.client, below)),
-                PRUNE_BATCH,
-            )?;
-            for (k, _) in old {
-                fs.bt_del(&k)?;
-            }
+            fs.record(tag, outcome(&v))?;
             Ok(v)
         })
+    }
+
+    /// `recorded` for a change whose outcome is known before it runs and that may commit
+    /// in several steps (a truncate that frees many extents): the record goes first, so
+    /// it is in the volume from the first step on.
+    pub fn recorded_ahead<T>(
+        &mut self,
+        tag: Option<ReplyTag>,
+        outcome: Outcome,
+        f: impl FnOnce(&mut Fs) -> Result<T>,
+    ) -> Result<T> {
+        let Some(tag) = tag.filter(|t| t.client != 0) else {
+            return f(self);
+        };
+        self.run(|fs| {
+            fs.record(tag, outcome)?;
+            f(fs)
+        })
+    }
+
+    fn record(&mut self, tag: ReplyTag, outcome: Outcome) -> Result<()> {
+        self.bt_put(&key(tag.client, tag.seq), &encode(outcome, tag.session))?;
+        let below = tag.done_below.min(tag.seq);
+        let old = self.bt_range(
+            &key(tag.client, 0),
+            Bound::Excluded(&key(tag.client, below)),
+            PRUNE_BATCH,
+        )?;
+        for (k, _) in old {
+            self.bt_del(&k)?;
+        }
+        Ok(())
     }
 
     /// The outcome recorded for a mount's request, if it ran, and the session it ran in.
@@ -211,6 +234,77 @@ mod tests {
         assert_eq!(fs.recorded_reply(42, 6).unwrap(), None);
         assert_eq!(fs.recorded_reply(43, 5).unwrap(), None);
         assert_eq!(fs.recorded_reply(0, 5).unwrap(), None);
+    }
+
+    #[test]
+    fn a_truncate_in_several_steps_is_recorded_from_the_first_and_a_failure_records_nothing() {
+        let (_dir, dev, mut fs) = fresh();
+        let cred = Cred { uid: 0, gid: 0 };
+        let f = fs
+            .create(1, b"big", libc::S_IFREG | 0o644, 0, cred, None)
+            .unwrap();
+        // Every other block: one extent each, more than one truncate step frees.
+        for i in 0..300u64 {
+            fs.write(f.ino, i * 8192, &[7u8; 4096], false).unwrap();
+        }
+        let cut = crate::fs::SetAttr {
+            size: Some(0),
+            ..Default::default()
+        };
+        fs.recorded_ahead(tag(4, 4), Outcome::Inode(f.ino), |fs| {
+            fs.setattr(f.ino, &cut)
+        })
+        .unwrap();
+        assert_eq!(fs.getattr(f.ino).unwrap().size, 0);
+        // A change that fails takes its record with it.
+        let missing = fs.recorded_ahead(tag(5, 4), Outcome::Inode(999_999), |fs| {
+            fs.setattr(999_999, &cut)
+        });
+        assert!(missing.is_err());
+        drop(fs);
+        let mut fs = Fs::open(dev).unwrap();
+        assert_eq!(
+            fs.recorded_reply(42, 4).unwrap(),
+            Some((Outcome::Inode(f.ino), 3))
+        );
+        assert_eq!(fs.recorded_reply(42, 5).unwrap(), None);
+        let r = fs.fsck(false).unwrap();
+        assert!(r.clean(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn a_truncate_a_crash_interrupted_is_finished_at_the_next_open() {
+        let (_dir, dev, mut fs) = fresh();
+        let cred = Cred { uid: 0, gid: 0 };
+        let f = fs
+            .create(1, b"big", libc::S_IFREG | 0o644, 0, cred, None)
+            .unwrap();
+        for i in 0..300u64 {
+            fs.write(f.ino, i * 8192, &[7u8; 4096], false).unwrap();
+        }
+        let free = fs.statfs().free;
+        // What a crash between two batches of a truncate to 0 leaves: the size cut, the
+        // marker set, extents still past the size.
+        fs.run(|fs| {
+            let mut i = fs.getattr(f.ino)?;
+            i.size = 0;
+            fs.put_inode(&i)?;
+            fs.bt_put(&crate::inode::trim_key(f.ino), &[])
+        })
+        .unwrap();
+        drop(fs);
+        let mut fs = Fs::open_keeping_orphans(dev).unwrap();
+        assert_eq!(fs.getattr(f.ino).unwrap().blocks, 0, "finished at open");
+        assert!(fs.statfs().free >= free + 300, "every data block given back");
+        // Growing the file again shows zeros, not the old bytes.
+        let grow = crate::fs::SetAttr {
+            size: Some(300 * 8192),
+            ..Default::default()
+        };
+        fs.setattr(f.ino, &grow).unwrap();
+        assert_eq!(fs.read(f.ino, 0, 4096).unwrap(), vec![0u8; 4096]);
+        let r = fs.fsck(false).unwrap();
+        assert!(r.clean(), "{:?}", r.problems);
     }
 
     #[test]

@@ -698,7 +698,12 @@ impl Served {
                         ctime: None,
                     };
                     changed.push(s.ino);
-                    attr(fs.recorded(tag, |fs| fs.setattr(s.ino, &set), inode)?)
+                    // A truncate may commit in steps: its record goes with the first.
+                    attr(
+                        fs.recorded_ahead(tag, Outcome::Inode(s.ino), |fs| {
+                            fs.setattr(s.ino, &set)
+                        })?,
+                    )
                 }
                 Op::Create(c) => {
                     let i = fs.recorded(
