@@ -295,7 +295,10 @@ mod tests {
         drop(fs);
         let mut fs = Fs::open_keeping_orphans(dev).unwrap();
         assert_eq!(fs.getattr(f.ino).unwrap().blocks, 0, "finished at open");
-        assert!(fs.statfs().free >= free + 300, "every data block given back");
+        assert!(
+            fs.statfs().free >= free + 300,
+            "every data block given back"
+        );
         // Growing the file again shows zeros, not the old bytes.
         let grow = crate::fs::SetAttr {
             size: Some(300 * 8192),
