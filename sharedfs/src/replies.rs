@@ -236,17 +236,22 @@ mod tests {
         assert_eq!(fs.recorded_reply(0, 5).unwrap(), None);
     }
 
-    #[test]
-    fn a_truncate_in_several_steps_is_recorded_from_the_first_and_a_failure_records_nothing() {
-        let (_dir, dev, mut fs) = fresh();
+    /// A file of 300 one-block extents (every other block): more than one truncate step.
+    fn fragmented(fs: &mut Fs) -> crate::inode::Inode {
         let cred = Cred { uid: 0, gid: 0 };
         let f = fs
             .create(1, b"big", libc::S_IFREG | 0o644, 0, cred, None)
             .unwrap();
-        // Every other block: one extent each, more than one truncate step frees.
         for i in 0..300u64 {
             fs.write(f.ino, i * 8192, &[7u8; 4096], false).unwrap();
         }
+        f
+    }
+
+    #[test]
+    fn a_truncate_in_several_steps_is_recorded_from_the_first_and_a_failure_records_nothing() {
+        let (_dir, dev, mut fs) = fresh();
+        let f = fragmented(&mut fs);
         let cut = crate::fs::SetAttr {
             size: Some(0),
             ..Default::default()
@@ -275,13 +280,7 @@ mod tests {
     #[test]
     fn a_truncate_a_crash_interrupted_is_finished_at_the_next_open() {
         let (_dir, dev, mut fs) = fresh();
-        let cred = Cred { uid: 0, gid: 0 };
-        let f = fs
-            .create(1, b"big", libc::S_IFREG | 0o644, 0, cred, None)
-            .unwrap();
-        for i in 0..300u64 {
-            fs.write(f.ino, i * 8192, &[7u8; 4096], false).unwrap();
-        }
+        let f = fragmented(&mut fs);
         let free = fs.statfs().free;
         // What a crash between two batches of a truncate to 0 leaves: the size cut, the
         // marker set, extents still past the size.
