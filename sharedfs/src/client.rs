@@ -146,7 +146,7 @@ impl Rpc {
             resolving: std::sync::Mutex::new(()),
             background: std::sync::Mutex::new(None),
             session: AtomicU64::new(0),
-            id: u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap()) | 1,
+            id: crate::random_id() | 1,
             seq: AtomicU64::new(1),
             in_flight: Mutex::new(std::collections::BTreeSet::new()),
             rt,
@@ -553,14 +553,13 @@ impl Rpc {
     /// Keeps `opened` as the coordinator counts: an open or a create-and-open that
     /// succeeded adds one (a release takes one: `note_closed`).
     fn note_opens(&self, op: &Op, r: &NsReply) {
-        let mut opened = self.opened.lock().expect("opened");
-        match (op, &r.result) {
-            (Op::Open(i), _) if r.errno == 0 => *opened.entry(i.ino).or_insert(0) += 1,
-            (Op::Create(c), Some(Res::Attr(a))) if c.open && r.errno == 0 => {
-                *opened.entry(a.ino).or_insert(0) += 1
-            }
-            _ => {}
-        }
+        let ino = match (op, &r.result) {
+            (Op::Open(i), _) if r.errno == 0 => i.ino,
+            (Op::Create(c), Some(Res::Attr(a))) if c.open && r.errno == 0 => a.ino,
+            // Every other reply: no lock taken on the I/O path.
+            _ => return,
+        };
+        *self.opened.lock().expect("opened").entry(ino).or_insert(0) += 1;
     }
 
     /// A release is on its way (whatever its answer will be): one open fewer.

@@ -30,3 +30,8 @@ pub mod service;
 pub mod volume_dev;
 
 pub use error::{FsError, Result};
+
+/// A random 64-bit id (sessions, mounts): never equal to one an earlier run chose.
+pub(crate) fn random_id() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}

@@ -147,14 +147,19 @@ impl Fs {
             .transpose()
     }
 
+    /// Every recorded reply's key, with the mount it belongs to, in key order.
+    fn record_keys(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        Ok(self
+            .bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?
+            .into_iter()
+            .filter(|(k, _)| k.len() == 17)
+            .map(|(k, _)| (u64::from_be_bytes(k[1..9].try_into().unwrap()), k))
+            .collect())
+    }
+
     /// The mounts with recorded replies.
     pub fn reply_clients(&mut self) -> Result<Vec<u64>> {
-        let rows = self.bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?;
-        let mut ids: Vec<u64> = rows
-            .iter()
-            .filter(|(k, _)| k.len() == 17)
-            .map(|(k, _)| u64::from_be_bytes(k[1..9].try_into().unwrap()))
-            .collect();
+        let mut ids: Vec<u64> = self.record_keys()?.into_iter().map(|(c, _)| c).collect();
         ids.dedup();
         Ok(ids)
     }
@@ -163,11 +168,11 @@ impl Fs {
     /// of at most [`FORGET_BATCH`] records (one must fit in the journal); returns how many
     /// went.
     pub fn forget_replies(&mut self, drop: impl Fn(u64) -> bool) -> Result<usize> {
-        let rows = self.bt_range(&[TAG], Bound::Excluded(&[TAG + 1]), usize::MAX)?;
-        let doomed: Vec<Vec<u8>> = rows
+        let doomed: Vec<Vec<u8>> = self
+            .record_keys()?
             .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.len() == 17 && drop(u64::from_be_bytes(k[1..9].try_into().unwrap())))
+            .filter(|(c, _)| drop(*c))
+            .map(|(_, k)| k)
             .collect();
         for batch in doomed.chunks(FORGET_BATCH) {
             self.run(|fs| {

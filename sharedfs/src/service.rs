@@ -459,13 +459,17 @@ impl Served {
     /// Runs one operation. Returns the reply and the inodes whose attributes it changed
     /// (other mounts' leases on them must be recalled before the reply goes out).
     fn execute(&self, session: u64, req: &NsRequest) -> (NsReply, Vec<u64>) {
-        let client = self
-            .sessions
-            .lock()
-            .expect("sessions")
-            .get(&session)
-            .map_or(0, |s| s.client);
-        let tag = (client != 0 && req.op.as_ref().is_some_and(recorded)).then_some(ReplyTag {
+        // Only a change that records its outcome needs the mount's id.
+        let client = match &req.op {
+            Some(op) if recorded(op) => self
+                .sessions
+                .lock()
+                .expect("sessions")
+                .get(&session)
+                .map_or(0, |s| s.client),
+            _ => 0,
+        };
+        let tag = (client != 0).then_some(ReplyTag {
             client,
             session,
             seq: req.seq,
@@ -1264,7 +1268,7 @@ impl Namespace for NamespaceService {
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
         // Random ids: a session of an earlier coordinator never matches a new one.
-        let id = u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap());
+        let id = crate::random_id();
         let now = Instant::now();
         served.sessions.lock().expect("sessions").insert(
             id,
