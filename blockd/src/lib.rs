@@ -40,6 +40,7 @@ pub mod thread_io;
 pub mod versions;
 pub mod volume_io;
 pub mod volumes;
+pub mod writeback;
 
 pub use config::NodeConfig;
 pub use error::{Error, Result};

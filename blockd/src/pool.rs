@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::versions::{regions_of, RegionVersions, REGION_BYTES};
+use crate::writeback::Window;
 
 /// Region lock stripes per replica: a write holds the stripes of the regions it touches
 /// while it changes data and versions, so the two never disagree.
@@ -53,6 +54,8 @@ struct ReplicaFile {
     floor: AtomicU64,
     /// Allocated bytes last seen for this file (`st_blocks * 512`).
     allocated: AtomicI64,
+    /// Large writes waiting to be written out and dropped from the page cache.
+    writeback: Window,
 }
 
 impl ReplicaFile {
@@ -167,6 +170,7 @@ impl Pool {
             versions: RegionVersions::open(&self.versions_path(volume_id))?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             floor: AtomicU64::new(0),
+            writeback: Window::default(),
             file,
         });
         open.insert(volume_id.to_string(), r.clone());
@@ -244,6 +248,9 @@ impl Pool {
         if fua {
             r.file.sync_data()?;
             r.versions.sync()?;
+        } else {
+            // Outside the region lock: this may wait for an older range's write-out.
+            r.writeback.after_write(&r.file, offset, data.len() as u64);
         }
         Ok(())
     }
@@ -368,9 +375,10 @@ impl Pool {
         let r = self
             .replica(volume_id, size, true)?
             .expect("create=true always opens");
-        let _g = r.lock(region..region + 1);
+        let g = r.lock(region..region + 1);
         r.versions.admit(stamp.epoch)?;
-        if data.iter().all(|b| *b == 0) {
+        let zeros = data.iter().all(|b| *b == 0);
+        if zeros {
             punch(&r.file, start, len)?;
         } else {
             self.reserve(&r, start, len)?;
@@ -379,6 +387,11 @@ impl Pool {
         }
         self.account(&r)?;
         r.versions.set(region..region + 1, stamp.version, false)?;
+        drop(g);
+        if !zeros {
+            // Outside the region lock: this may wait for an older range's write-out.
+            r.writeback.after_write(&r.file, start, len);
+        }
         Ok(())
     }
 

@@ -108,6 +108,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 args.session_lease
             )
         })?;
+    keep_freed_memory();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,6 +160,22 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
     // FUSE sessions and gRPC tasks are gone; do not wait for idle background tasks.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     Ok(())
+}
+
+/// Tells the C allocator to keep memory the node frees for reuse.
+///
+/// Every replica write arrives in a fresh buffer of about 1 MiB (the gRPC decoder hands the
+/// bytes on and allocates anew). With glibc's defaults such buffers are given back to the
+/// kernel when freed and faulted in again, zeroed, for the next message: a profile of the
+/// node receiving a stream of replica writes had a sixth of its time in those page
+/// faults. A fixed mmap threshold keeps buffers of that size on the heap, and a trim
+/// threshold of 64 MiB keeps up to that much free heap per arena instead of returning it.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator settings; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
 }
 
 async fn shutdown_signal() {
