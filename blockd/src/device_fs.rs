@@ -27,7 +27,7 @@ const DISK_INO: INodeNo = INodeNo(2);
 /// Attributes never change while mounted (the size is fixed), so cache them long.
 const TTL: Duration = Duration::from_secs(3600);
 /// Largest single FUSE read or write: big I/O stays big.
-const MAX_IO: u32 = 1 << 20;
+pub const MAX_IO: u32 = 1 << 20;
 
 /// See the module doc.
 pub struct DeviceFs {

@@ -31,9 +31,22 @@ async fn run(program: &str, args: &[&str]) -> Result<String> {
 /// Direct I/O mode makes the loop driver submit requests asynchronously, several at a
 /// time, instead of one by one from its worker: measured here, sequential reads went
 /// from about 600 to 850 MiB/s and writes from 470 to 580 MiB/s.
+///
+/// Requests are also capped at the device file's largest write (1 MiB): the loop
+/// driver's default of 1 280 KiB had every big request split in two by FUSE, 1 MiB and
+/// 256 KiB, so a stream cost half again as many round trips to the replicas (capping
+/// cut the time of a 512 MiB repl-2 write-out by about a tenth).
 pub async fn loop_attach(file: &Path) -> Result<String> {
     let f = file.to_string_lossy();
-    run("losetup", &["--find", "--show", "--direct-io=on", &f]).await
+    let dev = run("losetup", &["--find", "--show", "--direct-io=on", &f]).await?;
+    let name = dev.trim_start_matches("/dev/");
+    let limit = format!("/sys/block/{name}/queue/max_sectors_kb");
+    let kib = (crate::device_fs::MAX_IO / 1024).to_string();
+    if let Err(e) = std::fs::write(&limit, &kib) {
+        // Only slower, not wrong.
+        tracing::warn!(device = %dev, error = %e, "cannot cap the loop device's request size");
+    }
+    Ok(dev)
 }
 
 /// Releases a loop device.
