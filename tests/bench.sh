@@ -9,8 +9,9 @@
 # on the node that holds the replica), `shoal-r1-remote` (repl 1, attached on a node with no
 # replica: every I/O crosses gRPC), `shoal-r2` and `shoal-r3` (repl 2 and 3, attached on a
 # replica holder). Jobs follow ../shared/bench/peers/fio-suite.sh: psync, one job, 512 MiB
-# file; seq 1 MiB write (fsync at end; the second of two passes, see below) and cold read, 4 KiB random write (fsync at end) and
-# cold read, 4 KiB random write with fdatasync after each.
+# file; seq 1 MiB write (fsync at end; the second of two passes, see below) and cold
+# read, 4 KiB random write (fsync at end) and cold read, 4 KiB random write with
+# fdatasync after each.
 #
 # Then two replication figures: the longest write stall a streaming writer sees when a
 # replica node is killed, and resync speed (write RESYNC_MIB MiB while a replica node is
