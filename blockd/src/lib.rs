@@ -7,7 +7,8 @@
 //! - [`placement`]: which nodes hold a volume's replicas (pure logic).
 //! - [`membership`]: SWIM gossip (foca) for liveness.
 //! - [`peers`]: gRPC channels to other nodes and the cluster token.
-//! - [`volume_io`]: the coordinator's replicated reads and writes.
+//! - [`volume_io`]: the coordinator's replicated reads and writes; [`write_wire`] and
+//!   [`write_http`] carry its replica writes without copying their data in user space.
 //! - [`device_fs`], [`host`], [`attach`]: a volume exposed on a node as a raw file, a
 //!   loop device and an ext4 mount.
 //! - [`volumes`], [`status`], [`services`], [`node`]: the control path and the node.
@@ -40,6 +41,8 @@ pub mod thread_io;
 pub mod versions;
 pub mod volume_io;
 pub mod volumes;
+pub mod write_http;
+pub mod write_wire;
 pub mod writeback;
 
 pub use config::NodeConfig;

@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::block::block_server::BlockServer;
 use shoal_proto::control::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -168,9 +167,7 @@ impl Node {
 
         let control = ControlServer::new(ControlService(self.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let block = BlockServer::new(BlockService(self.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let block = crate::write_http::BlockRoutes::new(BlockService(self.clone()));
         // Small block requests must not wait for Nagle's algorithm (40 ms with delayed ACKs).
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -55,7 +55,42 @@ impl tonic::service::Interceptor for TokenInterceptor {
     }
 }
 
-pub type PeerBlockClient = BlockClient<InterceptedService<Channel, TokenInterceptor>>;
+/// A block API client of a peer: tonic's generated client (which it derefs to) and the
+/// same channel for writes sent without tonic's codec (`write_http`).
+#[derive(Clone)]
+pub struct PeerBlockClient {
+    grpc: BlockClient<InterceptedService<Channel, TokenInterceptor>>,
+    channel: Channel,
+    token: AsciiMetadataValue,
+}
+
+impl PeerBlockClient {
+    /// `Block/Write` of `data` with the other fields in `header`; the data is sent as it
+    /// is, not copied into an encode buffer.
+    pub async fn write_bytes(
+        &self,
+        header: &crate::write_wire::Header<'_>,
+        data: bytes::Bytes,
+    ) -> Result<(), tonic::Status> {
+        let parts = crate::write_wire::request_parts(header, data);
+        let token = http::HeaderValue::from_bytes(self.token.as_bytes())
+            .expect("an ASCII metadata value is a header value");
+        crate::write_http::send_write(&self.channel, &token, parts).await
+    }
+}
+
+impl std::ops::Deref for PeerBlockClient {
+    type Target = BlockClient<InterceptedService<Channel, TokenInterceptor>>;
+    fn deref(&self) -> &Self::Target {
+        &self.grpc
+    }
+}
+
+impl std::ops::DerefMut for PeerBlockClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.grpc
+    }
+}
 pub type PeerNamespaceClient = NamespaceClient<InterceptedService<Channel, TokenInterceptor>>;
 
 /// A cache of channels to other nodes, by gRPC address.
@@ -106,9 +141,13 @@ impl Peers {
 
     /// A block API client over a channel made elsewhere (tests use in-memory ones).
     pub fn block_over(&self, channel: Channel) -> PeerBlockClient {
-        BlockClient::with_interceptor(channel, self.token.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        PeerBlockClient {
+            grpc: BlockClient::with_interceptor(channel.clone(), self.token.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            channel,
+            token: self.token.0.clone(),
+        }
     }
 
     /// A block client on a connection of its own, driven by the runtime current when it

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::node::Node;
 use crate::pool::Stamp;
+use crate::write_wire::WireWrite;
 
 /// The control API (CLI to node).
 pub struct ControlService(pub Arc<Node>);
@@ -86,21 +87,24 @@ impl Control for ControlService {
 }
 
 /// The block API (node to node). Every call must carry the cluster token.
+#[derive(Clone)]
 pub struct BlockService(pub Arc<Node>);
+
+/// What a block call without the right token gets.
+pub fn unauthenticated() -> Status {
+    Status::unauthenticated("missing or wrong cluster token: not a member of this cluster")
+}
 
 impl BlockService {
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let ok = req
+        let token = req
             .metadata()
             .get(CLUSTER_TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t == self.0.token);
-        if ok {
+            .and_then(|v| v.to_str().ok());
+        if self.token_ok(token) {
             Ok(())
         } else {
-            Err(Status::unauthenticated(
-                "missing or wrong cluster token: not a member of this cluster",
-            ))
+            Err(unauthenticated())
         }
     }
 
@@ -123,6 +127,42 @@ impl BlockService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::from)
+    }
+}
+
+impl BlockService {
+    /// Whether `token` is this cluster's (the header every block call must carry).
+    pub fn token_ok(&self, token: Option<&str>) -> bool {
+        token.is_some_and(|t| t == self.0.token)
+    }
+
+    /// One replica write, its data in pieces (the frames it arrived in).
+    pub async fn write_wire(&self, r: WireWrite) -> Result<(), Status> {
+        let rep = replica(r.replica.clone())?;
+        let stamp = Stamp {
+            epoch: r.epoch,
+            version: r.version,
+            complete_below: r.complete_below,
+        };
+        let inline = !r.fua && r.data_len() <= INLINE_WRITE_MAX;
+        let write = move |n: &Node| {
+            let parts: Vec<&[u8]> = r.data.iter().map(|b| b.as_ref()).collect();
+            n.pool.write_parts(
+                &rep.volume_id,
+                rep.size_bytes,
+                r.offset,
+                &parts,
+                r.fua,
+                stamp,
+            )
+        };
+        if inline {
+            // A few pages into the page cache: tens of microseconds, less than handing
+            // the worker's other tasks to another thread would cost.
+            write(&self.0).map_err(Status::from)
+        } else {
+            self.blocking(write).await
+        }
     }
 }
 
@@ -152,32 +192,20 @@ impl Block for BlockService {
     }
 
     async fn write(&self, req: Request<bpb::WriteRequest>) -> Reply<bpb::WriteReply> {
+        // The node's server takes this call off the HTTP/2 frames (`write_http`); this
+        // path serves a `BlockServer` without that route (in-memory test channels).
         self.check(&req)?;
         let r = req.into_inner();
-        let rep = replica(r.replica)?;
-        let stamp = Stamp {
+        self.write_wire(WireWrite {
+            replica: r.replica,
+            offset: r.offset,
+            data: vec![r.data],
+            fua: r.fua,
             epoch: r.epoch,
             version: r.version,
             complete_below: r.complete_below,
-        };
-        let inline = !r.fua && r.data.len() <= INLINE_WRITE_MAX;
-        let write = move |n: &Node| {
-            n.pool.write(
-                &rep.volume_id,
-                rep.size_bytes,
-                r.offset,
-                &r.data,
-                r.fua,
-                stamp,
-            )
-        };
-        if inline {
-            // A few pages into the page cache: tens of microseconds, less than handing
-            // the worker's other tasks to another thread would cost.
-            write(&self.0).map_err(Status::from)?;
-        } else {
-            self.blocking(write).await?;
-        }
+        })
+        .await?;
         Ok(Response::new(bpb::WriteReply {}))
     }
 

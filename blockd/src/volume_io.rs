@@ -22,9 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_proto::block::{
-    DiscardRequest, FlushRequest, OpenRequest, ReadRequest, ReplicaRef, WriteRequest,
-};
+use shoal_proto::block::{DiscardRequest, FlushRequest, OpenRequest, ReadRequest, ReplicaRef};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -37,6 +35,7 @@ use crate::records::{self, Keys, VolumeRecord};
 use crate::replication::{self, Outcome};
 use crate::thread_io;
 use crate::versions::first_version;
+use crate::write_wire;
 
 /// Where one replica lives.
 #[derive(Clone)]
@@ -670,7 +669,7 @@ impl VolumeIo {
         } else {
             Bytes::new()
         };
-        let replica = self.replica_ref();
+        let replica = self.replica_ref().expect("always set");
         let epoch = self.epoch;
         self.versioned(
             offset,
@@ -678,17 +677,19 @@ impl VolumeIo {
             |stamp| {
                 let payload = payload.clone();
                 let replica = replica.clone();
-                move |mut c: PeerBlockClient| {
-                    let req = WriteRequest {
-                        replica: replica.clone(),
-                        offset,
-                        data: payload.clone(),
-                        fua,
-                        epoch,
-                        version: stamp.version,
-                        complete_below: stamp.complete_below,
-                    };
-                    async move { c.write(req).await.map(|_| ()) }
+                move |c: PeerBlockClient| {
+                    let (replica, data) = (replica.clone(), payload.clone());
+                    async move {
+                        let header = write_wire::Header {
+                            replica: &replica,
+                            offset,
+                            fua,
+                            epoch,
+                            version: stamp.version,
+                            complete_below: stamp.complete_below,
+                        };
+                        c.write_bytes(&header, data).await
+                    }
                 }
             },
             |stamp| {

@@ -2,8 +2,10 @@
 
 use std::io::Write;
 
+use shoal_blockd::peers::{cluster_token, Peers};
+use shoal_blockd::write_wire::Header;
 use shoal_proto::block::block_client::BlockClient;
-use shoal_proto::block::{ReplicaRef, WriteRequest};
+use shoal_proto::block::{ReadRequest, ReplicaRef, WriteRequest};
 use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::{CreateVolumeRequest, MountRequest, VolumeRef};
 use shoal_tests::{require_root, Cluster, Opts};
@@ -32,6 +34,86 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+        // The same through the sender that skips tonic's codec.
+        let stranger = Peers::new("not-the-token")
+            .block(&c.nodes[0].endpoint())
+            .unwrap();
+        let rep = ReplicaRef {
+            volume_id: "strangers".into(),
+            size_bytes: 4 << 20,
+        };
+        let header = |offset| Header {
+            replica: &rep,
+            offset,
+            fua: false,
+            epoch: 1,
+            version: 1,
+            complete_below: 0,
+        };
+        let err = stranger
+            .write_bytes(&header(0), vec![1u8; 16].into())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+        // A member's writes, encoded by tonic and by our sender, land where they say;
+        // one past the replica's end, or for a bad id, is refused and writes nothing.
+        let member = Peers::new(&cluster_token("test", "test-secret"));
+        let mut m = member.block(&c.nodes[0].endpoint()).unwrap();
+        let a: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let b: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 239) as u8).collect();
+        m.write(WriteRequest {
+            replica: Some(rep.clone()),
+            offset: 4096,
+            data: a.clone().into(),
+            epoch: 1,
+            version: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        m.write_bytes(&header(2 << 20), b.clone().into())
+            .await
+            .unwrap();
+        let read = |offset: u64, length: usize| {
+            let mut m = m.clone();
+            let rep = rep.clone();
+            async move {
+                m.read(ReadRequest {
+                    replica: Some(rep),
+                    offset,
+                    length: length as u32,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .data
+            }
+        };
+        assert!(read(4096, a.len()).await == a, "tonic-encoded write");
+        assert!(read(2 << 20, b.len()).await == b, "write sent as frames");
+        let err = m
+            .write_bytes(&header((4 << 20) - 8), vec![9u8; 16].into())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("beyond the volume size"), "{err}");
+        assert_eq!(&read((4 << 20) - 8, 8).await[..], &[0u8; 8]);
+        let bad = ReplicaRef {
+            volume_id: "../etc".into(),
+            size_bytes: 4 << 20,
+        };
+        let err = m
+            .write_bytes(
+                &Header {
+                    replica: &bad,
+                    ..header(0)
+                },
+                vec![9u8; 16].into(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
         // Control API with nonsense fields.
         let mut ctl = ControlClient::connect(url.clone()).await.unwrap();
