@@ -173,6 +173,10 @@ impl<'a> Cursor<'a> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.byte()?;
+            if i == 9 && b > 1 {
+                // The tenth byte holds bit 63 alone.
+                return Err(malformed("varint overflows 64 bits"));
+            }
             v |= ((b & 0x7f) as u64) << (7 * i);
             if b < 0x80 {
                 return Ok(v);
@@ -488,9 +492,19 @@ mod tests {
         bad.extend_from_slice(&body);
         let err = parse(&frames(&bad, 4), limit).unwrap_err();
         assert!(err.to_string().contains("wire type"), "{err}");
-        // A varint that never ends.
+        // A varint that never ends, and one past 64 bits.
         let mut bad = vec![0u8, 0, 0, 0, 12, 0x10];
         bad.extend_from_slice(&[0xff; 11]);
         assert!(parse(&frames(&bad, 4), limit).is_err());
+        let mut bad = vec![0u8, 0, 0, 0, 11, 0x10];
+        bad.extend_from_slice(&[0xff; 9]);
+        bad.push(0x02);
+        let err = parse(&frames(&bad, 4), limit).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        // u64::MAX itself is a valid varint.
+        let mut ok = vec![0u8, 0, 0, 0, 11, 0x10];
+        ok.extend_from_slice(&[0xff; 9]);
+        ok.push(0x01);
+        assert_eq!(parse(&frames(&ok, 4), limit).unwrap().offset, u64::MAX);
     }
 }
