@@ -61,7 +61,8 @@ impl tonic::service::Interceptor for TokenInterceptor {
 pub struct PeerBlockClient {
     grpc: BlockClient<InterceptedService<Channel, TokenInterceptor>>,
     channel: Channel,
-    token: AsciiMetadataValue,
+    /// The cluster token as the header `write_http` sends.
+    token: http::HeaderValue,
 }
 
 impl PeerBlockClient {
@@ -73,9 +74,7 @@ impl PeerBlockClient {
         data: bytes::Bytes,
     ) -> Result<(), tonic::Status> {
         let parts = crate::write_wire::request_parts(header, data);
-        let token = http::HeaderValue::from_bytes(self.token.as_bytes())
-            .expect("an ASCII metadata value is a header value");
-        crate::write_http::send_write(&self.channel, &token, parts).await
+        crate::write_http::send_write(&self.channel, &self.token, parts).await
     }
 }
 
@@ -146,7 +145,8 @@ impl Peers {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             channel,
-            token: self.token.0.clone(),
+            token: http::HeaderValue::from_bytes(self.token.0.as_bytes())
+                .expect("an ASCII metadata value is a header value"),
         }
     }
 

@@ -18,7 +18,7 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, TE};
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
@@ -33,6 +33,10 @@ use tonic::{Code, Status};
 use crate::peers::MAX_MESSAGE_BYTES;
 use crate::services::{unauthenticated, BlockService};
 use crate::write_wire::{self, WireError, WRITE_PATH};
+
+/// Frames of at least this many bytes are kept as they arrived; smaller ones are copied
+/// together (at most one buffer per this many bytes of message, whatever the peer sends).
+const KEEP_FRAME: usize = 16 << 10;
 
 fn grpc() -> HeaderValue {
     HeaderValue::from_static("application/grpc")
@@ -155,6 +159,9 @@ async fn serve_write(service: &BlockService, req: http::Request<Body>) -> Result
     }
     let mut body = req.into_body();
     let mut frames = Vec::new();
+    // Small frames are copied together: a peer sending a message in tiny (or padded)
+    // frames must not make us keep millions of buffers, each holding its read buffer.
+    let mut small = BytesMut::new();
     let mut total = 0usize;
     while let Some(frame) = next_frame(&mut body).await {
         let Ok(data) = frame?.into_data() else {
@@ -168,7 +175,17 @@ async fn serve_write(service: &BlockService, req: http::Request<Body>) -> Result
                 limit: MAX_MESSAGE_BYTES,
             }));
         }
+        if data.len() < KEEP_FRAME {
+            small.extend_from_slice(&data);
+            continue;
+        }
+        if !small.is_empty() {
+            frames.push(small.split().freeze());
+        }
         frames.push(data);
+    }
+    if !small.is_empty() {
+        frames.push(small.freeze());
     }
     let write = write_wire::parse(&frames, MAX_MESSAGE_BYTES).map_err(refused)?;
     service.write_wire(write).await
@@ -184,11 +201,12 @@ fn ok_reply() -> http::Response<Body> {
     resp
 }
 
-/// Calls `Block/Write` on `channel` with the message in `parts`.
+/// Calls `Block/Write` on `channel` with the message in `parts` (sent as they are: one
+/// HTTP/2 data frame or more each).
 pub async fn send_write(
     channel: &Channel,
     token: &HeaderValue,
-    parts: [Bytes; 3],
+    parts: impl IntoIterator<Item = Bytes>,
 ) -> Result<(), Status> {
     let mut req = http::Request::new(Body::new(PartsBody::new(parts, None)));
     *req.method_mut() = http::Method::POST;
@@ -226,10 +244,7 @@ async fn outcome(resp: http::Response<Body>) -> Result<(), Status> {
         return ok_or(status);
     }
     if resp.status() != http::StatusCode::OK {
-        return Err(Status::unknown(format!(
-            "block write answered HTTP {}",
-            resp.status()
-        )));
+        return Err(http_status(resp.status()));
     }
     let mut body = resp.into_body();
     let mut trailers = None;
@@ -240,6 +255,23 @@ async fn outcome(resp: http::Response<Body>) -> Result<(), Status> {
     }
     match trailers.as_ref().and_then(Status::from_header_map) {
         Some(status) => ok_or(status),
-        None => Err(Status::internal("block write reply carries no grpc-status")),
+        // As tonic's client reads a stream that ended without a status (a reset one).
+        None => Err(Status::unknown("block write reply carries no grpc-status")),
+    }
+}
+
+/// A status for an HTTP error answer, as tonic's client maps them (gRPC's HTTP table).
+fn http_status(code: http::StatusCode) -> Status {
+    use http::StatusCode as H;
+    let msg = format!("block write answered HTTP {code}");
+    match code {
+        H::BAD_REQUEST => Status::internal(msg),
+        H::UNAUTHORIZED => Status::unauthenticated(msg),
+        H::FORBIDDEN => Status::permission_denied(msg),
+        H::NOT_FOUND => Status::unimplemented(msg),
+        H::TOO_MANY_REQUESTS | H::BAD_GATEWAY | H::SERVICE_UNAVAILABLE | H::GATEWAY_TIMEOUT => {
+            Status::unavailable(msg)
+        }
+        _ => Status::unknown(msg),
     }
 }

@@ -258,8 +258,8 @@ pub fn parse(frames: &[Bytes], limit: usize) -> Result<WireWrite, WireError> {
     while c.left > 0 {
         let key = c.varint()?;
         let (field, wire) = (key >> 3, (key & 7) as u8);
-        if field == 0 {
-            return Err(malformed("field number 0"));
+        if field == 0 || key > u32::MAX as u64 {
+            return Err(malformed(format!("field number {field} is out of range")));
         }
         match (field, wire) {
             (1, LEN) => {
@@ -396,7 +396,7 @@ mod tests {
                 fua,
                 epoch,
                 version: 99,
-                complete_below: 0,
+                complete_below: 77,
             };
             let parts = request_parts(&h, Bytes::from(data.clone()));
             let wire: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
@@ -411,7 +411,7 @@ mod tests {
                 fua,
                 epoch,
                 version: 99,
-                complete_below: 0,
+                complete_below: 77,
             };
             assert_eq!(back, want);
             // The data buffer is passed through, not copied.
@@ -492,10 +492,11 @@ mod tests {
         bad.extend_from_slice(&body);
         let err = parse(&frames(&bad, 4), limit).unwrap_err();
         assert!(err.to_string().contains("wire type"), "{err}");
-        // A varint that never ends, and one past 64 bits.
-        let mut bad = vec![0u8, 0, 0, 0, 12, 0x10];
-        bad.extend_from_slice(&[0xff; 11]);
-        assert!(parse(&frames(&bad, 4), limit).is_err());
+        // A varint that never ends (refused at its tenth byte), and one past 64 bits.
+        let mut bad = vec![0u8, 0, 0, 0, 20, 0x10];
+        bad.extend_from_slice(&[0xff; 19]);
+        let err = parse(&frames(&bad, 4), limit).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
         let mut bad = vec![0u8, 0, 0, 0, 11, 0x10];
         bad.extend_from_slice(&[0xff; 9]);
         bad.push(0x02);

@@ -3,7 +3,8 @@
 use std::io::Write;
 
 use shoal_blockd::peers::{cluster_token, Peers};
-use shoal_blockd::write_wire::Header;
+use shoal_blockd::write_http::send_write;
+use shoal_blockd::write_wire::{request_parts, Header};
 use shoal_proto::block::block_client::BlockClient;
 use shoal_proto::block::{ReadRequest, ReplicaRef, WriteRequest};
 use shoal_proto::control::control_client::ControlClient;
@@ -99,6 +100,35 @@ fn garbage_and_unauthenticated_requests_are_refused() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         assert!(err.message().contains("beyond the volume size"), "{err}");
         assert_eq!(&read((4 << 20) - 8, 8).await[..], &[0u8; 8]);
+        // Only the node's own route reads messages off the frames: a message in 64 Ki
+        // one-byte frames lands whole, and a compressed one is refused by that route.
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token =
+            tonic::codegen::http::HeaderValue::from_str(&cluster_token("test", "test-secret"))
+                .unwrap();
+        let c: Vec<u8> = (0..(64u32 << 10)).map(|i| (i % 233) as u8).collect();
+        let whole: Vec<u8> = request_parts(&header(8192), c.clone().into())
+            .iter()
+            .flat_map(|p| p.to_vec())
+            .collect();
+        let tiny = whole.iter().map(|b| bytes::Bytes::copy_from_slice(&[*b]));
+        send_write(&channel, &token, tiny).await.unwrap();
+        assert!(
+            read(8192, c.len()).await == c,
+            "write sent in one-byte frames"
+        );
+        let mut compressed = whole.clone();
+        compressed[0] = 1;
+        let err = send_write(&channel, &token, [compressed.into()])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{err}");
+        assert!(err.message().contains("compressed"), "{err}");
+
         let bad = ReplicaRef {
             volume_id: "../etc".into(),
             size_bytes: 4 << 20,
