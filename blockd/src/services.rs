@@ -128,17 +128,15 @@ impl BlockService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::from)
     }
-}
 
-impl BlockService {
     /// Whether `token` is this cluster's (the header every block call must carry).
     pub fn token_ok(&self, token: Option<&str>) -> bool {
         token.is_some_and(|t| t == self.0.token)
     }
 
     /// One replica write, its data in pieces (the frames it arrived in).
-    pub async fn write_wire(&self, r: WireWrite) -> Result<(), Status> {
-        let rep = replica(r.replica.clone())?;
+    pub async fn write_wire(&self, mut r: WireWrite) -> Result<(), Status> {
+        let rep = replica(r.replica.take())?;
         let stamp = Stamp {
             epoch: r.epoch,
             version: r.version,

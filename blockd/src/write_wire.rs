@@ -100,11 +100,14 @@ pub struct Header<'a> {
 /// A `WriteRequest` as one gRPC message in three buffers: prefix and leading fields,
 /// `data` (not copied), trailing fields.
 pub fn request_parts(h: &Header<'_>, data: Bytes) -> [Bytes; 3] {
+    // The prefix's length is filled in once the fields are known.
     let mut head = BytesMut::with_capacity(96);
-    let replica = h.replica.encode_to_vec();
+    head.put_bytes(0, 5); // flag 0: not compressed; length below
     put_key(&mut head, 1, LEN);
-    put_varint(&mut head, replica.len() as u64);
-    head.put_slice(&replica);
+    put_varint(&mut head, h.replica.encoded_len() as u64);
+    h.replica
+        .encode(&mut head)
+        .expect("a BytesMut grows to fit");
     put_uint(&mut head, 2, h.offset);
     if !data.is_empty() {
         put_key(&mut head, 3, LEN);
@@ -115,12 +118,9 @@ pub fn request_parts(h: &Header<'_>, data: Bytes) -> [Bytes; 3] {
     put_uint(&mut tail, 5, h.epoch);
     put_uint(&mut tail, 6, h.version);
     put_uint(&mut tail, 7, h.complete_below);
-    let len = head.len() + data.len() + tail.len();
-    let mut prefixed = BytesMut::with_capacity(5 + head.len());
-    prefixed.put_u8(0); // not compressed
-    prefixed.put_u32(len as u32);
-    prefixed.put_slice(&head);
-    [prefixed.freeze(), data, tail.freeze()]
+    let len = head.len() - 5 + data.len() + tail.len();
+    head[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    [head.freeze(), data, tail.freeze()]
 }
 
 /// The empty reply message (`WriteReply {}`) with its gRPC prefix.
