@@ -14,7 +14,7 @@ use std::sync::Arc;
 use shoal_proto::control::{AttachRequest, VolumeRef};
 use tracing::{info, instrument, warn};
 
-use crate::device_fs::{DeviceSession, DEVICE_FILE};
+use crate::device_fs::{DeviceFs, DEVICE_FILE};
 use crate::error::{Error, Result};
 use crate::host;
 use crate::node::Node;
@@ -37,7 +37,7 @@ pub struct Attachment {
     /// Serves a shared namespace (no device file, no loop device).
     shared: bool,
     /// The FUSE session serving the device file (unmounted on drop).
-    session: Option<DeviceSession>,
+    session: Option<fuser::BackgroundSession>,
     fuse_dir: PathBuf,
     loop_dev: Option<String>,
     mount_path: Option<PathBuf>,
@@ -327,14 +327,14 @@ impl Node {
             fuser::MountOption::Subtype("shoal-dev".into()),
             fuser::MountOption::NoAtime,
         ];
+        config.n_threads = Some(FUSE_THREADS);
+        config.clone_fd = true;
         let dir = fuse_dir.clone();
-        let dev_io = io.clone();
-        let session = tokio::task::spawn_blocking(move || {
-            DeviceSession::mount(dev_io, &dir, &config, FUSE_THREADS)
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
+        let fs = DeviceFs::new(io.clone());
+        let session = tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &dir, &config))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(format!("FUSE mount at {}: {e}", fuse_dir.display())))?;
         // The resync worker starts once the device is served; teardown stops it.
         let stop = self.start_resync(io);
         let mut att = Attachment {

@@ -5,47 +5,73 @@
 //! opened with direct I/O so the kernel keeps no page cache of it: the node is the one
 //! place that decides what the bytes are, and a loop device on top adds its own cache.
 //!
-//! fuser mounts it and answers the kernel's INIT ([`DeviceFs`]); the requests after that
-//! are read by this module's own threads ([`DeviceSession`]), one cloned `/dev/fuse`
-//! descriptor each. The reason is the write path: fuser lends a request's bytes only for
-//! the length of the call, so a write had to be copied before it could go to the other
-//! replicas, and that copy was the last one in user space (5 % of all CPU in a repl-2
-//! stream). Here each thread reads into a buffer it owns, and a large write's buffer is
-//! handed on whole, as [`Bytes`], to the local replica and to HTTP/2.
-//!
 //! `flush` (sent on every close) is deliberately not implemented: the kernel then stops
 //! sending it, so closing the device never waits for the node.
 
-use std::fs::OpenOptions;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::ffi::OsStr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use fuser::{Filesystem, KernelConfig, Request};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, WriteFlags,
+};
 use tracing::warn;
 
 use crate::volume_io::VolumeIo;
 
 /// Name of the one file in the device filesystem.
 pub const DEVICE_FILE: &str = "disk";
-const ROOT_INO: u64 = 1;
-const DISK_INO: u64 = 2;
+const DISK_INO: INodeNo = INodeNo(2);
 /// Attributes never change while mounted (the size is fixed), so cache them long.
 const TTL: Duration = Duration::from_secs(3600);
 /// Largest single FUSE read or write: big I/O stays big.
 pub const MAX_IO: u32 = 1 << 20;
-/// A read buffer holds the largest write and its headers.
-const BUF_SIZE: usize = MAX_IO as usize + 4096;
-/// Writes at least this big keep the buffer they were read into; smaller ones are copied
-/// and the buffer is read into again.
-const OWNED_WRITE: usize = 64 << 10;
 
-/// Answers the kernel's INIT; fuser calls nothing else on it (see the module doc).
-pub struct DeviceFs;
+/// See the module doc.
+pub struct DeviceFs {
+    io: Arc<VolumeIo>,
+    created: SystemTime,
+}
+
+impl DeviceFs {
+    pub fn new(io: Arc<VolumeIo>) -> Self {
+        Self {
+            io,
+            created: SystemTime::now(),
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let (kind, perm, size, nlink) = if ino == DISK_INO {
+            (FileType::RegularFile, 0o600, self.io.size(), 1)
+        } else {
+            (FileType::Directory, 0o755, 0, 2)
+        };
+        FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.created,
+            mtime: self.created,
+            ctime: self.created,
+            crtime: self.created,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+}
+
+fn errno(e: &crate::error::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
 
 impl Filesystem for DeviceFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -61,518 +87,191 @@ impl Filesystem for DeviceFs {
         let _ = config.set_congestion_threshold(48);
         Ok(())
     }
-}
 
-/// A mounted device filesystem and the threads serving it.
-pub struct DeviceSession {
-    session: Option<fuser::Session<DeviceFs>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl DeviceSession {
-    /// Mounts the device filesystem of `io` at `dir` and serves it with `threads` threads.
-    pub fn mount(
-        io: Arc<VolumeIo>,
-        dir: &Path,
-        config: &fuser::Config,
-        threads: usize,
-    ) -> io::Result<Self> {
-        let session = fuser::Session::new(DeviceFs, dir, config)?;
-        let dev = Arc::new(Device {
-            io,
-            created: SystemTime::now(),
-        });
-        let mut out = Self {
-            session: None,
-            threads: Vec::with_capacity(threads),
-        };
-        for i in 0..threads.max(1) {
-            let fd = if i == 0 {
-                session.as_fd().try_clone_to_owned()?
-            } else {
-                clone_dev(session.as_fd())?
-            };
-            let dev = dev.clone();
-            out.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("shoal-dev-{i}"))
-                    .spawn(move || serve(&fd, &dev))?,
-            );
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == INodeNo::ROOT && name == DEVICE_FILE {
+            reply.entry(&TTL, &self.attr(DISK_INO), fuser::Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
         }
-        out.session = Some(session);
-        Ok(out)
     }
 
-    /// Unmounts and waits for the threads. If the unmount fails (the device is busy), the
-    /// threads are left to end when the kernel lets the mount go.
-    pub fn umount_and_join(mut self) -> io::Result<()> {
-        if let Some(mut s) = self.session.take() {
-            s.unmount()?;
-            drop(s);
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == INodeNo::ROOT || ino == DISK_INO {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        Ok(())
     }
-}
 
-/// A new `/dev/fuse` descriptor attached to the same connection (`FUSE_DEV_IOC_CLONE`):
-/// each thread then has its own queue of requests being processed.
-fn clone_dev(session: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    /// `_IOR(229, 0, uint32_t)`
-    const FUSE_DEV_IOC_CLONE: u64 = 0x8004_e500;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")?;
-    let mut src = session.as_raw_fd() as u32;
-    // SAFETY: the ioctl reads one u32 from a live local.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), FUSE_DEV_IOC_CLONE as _, &mut src) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(f.into())
-}
-
-/// One thread's loop: read a request, answer it, until the connection ends.
-fn serve(fd: &OwnedFd, dev: &Device) {
-    let mut buf: Vec<u8> = Vec::with_capacity(BUF_SIZE);
-    loop {
-        buf.clear();
-        // SAFETY: the kernel writes at most `capacity` bytes into the spare capacity,
-        // and exactly `n` of them are then marked initialised.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.capacity()) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                // Interrupted before it was read, or a signal: read again.
-                Some(libc::ENOENT | libc::EINTR | libc::EAGAIN) => continue,
-                // Unmounted.
-                Some(libc::ENODEV) => return,
-                e => {
-                    warn!(errno = ?e, "device read failed; thread ends");
-                    return;
-                }
-            }
-        }
-        // SAFETY: see above.
-        unsafe { buf.set_len(n as usize) };
-        let Some(h) = Header::parse(&buf) else {
-            warn!(len = n, "short FUSE request; thread ends");
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // A device has a fixed size. open(O_TRUNC) arrives as a resize to 0 and is
+        // ignored, as a block device ignores it; any other resize is refused.
+        if size.is_some_and(|s| s != 0 && s != self.io.size()) {
+            reply.error(Errno::EINVAL);
             return;
-        };
-        let out = Out {
-            fd,
-            unique: h.unique,
-        };
-        match h.opcode {
-            op::WRITE if buf.len() >= ARGS + 40 + OWNED_WRITE => {
-                let owned = std::mem::replace(&mut buf, Vec::with_capacity(BUF_SIZE));
-                dev.write(&out, Payload::Owned(Bytes::from(owned)));
-            }
-            op::WRITE => dev.write(&out, Payload::Borrowed(&buf)),
-            op::DESTROY => {
-                out.ok(&[]);
-                return;
-            }
-            _ => dev.dispatch(&out, &h, &buf),
         }
+        reply.attr(&TTL, &self.attr(ino));
     }
-}
 
-/// Size of `fuse_in_header`; the operation's arguments follow it.
-const ARGS: usize = 40;
-
-/// FUSE opcodes this filesystem knows.
-mod op {
-    pub const LOOKUP: u32 = 1;
-    pub const FORGET: u32 = 2;
-    pub const GETATTR: u32 = 3;
-    pub const SETATTR: u32 = 4;
-    pub const OPEN: u32 = 14;
-    pub const READ: u32 = 15;
-    pub const WRITE: u32 = 16;
-    pub const STATFS: u32 = 17;
-    pub const RELEASE: u32 = 18;
-    pub const FSYNC: u32 = 20;
-    pub const OPENDIR: u32 = 27;
-    pub const READDIR: u32 = 28;
-    pub const RELEASEDIR: u32 = 29;
-    pub const INTERRUPT: u32 = 36;
-    pub const DESTROY: u32 = 38;
-    pub const NOTIFY_REPLY: u32 = 41;
-    pub const BATCH_FORGET: u32 = 42;
-    pub const FALLOCATE: u32 = 43;
-}
-
-/// The fields of `fuse_in_header` we use.
-struct Header {
-    opcode: u32,
-    unique: u64,
-    nodeid: u64,
-}
-
-impl Header {
-    fn parse(b: &[u8]) -> Option<Self> {
-        (b.len() >= ARGS).then(|| Self {
-            opcode: u32_at(b, 4),
-            unique: u64_at(b, 8),
-            nodeid: u64_at(b, 16),
-        })
-    }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map_or(0, |s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .map_or(0, |s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
-}
-
-/// Where a request's answer goes.
-struct Out<'a> {
-    fd: &'a OwnedFd,
-    unique: u64,
-}
-
-impl Out<'_> {
-    fn send(&self, error: i32, parts: &[&[u8]]) {
-        let len = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut head = [0u8; 16];
-        head[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&(-error).to_le_bytes());
-        head[8..].copy_from_slice(&self.unique.to_le_bytes());
-        let mut iov = vec![io::IoSlice::new(&head)];
-        iov.extend(parts.iter().map(|p| io::IoSlice::new(p)));
-        // ENOENT: the request was interrupted and is gone; nothing to do.
-        if let Err(e) = nix::sys::uio::writev(self.fd, &iov) {
-            if e != nix::errno::Errno::ENOENT {
-                warn!(error = %e, "FUSE reply failed");
-            }
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino != DISK_INO {
+            reply.error(Errno::EISDIR);
+            return;
         }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
     }
 
-    fn ok(&self, parts: &[&[u8]]) {
-        self.send(0, parts)
-    }
-
-    fn error(&self, errno: i32) {
-        self.send(errno, &[])
-    }
-}
-
-/// A write's bytes: the whole request buffer (headers included), owned or lent.
-enum Payload<'a> {
-    Owned(Bytes),
-    Borrowed(&'a [u8]),
-}
-
-/// Little-endian field writer for the kernel's reply structs.
-#[derive(Default)]
-struct Le(Vec<u8>);
-
-impl Le {
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-}
-
-/// What the serving threads share.
-struct Device {
-    io: Arc<VolumeIo>,
-    created: SystemTime,
-}
-
-impl Device {
-    /// `fuse_attr` of the root directory or the disk file.
-    fn attr(&self, ino: u64) -> Le {
-        let t = self.created.duration_since(UNIX_EPOCH).unwrap_or_default();
-        attr(ino, self.io.size(), t)
-    }
-
-    /// `fuse_attr_out`.
-    fn attr_out(&self, out: &Out<'_>, ino: u64) {
-        let a = Le::default().u64(TTL.as_secs()).u32(0).u32(0).0;
-        out.ok(&[&a, &self.attr(ino).0]);
-    }
-
-    fn dispatch(&self, out: &Out<'_>, h: &Header, b: &[u8]) {
-        let known = h.nodeid == ROOT_INO || h.nodeid == DISK_INO;
-        match h.opcode {
-            // No answer is expected to these.
-            op::FORGET | op::BATCH_FORGET | op::INTERRUPT | op::NOTIFY_REPLY => {}
-            op::LOOKUP => {
-                let name = b[ARGS..].split(|&c| c == 0).next().unwrap_or_default();
-                if h.nodeid == ROOT_INO && name == DEVICE_FILE.as_bytes() {
-                    // fuse_entry_out: nodeid, generation, entry and attr validity.
-                    let e = Le::default()
-                        .u64(DISK_INO)
-                        .u64(0)
-                        .u64(TTL.as_secs())
-                        .u64(TTL.as_secs())
-                        .u32(0)
-                        .u32(0)
-                        .0;
-                    out.ok(&[&e, &self.attr(DISK_INO).0]);
-                } else {
-                    out.error(libc::ENOENT);
-                }
-            }
-            op::GETATTR if known => self.attr_out(out, h.nodeid),
-            op::SETATTR if known => {
-                // A device has a fixed size. open(O_TRUNC) arrives as a resize to 0 and
-                // is ignored, as a block device ignores it; any other resize is refused.
-                const FATTR_SIZE: u32 = 1 << 3;
-                let size = u64_at(b, ARGS + 16);
-                if u32_at(b, ARGS) & FATTR_SIZE != 0 && size != 0 && size != self.io.size() {
-                    out.error(libc::EINVAL);
-                } else {
-                    self.attr_out(out, h.nodeid);
-                }
-            }
-            op::OPEN if h.nodeid == DISK_INO => {
-                const FOPEN_DIRECT_IO: u32 = 1;
-                out.ok(&[&Le::default().u64(0).u32(FOPEN_DIRECT_IO).u32(0).0]);
-            }
-            op::OPEN => out.error(libc::EISDIR),
-            op::OPENDIR if h.nodeid == ROOT_INO => out.ok(&[&Le::default().u64(0).u64(0).0]),
-            op::OPENDIR => out.error(libc::ENOTDIR),
-            op::RELEASE | op::RELEASEDIR => out.ok(&[]),
-            op::READ if h.nodeid == DISK_INO => self.read(out, b),
-            op::READDIR if h.nodeid == ROOT_INO => readdir(out, b),
-            op::FSYNC => match self.io.flush() {
-                Ok(()) => out.ok(&[]),
-                Err(e) => {
-                    warn!(error = %e, "device fsync failed");
-                    out.error(e.errno());
-                }
-            },
-            op::FALLOCATE if h.nodeid == DISK_INO => self.fallocate(out, b),
-            op::STATFS => {
-                // fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen,
-                // frsize, padding, spare[6].
-                let mut s = Le::default()
-                    .u64(self.io.size() / 4096)
-                    .u64(0)
-                    .u64(0)
-                    .u64(1)
-                    .u64(0)
-                    .u32(4096)
-                    .u32(255)
-                    .u32(4096)
-                    .u32(0);
-                for _ in 0..6 {
-                    s = s.u32(0);
-                }
-                out.ok(&[&s.0]);
-            }
-            op::GETATTR | op::SETATTR | op::READ | op::READDIR | op::FALLOCATE => {
-                out.error(libc::ENOENT)
-            }
-            _ => out.error(libc::ENOSYS),
-        }
-    }
-
-    fn read(&self, out: &Out<'_>, b: &[u8]) {
-        // fuse_read_in: fh, offset, size, ...
-        let (offset, size) = (u64_at(b, ARGS + 8), u32_at(b, ARGS + 16));
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
         let end = self.io.size();
         if offset >= end {
-            out.ok(&[]);
+            reply.data(&[]);
             return;
         }
         let len = (size as u64).min(end - offset) as u32;
         match self.io.read(offset, len) {
-            Ok(data) => out.ok(&[&data]),
+            Ok(data) => reply.data(&data),
             Err(e) => {
                 warn!(offset, len, error = %e, "device read failed");
-                out.error(e.errno());
+                reply.error(errno(&e));
             }
         }
     }
 
-    fn write(&self, out: &Out<'_>, p: Payload<'_>) {
-        let b: &[u8] = match &p {
-            Payload::Owned(b) => b,
-            Payload::Borrowed(b) => b,
-        };
-        // fuse_write_in: fh, offset, size, write_flags, lock_owner, flags, padding.
-        let (offset, size, flags) = (
-            u64_at(b, ARGS + 8),
-            u32_at(b, ARGS + 16),
-            u32_at(b, ARGS + 32),
-        );
-        let start = ARGS + 40;
-        if b.len() < start + size as usize {
-            out.error(libc::EINVAL);
-            return;
-        }
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
         let end = self.io.size();
-        if offset >= end && size > 0 {
-            out.error(libc::ENOSPC);
+        if offset >= end && !data.is_empty() {
+            reply.error(Errno::ENOSPC);
             return;
         }
-        let len = (size as u64).min(end - offset) as usize;
-        let fua = flags as i32 & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        let res = match p {
-            Payload::Owned(b) => self
-                .io
-                .write_owned(offset, b.slice(start..start + len), fua),
-            Payload::Borrowed(b) => self.io.write(offset, &b[start..start + len], fua),
-        };
-        match res {
-            Ok(()) => out.ok(&[&Le::default().u32(len as u32).u32(0).0]),
+        let len = (data.len() as u64).min(end - offset) as usize;
+        let fua = flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        match self.io.write(offset, &data[..len], fua) {
+            Ok(()) => reply.written(len as u32),
             Err(e) => {
                 warn!(offset, len, error = %e, "device write failed");
-                out.error(e.errno());
+                reply.error(errno(&e));
             }
         }
     }
 
-    fn fallocate(&self, out: &Out<'_>, b: &[u8]) {
-        // fuse_fallocate_in: fh, offset, length, mode.
-        let (offset, length, mode) = (
-            u64_at(b, ARGS + 8),
-            u64_at(b, ARGS + 16),
-            u32_at(b, ARGS + 24),
-        );
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.io.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                warn!(error = %e, "device fsync failed");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let end = self.io.size();
         if offset >= end {
-            out.error(libc::EINVAL);
+            reply.error(Errno::EINVAL);
             return;
         }
         let length = length.min(end - offset);
-        let res = match mode as i32 {
-            m if m == punch => self.io.discard(offset, length),
+        let res = if mode == punch {
+            self.io.discard(offset, length)
+        } else if mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE {
             // Space is taken on first write (thin provisioning); nothing to reserve.
-            0 | libc::FALLOC_FL_KEEP_SIZE => Ok(()),
-            _ => {
-                out.error(libc::EOPNOTSUPP);
-                return;
-            }
+            Ok(())
+        } else {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
         };
         match res {
-            Ok(()) => out.ok(&[]),
-            Err(e) => out.error(e.errno()),
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
     }
-}
 
-/// `fuse_attr` of the root directory or of the disk file of `size` bytes; every time
-/// is `t` (since the epoch).
-fn attr(ino: u64, size: u64, t: Duration) -> Le {
-    let (mode, size, nlink) = if ino == DISK_INO {
-        (libc::S_IFREG | 0o600, size, 1)
-    } else {
-        (libc::S_IFDIR | 0o755, 0, 2)
-    };
-    let mut a = Le::default().u64(ino).u64(size).u64(size.div_ceil(512));
-    for _ in 0..3 {
-        a = a.u64(t.as_secs());
-    }
-    for _ in 0..3 {
-        a = a.u32(t.subsec_nanos());
-    }
-    // mode, nlink, uid, gid, rdev, blksize, flags
-    a.u32(mode).u32(nlink).u32(0).u32(0).u32(0).u32(4096).u32(0)
-}
-
-fn readdir(out: &Out<'_>, b: &[u8]) {
-    let (offset, size) = (u64_at(b, ARGS + 8), u32_at(b, ARGS + 16) as usize);
-    out.ok(&[&dirents(offset, size)]);
-}
-
-/// The root directory's entries from `offset` on, as many as fit in `size` bytes.
-fn dirents(offset: u64, size: usize) -> Vec<u8> {
-    const DT_DIR: u32 = 4;
-    const DT_REG: u32 = 8;
-    let entries = [
-        (ROOT_INO, DT_DIR, "."),
-        (ROOT_INO, DT_DIR, ".."),
-        (DISK_INO, DT_REG, DEVICE_FILE),
-    ];
-    let mut buf = Vec::new();
-    for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-        // fuse_dirent: ino, off (of the next entry), namelen, type, name padded to 8.
-        let mut d = Le::default()
-            .u64(*ino)
-            .u64((i + 1) as u64)
-            .u32(name.len() as u32)
-            .u32(*kind)
-            .0;
-        d.extend_from_slice(name.as_bytes());
-        d.resize(d.len().next_multiple_of(8), 0);
-        if buf.len() + d.len() > size {
-            break;
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            reply.error(Errno::ENOTDIR);
+            return;
         }
-        buf.extend_from_slice(&d);
-    }
-    buf
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attributes_have_the_kernel_layout() {
-        let t = Duration::new(1_700_000_000, 5);
-        let disk = attr(DISK_INO, 8 << 30, t).0;
-        // fuse_attr is 88 bytes: ino, size, blocks, three times, three nanoseconds, mode...
-        assert_eq!(disk.len(), 88);
-        assert_eq!(u64_at(&disk, 0), DISK_INO);
-        assert_eq!(u64_at(&disk, 8), 8 << 30);
-        assert_eq!(u64_at(&disk, 16), (8 << 30) / 512);
-        assert_eq!(u64_at(&disk, 24), 1_700_000_000);
-        assert_eq!(u32_at(&disk, 48), 5);
-        assert_eq!(u32_at(&disk, 60), libc::S_IFREG | 0o600);
-        assert_eq!(u32_at(&disk, 80), 4096);
-        let root = attr(ROOT_INO, 8 << 30, t).0;
-        assert_eq!(u32_at(&root, 60), libc::S_IFDIR | 0o755);
-        assert_eq!(u64_at(&root, 8), 0, "a directory has no size");
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (DISK_INO, FileType::RegularFile, DEVICE_FILE),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
-    #[test]
-    fn directory_listing_resumes_at_its_offset_and_fits_the_buffer() {
-        let all = dirents(0, 4096);
-        // Three 8-byte aligned entries: ".", ".." and "disk", 24-byte header each.
-        assert_eq!(all.len(), 3 * 32);
-        assert_eq!(u32_at(&all, 64 + 16), DEVICE_FILE.len() as u32);
-        assert_eq!(&all[64 + 24..64 + 28], DEVICE_FILE.as_bytes());
-        assert_eq!(
-            u64_at(&all, 64 + 8),
-            3,
-            "offset of the entry after the last"
-        );
-        // From offset 2 only "disk"; a buffer for two entries gets two.
-        assert_eq!(dirents(2, 4096), all[64..].to_vec());
-        assert_eq!(dirents(0, 70).len(), 64);
-        assert!(dirents(3, 4096).is_empty());
-    }
-
-    #[test]
-    fn header_fields_are_read_little_endian_and_short_input_is_refused() {
-        let mut b = vec![0u8; ARGS];
-        b[4..8].copy_from_slice(&op::WRITE.to_le_bytes());
-        b[8..16].copy_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
-        b[16..24].copy_from_slice(&DISK_INO.to_le_bytes());
-        let h = Header::parse(&b).expect("a whole header");
-        assert_eq!(
-            (h.opcode, h.unique, h.nodeid),
-            (op::WRITE, 0x0102_0304_0506_0708, DISK_INO)
-        );
-        assert!(Header::parse(&b[..ARGS - 1]).is_none());
-        // Fields past the end read as 0 rather than panicking.
-        assert_eq!(u64_at(&b, ARGS + 8), 0);
-        assert_eq!(u32_at(&b, ARGS - 2), 0);
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.io.size() / 4096;
+        reply.statfs(blocks, 0, 0, 1, 0, 4096, 255, 4096);
     }
 }

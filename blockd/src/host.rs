@@ -36,13 +36,6 @@ async fn run(program: &str, args: &[&str]) -> Result<String> {
 /// driver's default of 1 280 KiB had every big request split in two by FUSE, 1 MiB and
 /// 256 KiB, so a stream cost half again as many round trips to the replicas (capping
 /// cut the time of a 512 MiB repl-2 write-out by about a tenth).
-///
-/// Writeback throttling (`wbt`) is turned off on the device. It is meant for a local
-/// disk: when completions take longer than its 2 ms target it lets fewer background
-/// writes in flight. A replicated write takes several milliseconds by nature, so it kept
-/// cutting the queue, and an fsync's write-out arrived in waves of about 100 MiB that
-/// drained almost to nothing before the next (the node's threads sat idle between them).
-/// The node bounds what is in flight itself (FUSE's background limit).
 pub async fn loop_attach(file: &Path) -> Result<String> {
     let f = file.to_string_lossy();
     let dev = run("losetup", &["--find", "--show", "--direct-io=on", &f]).await?;
@@ -52,10 +45,6 @@ pub async fn loop_attach(file: &Path) -> Result<String> {
     if let Err(e) = std::fs::write(&limit, &kib) {
         // Only slower, not wrong.
         tracing::warn!(device = %dev, error = %e, "cannot cap the loop device's request size");
-    }
-    let wbt = format!("/sys/block/{name}/queue/wbt_lat_usec");
-    if let Err(e) = std::fs::write(&wbt, "0") {
-        tracing::warn!(device = %dev, error = %e, "cannot turn off the loop device's writeback throttling");
     }
     Ok(dev)
 }

@@ -669,17 +669,6 @@ impl VolumeIo {
         } else {
             Bytes::new()
         };
-        self.write_shared(offset, data, payload, fua)
-    }
-
-    /// [`VolumeIo::write`] of a buffer the caller hands over: the remote replicas are
-    /// sent this very buffer, with no copy.
-    pub fn write_owned(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.write_shared(offset, &data, data.clone(), fua)
-    }
-
-    /// Writes `data` on every replica; `payload` holds the same bytes for remote calls.
-    fn write_shared(&self, offset: u64, data: &[u8], payload: Bytes, fua: bool) -> Result<()> {
         let replica = self.replica_ref().expect("always set");
         let epoch = self.epoch;
         self.versioned(
