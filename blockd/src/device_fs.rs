@@ -181,8 +181,13 @@ impl Filesystem for DeviceFs {
         reply: ReplyWrite,
     ) {
         let end = self.io.size();
-        if offset >= end && !data.is_empty() {
-            reply.error(Errno::ENOSPC);
+        if offset >= end {
+            // Nothing fits past the end; an empty write there is still a no-op.
+            if data.is_empty() {
+                reply.written(0);
+            } else {
+                reply.error(Errno::ENOSPC);
+            }
             return;
         }
         let len = (data.len() as u64).min(end - offset) as usize;
