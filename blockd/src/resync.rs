@@ -230,7 +230,7 @@ impl<'a> Side<'a> {
         }
         let mut c = self.client()?;
         let req = OpenRequest {
-            replica: io.replica_ref(),
+            replica: Some(io.replica_ref()),
             epoch: io.epoch,
             min_version,
         };
@@ -244,7 +244,7 @@ impl<'a> Side<'a> {
         }
         let mut c = self.client()?;
         let req = ChangedRequest {
-            replica: io.replica_ref(),
+            replica: Some(io.replica_ref()),
             after,
         };
         self.call(async move {
@@ -260,7 +260,7 @@ impl<'a> Side<'a> {
         }
         let mut c = self.client()?;
         let req = RegionRequest {
-            replica: io.replica_ref(),
+            replica: Some(io.replica_ref()),
             region,
         };
         self.call(async move {
@@ -283,7 +283,7 @@ impl<'a> Side<'a> {
         }
         let mut c = self.client()?;
         let req = WriteRegionRequest {
-            replica: io.replica_ref(),
+            replica: Some(io.replica_ref()),
             region,
             data: data.into(),
             epoch: stamp.epoch,

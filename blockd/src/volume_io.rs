@@ -208,11 +208,11 @@ impl VolumeIo {
         self.size
     }
 
-    pub fn replica_ref(&self) -> Option<ReplicaRef> {
-        Some(ReplicaRef {
+    pub fn replica_ref(&self) -> ReplicaRef {
+        ReplicaRef {
             volume_id: self.volume_id.clone(),
             size_bytes: self.size,
-        })
+        }
     }
 
     pub fn in_sync(&self) -> BTreeSet<String> {
@@ -242,7 +242,7 @@ impl VolumeIo {
     /// Then makes the in-sync replicas equal where the previous coordinator's unfinished
     /// writes may have left them different (`reconcile`).
     pub fn open(&self) -> Result<()> {
-        let replica = self.replica_ref();
+        let replica = Some(self.replica_ref());
         let epoch = self.epoch;
         // The lowest watermark of the answering replicas: one that lost power comes back
         // with the one of its last flush, and what it lost is all at or above that.
@@ -630,7 +630,7 @@ impl VolumeIo {
                 continue;
             };
             let req = OpenRequest {
-                replica: self.replica_ref(),
+                replica: Some(self.replica_ref()),
                 epoch: self.epoch,
                 min_version: floor,
             };
@@ -669,7 +669,7 @@ impl VolumeIo {
         } else {
             Bytes::new()
         };
-        let replica = self.replica_ref().expect("always set");
+        let replica = self.replica_ref();
         let epoch = self.epoch;
         self.versioned(
             offset,
@@ -708,7 +708,7 @@ impl VolumeIo {
 
     /// Frees a range on every replica.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let replica = self.replica_ref();
+        let replica = Some(self.replica_ref());
         let epoch = self.epoch;
         self.versioned(
             offset,
@@ -738,7 +738,7 @@ impl VolumeIo {
     /// Makes every acknowledged write durable on every in-sync replica.
     pub fn flush(&self) -> Result<()> {
         self.check_fenced()?;
-        let replica = self.replica_ref();
+        let replica = Some(self.replica_ref());
         let epoch = self.epoch;
         // Everything handed out before now that is not in flight is complete: after a
         // flush with nothing in flight (an unmount, a detach) a successor has nothing to
@@ -797,7 +797,7 @@ impl VolumeIo {
             };
             let mut c = (**client).clone();
             let req = ReadRequest {
-                replica: self.replica_ref(),
+                replica: Some(self.replica_ref()),
                 offset,
                 length: len,
             };
