@@ -395,6 +395,7 @@ impl Node {
             self.cfg.replica_timeout,
             tokio::runtime::Handle::current(),
         ));
+        io.set_descriptor(rec.descriptor(&self.cfg.cluster_id, &self.cluster_uuid));
         if upkeep {
             io.for_upkeep();
         }

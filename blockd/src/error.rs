@@ -28,6 +28,10 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("{0}")]
     Internal(String),
+    /// A replica's data or version file is not where it should be. Never answered with
+    /// zeros: the replica leaves the in-sync set and is rebuilt by a full resync.
+    #[error("replica missing: {0}")]
+    ReplicaMissing(String),
     /// This node was replaced as the volume's coordinator (a newer epoch exists).
     #[error("fenced: {0}")]
     Fenced(String),
@@ -52,7 +56,7 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let code = match &e {
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
+            Error::NotFound(_) | Error::ReplicaMissing(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) | Error::Fenced(_) => Code::FailedPrecondition,
             Error::NoSpace(_) => Code::ResourceExhausted,

@@ -2,7 +2,9 @@
 //!
 //! Layout, bottom up:
 //! - [`error`], [`size`], [`config`]: the error type, human sizes, node configuration.
-//! - [`meta`], [`records`]: cluster metadata (etcd or embedded) and the records in it.
+//! - [`meta`], [`records`]: cluster metadata (etcd or embedded) and the records in it;
+//!   [`cluster_join`]: joining without taking an empty store for a new cluster;
+//!   [`recover`]: rebuilding the metadata from the replicas' own headers.
 //! - [`pool`]: local replica files, thin-provisioned.
 //! - [`placement`]: which nodes hold a volume's replicas (pure logic).
 //! - [`membership`]: SWIM gossip (foca) for liveness.
@@ -16,6 +18,7 @@
 //! Nothing here knows about files inside a volume: that is `sharedfs`.
 
 pub mod attach;
+pub mod cluster_join;
 pub mod config;
 pub mod detached;
 pub mod device_fs;
@@ -31,6 +34,7 @@ pub mod range_lock;
 pub mod read_cache;
 pub mod reconcile;
 pub mod records;
+pub mod recover;
 pub mod replication;
 pub mod resync;
 pub mod services;

@@ -16,16 +16,15 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::attach::Attachment;
+use crate::cluster_join;
 use crate::config::{NodeConfig, PoolKind};
 use crate::error::{Error, Result};
 use crate::host;
 use crate::membership::Membership;
 use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
-use crate::peers::{
-    cluster_token, secret_hash, Peers, FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES,
-};
+use crate::peers::{cluster_token, Peers, FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::pool::Pool;
-use crate::records::{self, ClusterRecord, Keys, NodeRecord, VolumeRecord, RECORD_VERSION};
+use crate::records::{self, Keys, NodeRecord, VolumeRecord, RECORD_VERSION};
 use crate::services::{BlockService, ControlService};
 
 /// How often a node re-announces itself to registered nodes it does not see in gossip.
@@ -43,6 +42,8 @@ pub struct Node {
     pub id: String,
     pub meta: MetaStore,
     pub keys: Keys,
+    /// The cluster's uuid (see [`records::ClusterRecord::uuid`]), pinned in the data dir.
+    pub cluster_uuid: String,
     pub pool: Arc<Pool>,
     pub membership: Membership,
     pub peers: Arc<Peers>,
@@ -53,6 +54,27 @@ pub struct Node {
     pub takeover: tokio::sync::Mutex<()>,
     /// Serves and mounts shared namespaces; set by the binary before serving.
     pub shared: std::sync::OnceLock<Arc<dyn crate::shared::SharedNamespaces>>,
+}
+
+/// A value pinned in the data dir, if it is there.
+pub fn read_pinned(dir: &Path, file: &str) -> Result<Option<String>> {
+    match fs::read_to_string(dir.join(file)) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The metadata store a node uses, as its messages name it.
+pub fn store_name(cfg: &NodeConfig) -> String {
+    if cfg.kvdb.is_empty() {
+        format!(
+            "embedded store {}",
+            cfg.data_dir.join("meta.json").display()
+        )
+    } else {
+        format!("etcd at {}", cfg.kvdb.join(","))
+    }
 }
 
 /// Reads a value pinned in the data dir, or writes `make()` there the first time.
@@ -95,15 +117,6 @@ impl Node {
             }
         }
 
-        let meta = if cfg.kvdb.is_empty() {
-            MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
-        } else {
-            MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
-        };
-        let keys = Keys::new(&cfg.cluster_id);
-        join_cluster(&meta, &keys, &cfg).await?;
-        pinned(&cfg.data_dir, "cluster-id", || cfg.cluster_id.clone())?;
-
         let pool_dir = match cfg.pool_kind() {
             PoolKind::Directory(dir) => dir,
             PoolKind::Device { device, mountpoint } => {
@@ -113,6 +126,24 @@ impl Node {
             }
         };
         let pool = Arc::new(Pool::open(&pool_dir, cfg.capacity)?);
+
+        let meta = if cfg.kvdb.is_empty() {
+            MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
+        } else {
+            MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
+        };
+        let keys = Keys::new(&cfg.cluster_id);
+        let local = cluster_join::Local {
+            pinned_uuid: read_pinned(&cfg.data_dir, "cluster-uuid")?,
+            pinned_cluster: cfg.data_dir.join("cluster-id").exists(),
+            replicas: pool.replica_ids()?.len(),
+            data_dir: cfg.data_dir.display().to_string(),
+            store: store_name(&cfg),
+        };
+        let cluster_uuid = cluster_join::join(&meta, &keys, &cfg, &local).await?;
+        pinned(&cfg.data_dir, "cluster-id", || cfg.cluster_id.clone())?;
+        pinned(&cfg.data_dir, "cluster-uuid", || cluster_uuid.clone())?;
+
         let token = cluster_token(&cfg.cluster_id, &cfg.secret);
         let record = NodeRecord {
             v: RECORD_VERSION,
@@ -142,6 +173,7 @@ impl Node {
             id,
             meta,
             keys,
+            cluster_uuid,
             pool,
             membership,
             token,
@@ -238,37 +270,6 @@ impl Node {
     }
 }
 
-/// Creates the cluster record, or checks this node's secret against it.
-async fn join_cluster(meta: &MetaStore, keys: &Keys, cfg: &NodeConfig) -> Result<()> {
-    let want = secret_hash(&cfg.cluster_id, &cfg.secret);
-    loop {
-        if let Some(kv) = meta.get(&keys.cluster()).await? {
-            let rec: ClusterRecord = records::decode(&kv.key, &kv.value)?;
-            if rec.secret_hash != want {
-                return Err(Error::PermissionDenied(format!(
-                    "wrong secret for cluster {:?}: this node cannot join it",
-                    cfg.cluster_id
-                )));
-            }
-            return Ok(());
-        }
-        let rec = ClusterRecord {
-            v: RECORD_VERSION,
-            cluster_id: cfg.cluster_id.clone(),
-            secret_hash: want.clone(),
-            created_unix: records::now_unix(),
-        };
-        if meta
-            .put_if(&keys.cluster(), &records::encode(&rec), 0)
-            .await?
-        {
-            info!(cluster = %cfg.cluster_id, "created cluster");
-            return Ok(());
-        }
-        // Another node created it first: check against theirs.
-    }
-}
-
 /// Keeps gossip joined: announces to registered nodes this node does not see alive.
 async fn announce_loop(node: Arc<Node>) {
     loop {
@@ -291,30 +292,50 @@ async fn announce_loop(node: Arc<Node>) {
 
 /// Deletes replica files whose volume was deleted while this node was away.
 async fn gc_loop(node: Arc<Node>) {
+    let mut orphans_seen = HashSet::new();
     loop {
-        if let Err(e) = gc_once(&node).await {
+        if let Err(e) = gc_once(&node, &mut orphans_seen).await {
             warn!(error = %e, "replica garbage collection failed");
         }
         tokio::time::sleep(GC_EVERY).await;
     }
 }
 
-async fn gc_once(node: &Node) -> Result<()> {
-    // Replica files first, records second: a replica file only appears after its volume
-    // record exists, so a live volume seen here as a file is also seen as a record.
-    let files = node.pool.replica_ids()?;
-    // Live: volumes that exist and still have their replica on this node.
-    let live: HashSet<String> = node
-        .volume_records()
+/// Why a replica file may be deleted, or None when nothing proves it unwanted.
+pub(crate) async fn deletion_evidence(node: &Node, volume_id: &str) -> Result<Option<String>> {
+    if node
+        .meta
+        .get(&node.keys.tombstone(volume_id))
         .await?
-        .into_iter()
-        .filter(|v| v.keeps_data_on(&node.id))
-        .map(|v| v.id)
-        .collect();
-    for id in files {
-        if !live.contains(&id) {
-            info!(volume = %id, "deleting a replica this node no longer holds");
-            node.pool.delete(&id)?;
+        .is_some()
+    {
+        return Ok(Some("its volume was deleted (tombstone)".into()));
+    }
+    if let Some(kv) = node.meta.get(&node.keys.volume(volume_id)).await? {
+        let rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+        if !rec.keeps_data_on(&node.id) {
+            return Ok(Some("its volume's record places no replica here".into()));
+        }
+    }
+    Ok(None)
+}
+
+async fn gc_once(node: &Node, orphans_seen: &mut HashSet<String>) -> Result<()> {
+    // Only a positive record deletes data: a tombstone of the volume, or its record
+    // naming other nodes. A replica with neither (a record missing for whatever reason)
+    // is kept and reported once.
+    for id in node.pool.replica_ids()? {
+        match deletion_evidence(node, &id).await? {
+            Some(why) => {
+                info!(volume = %id, reason = %why, "deleting a replica this node no longer holds");
+                node.pool.delete(&id)?;
+            }
+            None => {
+                let listed = node.meta.get(&node.keys.volume(&id)).await?.is_some();
+                if !listed && orphans_seen.insert(id.clone()) {
+                    warn!(volume = %id, "replica file with no volume record and no tombstone: kept (see `shoal cluster recover`)");
+                }
+            }
         }
     }
     Ok(())

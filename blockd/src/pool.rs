@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::versions::{regions_of, RegionVersions, REGION_BYTES};
+use crate::versions::{regions_of, Descriptor, RegionVersions, REGION_BYTES};
 use crate::writeback::Window;
 
 /// Region lock stripes per replica: a write holds the stripes of the regions it touches
@@ -43,6 +43,27 @@ pub struct Opened {
     pub epoch: u64,
     /// The highest completion watermark any coordinator sent it.
     pub complete_below: u64,
+    pub state: OpenState,
+}
+
+/// Whether an opened replica's files were there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenState {
+    /// It was there: it holds what it held.
+    Existing,
+    /// It was made just now, empty: it holds nothing yet, whatever the record says.
+    Created,
+    /// It is not there and was not made (nothing was changed).
+    Missing,
+}
+
+/// See [`Pool::describe`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Described {
+    pub descriptor: Option<Descriptor>,
+    pub epoch: u64,
+    pub complete_below: u64,
+    pub max_version: u64,
 }
 
 /// One replica file.
@@ -138,18 +159,33 @@ impl Pool {
     }
 
     /// Opens a replica file; `create` makes it (sparse, `size` bytes) when missing.
-    fn replica(
+    /// Without `create`, a missing data or version file is [`Error::ReplicaMissing`].
+    fn replica(&self, volume_id: &str, size: u64, create: bool) -> Result<Arc<ReplicaFile>> {
+        Ok(self.replica_created(volume_id, size, create)?.0)
+    }
+
+    /// [`Pool::replica`], also saying whether the files were made just now.
+    fn replica_created(
         &self,
         volume_id: &str,
         size: u64,
         create: bool,
-    ) -> Result<Option<Arc<ReplicaFile>>> {
+    ) -> Result<(Arc<ReplicaFile>, bool)> {
         Self::check_id(volume_id)?;
         let mut open = self.open.lock().expect("pool lock poisoned");
         if let Some(r) = open.get(volume_id) {
-            return Ok(Some(r.clone()));
+            return Ok((r.clone(), false));
         }
         let path = self.path(volume_id);
+        let vpath = self.versions_path(volume_id);
+        // Data without its versions counts as missing too: what it holds is unknown.
+        let existed = path.exists() && vpath.exists();
+        if !create && !existed {
+            return Err(Error::ReplicaMissing(format!(
+                "volume {volume_id} has no replica file on this node ({})",
+                path.display()
+            )));
+        }
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -158,7 +194,12 @@ impl Pool {
             .open(&path)
         {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ReplicaMissing(format!(
+                    "volume {volume_id} has no replica file on this node ({})",
+                    path.display()
+                )))
+            }
             Err(e) => return Err(e.into()),
         };
         let meta = file.metadata()?;
@@ -167,14 +208,14 @@ impl Pool {
         }
         let r = Arc::new(ReplicaFile {
             allocated: AtomicI64::new((meta.blocks() * 512) as i64),
-            versions: RegionVersions::open(&self.versions_path(volume_id))?,
+            versions: RegionVersions::open(&vpath, create)?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             floor: AtomicU64::new(0),
             writeback: Window::default(),
             file,
         });
         open.insert(volume_id.to_string(), r.clone());
-        Ok(Some(r))
+        Ok((r, !existed))
     }
 
     fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
@@ -199,13 +240,12 @@ impl Pool {
         Ok(())
     }
 
-    /// Reads `len` bytes; never-written ranges (and a replica never written) read as zeros.
+    /// Reads `len` bytes; never-written ranges read as zeros. A replica whose file is
+    /// missing is an error, never zeros.
     pub fn read(&self, volume_id: &str, size: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
         Self::check_range(size, offset, len as u64)?;
         let mut buf = vec![0u8; len as usize];
-        let Some(r) = self.replica(volume_id, size, false)? else {
-            return Ok(buf);
-        };
+        let r = self.replica(volume_id, size, false)?;
         let mut done = 0usize;
         while done < buf.len() {
             let n = r.file.read_at(&mut buf[done..], offset + done as u64)?;
@@ -244,14 +284,12 @@ impl Pool {
     ) -> Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         Self::check_range(size, offset, len)?;
-        let r = self
-            .replica(volume_id, size, true)?
-            .expect("create=true always opens");
+        let r = self.replica(volume_id, size, false)?;
         let regions = regions_of(offset, len);
         let guards = r.lock(regions.clone());
         // Under the region lock: a fence (Open) or a newer write cannot slip in between
         // the check and the write.
-        r.versions.admit(stamp.epoch)?;
+        r.versions.check_epoch(stamp.epoch)?;
         Self::refuse_late(&r, stamp)?;
         self.reserve(&r, offset, len)?;
         let res = write_all_at(&r.file, parts, offset);
@@ -311,20 +349,40 @@ impl Pool {
     }
 
     /// Fences the replica at `epoch` (refusing older coordinators from now on) and
-    /// returns the epoch it follows and its completion watermark. Creates the (empty,
-    /// sparse) replica if missing. Writes below `min_version` are refused from now on (0
-    /// leaves that as it is).
+    /// returns the epoch it follows and its completion watermark. Writes below
+    /// `min_version` are refused from now on (0 leaves that as it is).
+    ///
+    /// A missing replica is made (empty, sparse) only with `create`: for a volume never
+    /// opened before, or a replica out of sync that is about to be resynced. Otherwise
+    /// it is reported [`OpenState::Missing`] and nothing is made, so lost data is never
+    /// replaced by an empty file that counts as in sync. `desc`, when given, is written
+    /// into the replica's header (see [`Descriptor`]).
     pub fn open_replica(
         &self,
         volume_id: &str,
         size: u64,
         epoch: u64,
         min_version: u64,
+        create: bool,
+        desc: Option<&Descriptor>,
     ) -> Result<Opened> {
-        let r = self
-            .replica(volume_id, size, true)?
-            .expect("create=true always opens");
+        let (r, created) = match self.replica_created(volume_id, size, create) {
+            Ok(rc) => rc,
+            Err(Error::ReplicaMissing(_)) => {
+                return Ok(Opened {
+                    epoch: 0,
+                    complete_below: 0,
+                    state: OpenState::Missing,
+                })
+            }
+            Err(e) => return Err(e),
+        };
         r.versions.admit(epoch)?;
+        if let Some(d) = desc {
+            if r.versions.descriptor()?.as_ref() != Some(d) {
+                r.versions.set_descriptor(d)?;
+            }
+        }
         // Under every stripe: no write passes the check while the floor moves.
         let all = r.lock(0..STRIPES as u64);
         r.floor.fetch_max(min_version, Ordering::SeqCst);
@@ -332,6 +390,23 @@ impl Pool {
         Ok(Opened {
             epoch: r.versions.epoch(),
             complete_below: r.versions.complete_below(),
+            state: if created {
+                OpenState::Created
+            } else {
+                OpenState::Existing
+            },
+        })
+    }
+
+    /// What a replica file says about itself, for recovery: its descriptor (None when
+    /// written before descriptors existed), epoch, completion watermark, highest version.
+    pub fn describe(&self, volume_id: &str) -> Result<Described> {
+        let r = self.replica(volume_id, 0, false)?;
+        Ok(Described {
+            descriptor: r.versions.descriptor()?,
+            epoch: r.versions.epoch(),
+            complete_below: r.versions.complete_below(),
+            max_version: r.versions.max_version()?,
         })
     }
 
@@ -342,10 +417,9 @@ impl Pool {
         size: u64,
         after: u64,
     ) -> Result<Vec<(u64, u64)>> {
-        match self.replica(volume_id, size, false)? {
-            Some(r) => r.versions.newer_than(after),
-            None => Ok(Vec::new()),
-        }
+        self.replica(volume_id, size, false)?
+            .versions
+            .newer_than(after)
     }
 
     /// Byte range of a region, clipped to the volume size.
@@ -362,9 +436,7 @@ impl Pool {
     /// Reads one whole region with its version, consistently.
     pub fn read_region(&self, volume_id: &str, size: u64, region: u64) -> Result<(Vec<u8>, u64)> {
         let (start, len) = Self::region_range(size, region)?;
-        let Some(r) = self.replica(volume_id, size, false)? else {
-            return Ok((vec![0u8; len as usize], 0));
-        };
+        let r = self.replica(volume_id, size, false)?;
         let _g = r.lock(region..region + 1);
         let data = self.read(volume_id, size, start, len as u32)?;
         Ok((data, r.versions.get(region)?))
@@ -387,11 +459,9 @@ impl Pool {
                 data.len()
             )));
         }
-        let r = self
-            .replica(volume_id, size, true)?
-            .expect("create=true always opens");
+        let r = self.replica(volume_id, size, false)?;
         let g = r.lock(region..region + 1);
-        r.versions.admit(stamp.epoch)?;
+        r.versions.check_epoch(stamp.epoch)?;
         let zeros = data.iter().all(|b| *b == 0);
         if zeros {
             punch(&r.file, start, len)?;
@@ -414,12 +484,12 @@ impl Pool {
     /// `complete_below` is the coordinator's completion watermark (0: none), kept with
     /// the versions.
     pub fn flush(&self, volume_id: &str, size: u64, epoch: u64, complete_below: u64) -> Result<()> {
-        if let Some(r) = self.replica(volume_id, size, false)? {
-            r.versions.admit(epoch)?;
-            r.versions.note_complete(complete_below);
-            r.file.sync_data()?;
-            r.versions.sync()?;
-        }
+        // A flush of a missing replica fails: "durable" must not be said of lost data.
+        let r = self.replica(volume_id, size, false)?;
+        r.versions.check_epoch(epoch)?;
+        r.versions.note_complete(complete_below);
+        r.file.sync_data()?;
+        r.versions.sync()?;
         Ok(())
     }
 
@@ -433,12 +503,10 @@ impl Pool {
         stamp: Stamp,
     ) -> Result<()> {
         Self::check_range(size, offset, len)?;
-        let r = self
-            .replica(volume_id, size, true)?
-            .expect("create=true always opens");
+        let r = self.replica(volume_id, size, false)?;
         let regions = regions_of(offset, len);
         let _g = r.lock(regions.clone());
-        r.versions.admit(stamp.epoch)?;
+        r.versions.check_epoch(stamp.epoch)?;
         Self::refuse_late(&r, stamp)?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
@@ -575,6 +643,12 @@ mod tests {
         complete_below: 0,
     };
 
+    /// A new replica opened (made) at epoch 1, as a volume's first coordinator does.
+    fn made(pool: &Pool, id: &str, size: u64) {
+        let o = pool.open_replica(id, size, 1, 0, true, None).unwrap();
+        assert_eq!(o.state, OpenState::Created);
+    }
+
     #[test]
     fn a_write_in_pieces_lands_back_to_back_even_in_more_pieces_than_iov_max() {
         let dir = tempfile::tempdir().unwrap();
@@ -593,6 +667,7 @@ mod tests {
             at += n;
         }
         assert!(parts.len() > 1024);
+        made(&pool, "v1", size);
         pool.write_parts("v1", size, 5 * MIB + 17, &parts, false, S)
             .unwrap();
         let back = pool
@@ -613,6 +688,7 @@ mod tests {
         let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
         // A 1 TiB volume on a 64 MiB pool costs nothing until written.
         let size = 1 << 40;
+        made(&pool, "v1", size);
         assert_eq!(pool.read("v1", size, 0, 4096).unwrap(), vec![0u8; 4096]);
         assert_eq!(pool.used(), 0);
         pool.write("v1", size, 10 * MIB, &vec![7u8; MIB as usize], false, S)
@@ -635,6 +711,7 @@ mod tests {
         let pool = Pool::open(dir.path(), Some(2 * MIB)).unwrap();
         let size = 1 << 30;
         let block = vec![1u8; MIB as usize];
+        made(&pool, "v", size);
         pool.write("v", size, 0, &block, false, S).unwrap();
         pool.write("v", size, MIB, &block, false, S).unwrap();
         let err = pool
@@ -652,6 +729,7 @@ mod tests {
     fn refuses_io_beyond_volume_and_bad_ids() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path(), Some(MIB)).unwrap();
+        made(&pool, "v", 4096);
         assert!(pool.write("v", 4096, 4000, &[0u8; 200], false, S).is_err());
         assert!(pool.read("v", 4096, u64::MAX, 2).is_err());
         assert!(pool.read("../etc", 4096, 0, 2).is_err());
@@ -662,6 +740,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let pool = Pool::open(dir.path(), Some(8 * MIB)).unwrap();
+            made(&pool, "a", 1 << 30);
             pool.write("a", 1 << 30, 0, &vec![1u8; MIB as usize], true, S)
                 .unwrap();
         }
@@ -682,6 +761,7 @@ mod tests {
             version,
             complete_below: 0,
         };
+        made(&pool, "v", size);
         // Two writes to one region that do not overlap may arrive in either order; the
         // region keeps the newer version.
         pool.write("v", size, 4096, b"new", false, st(12)).unwrap();
@@ -690,7 +770,7 @@ mod tests {
         let (data, _) = pool.read_region("v", size, 0).unwrap();
         assert_eq!((&data[..3], &data[4096..4099]), (&b"old"[..], &b"new"[..]));
         // A resync is about to start from version 20: anything sent before is late.
-        pool.open_replica("v", size, 1, 20).unwrap();
+        pool.open_replica("v", size, 1, 20, false, None).unwrap();
         let err = pool
             .write("v", size, 0, b"late", false, st(13))
             .unwrap_err();
@@ -698,7 +778,7 @@ mod tests {
         assert!(pool.discard("v", size, 0, 4096, st(19)).is_err());
         pool.write("v", size, 0, b"ok", false, st(20)).unwrap();
         // A lower floor later does not lower it.
-        pool.open_replica("v", size, 1, 5).unwrap();
+        pool.open_replica("v", size, 1, 5, false, None).unwrap();
         assert!(pool.write("v", size, 0, b"x", false, st(15)).is_err());
     }
 
@@ -712,6 +792,7 @@ mod tests {
             version,
             complete_below: 0,
         };
+        made(&pool, "v", size);
         pool.write("v", size, 3 * MIB + 10, b"abc", false, st(1, 7))
             .unwrap();
         pool.write(
@@ -732,7 +813,12 @@ mod tests {
             vec![(5, 8), (6, 8)]
         );
         // A new coordinator fences the replica; the old one is refused everywhere.
-        assert_eq!(pool.open_replica("v", size, 2, 0).unwrap().epoch, 2);
+        assert_eq!(
+            pool.open_replica("v", size, 2, 0, false, None)
+                .unwrap()
+                .epoch,
+            2
+        );
         let err = pool.write("v", size, 0, b"x", false, st(1, 9)).unwrap_err();
         assert!(err.to_string().contains("stale epoch"), "{err}");
         assert!(pool.flush("v", size, 1, 0).is_err());
@@ -745,6 +831,8 @@ mod tests {
         assert_eq!(ver, 7);
         assert_eq!(&data[10..13], b"abc");
         let other = Pool::open(&dir.path().join("b"), Some(64 * MIB)).unwrap();
+        // A resync target is opened (made) at the copying coordinator's epoch.
+        other.open_replica("v", size, 2, 0, true, None).unwrap();
         other.write_region("v", size, 3, &data, st(2, ver)).unwrap();
         other
             .write_region("v", size, 4, &vec![0u8; MIB as usize], st(2, 0))
@@ -759,5 +847,77 @@ mod tests {
             other.write_region("v", size, 16, &[], st(2, 1)).is_err(),
             "beyond the volume"
         );
+    }
+
+    #[test]
+    fn a_missing_replica_is_never_made_empty_or_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let size = 16 * MIB;
+        // Without `create`, a missing replica is reported and nothing is made.
+        let o = pool.open_replica("v", size, 1, 0, false, None).unwrap();
+        assert_eq!(o.state, OpenState::Missing);
+        assert!(pool.replica_ids().unwrap().is_empty());
+        for err in [
+            pool.read("v", size, 0, 10).unwrap_err(),
+            pool.write("v", size, 0, b"x", false, S).unwrap_err(),
+            pool.flush("v", size, 1, 0).unwrap_err(),
+            pool.changed_regions("v", size, 0).unwrap_err(),
+            pool.read_region("v", size, 0).unwrap_err(),
+        ] {
+            assert!(matches!(err, Error::ReplicaMissing(_)), "{err}");
+        }
+        assert!(pool.replica_ids().unwrap().is_empty(), "nothing was made");
+        // A replica whose version file was lost is missing too.
+        made(&pool, "w", size);
+        pool.write("w", size, 0, b"data", true, S).unwrap();
+        drop(pool);
+        fs::remove_file(dir.path().join("replicas/w.ver")).unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let o = pool.open_replica("w", size, 2, 0, false, None).unwrap();
+        assert_eq!(o.state, OpenState::Missing);
+        assert!(!dir.path().join("replicas/w.ver").exists());
+    }
+
+    #[test]
+    fn writes_need_the_epoch_the_replica_was_opened_at_and_it_describes_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let size = 16 * MIB;
+        let desc = Descriptor {
+            cluster_id: "c".into(),
+            cluster_uuid: "u".into(),
+            volume_id: "v".into(),
+            name: "db".into(),
+            size_bytes: size,
+            repl: 2,
+            block_size: 4096,
+            fs: "ext4".into(),
+            shared: false,
+            io_priority: "medium".into(),
+            labels: [("app".to_string(), "pg".to_string())].into(),
+            formatted: true,
+            created_unix: 7,
+        };
+        pool.open_replica("v", size, 3, 0, true, Some(&desc))
+            .unwrap();
+        // A write from an epoch that never opened the replica (u64::MAX, say) is refused
+        // and fences nothing.
+        let far = Stamp {
+            epoch: u64::MAX,
+            version: 1,
+            complete_below: 0,
+        };
+        let err = pool.write("v", size, 0, b"x", false, far).unwrap_err();
+        assert!(err.to_string().contains("never opened"), "{err}");
+        let ok = Stamp {
+            epoch: 3,
+            version: 3 << 40 | 9,
+            complete_below: 0,
+        };
+        pool.write("v", size, 0, b"x", true, ok).unwrap();
+        let d = pool.describe("v").unwrap();
+        assert_eq!(d.descriptor, Some(desc));
+        assert_eq!((d.epoch, d.max_version), (3, 3 << 40 | 9));
     }
 }

@@ -42,6 +42,21 @@ impl Keys {
     pub fn volume(&self, id: &str) -> String {
         format!("{}volumes/{id}", self.root)
     }
+    /// Tombstones: the positive record that a volume was deleted. A node deletes replica
+    /// data of a volume only on its tombstone (or a record that names other nodes).
+    pub fn tombstones(&self) -> String {
+        format!("{}tombstones/", self.root)
+    }
+    pub fn tombstone(&self, id: &str) -> String {
+        format!("{}tombstones/{id}", self.root)
+    }
+    /// What `shoal cluster recover` read off each node's replicas.
+    pub fn recovery(&self, volume_id: &str) -> String {
+        format!("{}recovery/{volume_id}/", self.root)
+    }
+    pub fn recovery_of(&self, volume_id: &str, node: &str) -> String {
+        format!("{}recovery/{volume_id}/{node}", self.root)
+    }
     /// Name index: maps a volume name to its id, and makes names unique.
     pub fn volume_name(&self, name: &str) -> String {
         format!("{}names/{name}", self.root)
@@ -56,6 +71,19 @@ pub struct ClusterRecord {
     /// SHA-256 of the cluster id and the join secret; a node must match it to join.
     pub secret_hash: String,
     pub created_unix: u64,
+    /// Made once, when the cluster is created: it tells this cluster from another one
+    /// of the same name (a store wiped and filled again). Every node pins it.
+    #[serde(default)]
+    pub uuid: String,
+}
+
+/// The positive record of a volume's deletion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub v: u32,
+    pub id: String,
+    pub name: String,
+    pub deleted_unix: u64,
 }
 
 /// A node as registered in the cluster.
@@ -151,6 +179,33 @@ impl VolumeRecord {
         self.replicas.iter().any(|n| n == node) || self.retired.iter().any(|n| n == node)
     }
 
+    /// What a replica of this volume writes about itself into its header.
+    pub fn descriptor(&self, cluster_id: &str, cluster_uuid: &str) -> crate::versions::Descriptor {
+        crate::versions::Descriptor {
+            cluster_id: cluster_id.to_string(),
+            cluster_uuid: cluster_uuid.to_string(),
+            volume_id: self.id.clone(),
+            name: self.name.clone(),
+            size_bytes: self.size_bytes,
+            repl: self.repl,
+            block_size: self.block_size,
+            fs: self.fs.clone(),
+            shared: self.shared,
+            io_priority: self.io_priority.clone(),
+            labels: self.labels.clone(),
+            formatted: self.formatted,
+            created_unix: self.created_unix,
+        }
+    }
+
+    /// Whether a replica of `node` may be made empty when a coordinator opens it: only
+    /// for a volume's first coordinator (nothing was ever written) or a replica out of
+    /// sync (it is about to be resynced in full). An in-sync replica that is missing
+    /// stays missing and leaves the in-sync set.
+    pub fn may_create_replica(&self, node: &str) -> bool {
+        self.epoch <= 1 || !self.in_sync().iter().any(|n| n == node)
+    }
+
     /// The in-sync set.
     pub fn in_sync(&self) -> Vec<String> {
         self.in_sync
@@ -208,6 +263,7 @@ mod tests {
             v: RECORD_VERSION,
             cluster_id: "c".into(),
             secret_hash: "h".into(),
+            uuid: "u".into(),
             created_unix: 7,
         };
         let back: ClusterRecord = decode("k", &encode(&rec)).unwrap();

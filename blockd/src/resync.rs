@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::membership::Membership;
 use crate::peers::Peers;
-use crate::pool::Stamp;
+use crate::pool::{OpenState, Stamp};
 use crate::records::{self, NodeRecord, ResyncProgress, VolumeRecord};
 use crate::replication;
 use crate::versions::REGION_BYTES;
@@ -220,13 +220,20 @@ impl<'a> Side<'a> {
     }
 
     /// Fences the replica at this coordinator's epoch; from now on it refuses writes
-    /// below `min_version`.
-    fn open(&self, min_version: u64) -> Result<()> {
+    /// below `min_version`. Makes it (empty) when missing: it is out of sync. Returns
+    /// whether it was made just now (then it holds nothing, whatever the record says).
+    fn open(&self, min_version: u64) -> Result<bool> {
         let io = self.io;
         if io.is_local(&self.node) {
-            io.pool()
-                .open_replica(&io.volume_id, io.size(), io.epoch, min_version)?;
-            return Ok(());
+            let o = io.pool().open_replica(
+                &io.volume_id,
+                io.size(),
+                io.epoch,
+                min_version,
+                true,
+                io.descriptor(),
+            )?;
+            return Ok(o.state == OpenState::Created);
         }
         let mut c = self.client()?;
         let req = OpenRequest {
@@ -234,7 +241,19 @@ impl<'a> Side<'a> {
             epoch: io.epoch,
             min_version,
         };
-        self.call(async move { c.open(req).await.map(|_| ()) })
+        let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = created.clone();
+        self.call(async move {
+            let r = c.open(req).await?.into_inner();
+            if r.missing {
+                return Err(tonic::Status::not_found(
+                    "the replica is missing and its node would not make it",
+                ));
+            }
+            seen.store(r.created, Ordering::SeqCst);
+            Ok(())
+        })?;
+        Ok(created.load(Ordering::SeqCst))
     }
 
     pub(crate) fn changed(&self, after: u64) -> Result<Vec<(u64, u64)>> {
@@ -360,8 +379,8 @@ fn copy_region(io: &VolumeIo, source: &Side, target: &Side, region: u64) -> Resu
 /// Catches one replica up; returns the bytes copied.
 pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result<u64> {
     let rec = record(io)?;
-    let since = rec.left_at.get(node).copied().unwrap_or(0);
-    let previous = rec.resync.get(node).cloned();
+    let mut since = rec.left_at.get(node).copied().unwrap_or(0);
+    let mut previous = rec.resync.get(node).cloned();
     let target = Side::new(io, node);
     let in_sync = io.in_sync();
     let source_node = if in_sync.contains(&io.local_node) && io.is_local(&io.local_node) {
@@ -376,7 +395,15 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     let source = Side::new(io, &source_node);
     // Every write below this version that could still reach the target is one that
     // timed out before it left the write set: it must not land over what is copied.
-    target.open(io.next_version())?;
+    if target.open(io.next_version())? {
+        // Its files were lost and made again empty: whatever the record says it held,
+        // it holds nothing. Everything is copied.
+        if since > 0 || previous.is_some() {
+            warn!(volume = %io.volume_id, %node, since, "replica files were missing: full resync");
+        }
+        since = 0;
+        previous = None;
+    }
     let started_at = io.catch_up(node);
     let (cursor, resumed_after) = previous
         .as_ref()

@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::node::Node;
-use crate::pool::Stamp;
+use crate::pool::{OpenState, Stamp};
+use crate::records::{self, VolumeRecord};
 use crate::write_wire::WireWrite;
 
 /// The control API (CLI to node).
@@ -240,15 +241,46 @@ impl Block for BlockService {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
+        // The caller's numbers are checked against the volume record, not trusted: an
+        // epoch past the record's would fence the real coordinator out forever.
+        let node = &self.0;
+        let kv = node
+            .meta
+            .get(&node.keys.volume(&rep.volume_id))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("volume {} has no record", rep.volume_id)))?;
+        let rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+        if r.epoch > rec.epoch {
+            return Err(Status::failed_precondition(format!(
+                "epoch {} is newer than volume {}'s record ({})",
+                r.epoch, rec.id, rec.epoch
+            )));
+        }
+        if rep.size_bytes != rec.size_bytes || !rec.keeps_data_on(&node.id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} of {} bytes has no replica of {} bytes on this node",
+                rec.id, rec.size_bytes, rep.size_bytes
+            )));
+        }
+        let create = rec.may_create_replica(&node.id);
+        let desc = rec.descriptor(&node.cfg.cluster_id, &node.cluster_uuid);
         let opened = self
             .blocking(move |n| {
-                n.pool
-                    .open_replica(&rep.volume_id, rep.size_bytes, r.epoch, r.min_version)
+                n.pool.open_replica(
+                    &rep.volume_id,
+                    rep.size_bytes,
+                    r.epoch,
+                    r.min_version,
+                    create,
+                    Some(&desc),
+                )
             })
             .await?;
         Ok(Response::new(bpb::OpenReply {
             epoch: opened.epoch,
             complete_below: opened.complete_below,
+            created: opened.state == OpenState::Created,
+            missing: opened.state == OpenState::Missing,
         }))
     }
 
@@ -302,14 +334,14 @@ impl Block for BlockService {
     ) -> Reply<bpb::DeleteReplicaReply> {
         self.check(&req)?;
         let rep = req.into_inner();
-        // Only a replica this node no longer holds for its volume may be deleted.
-        let live = self.0.volume_records().await?;
-        if live
-            .iter()
-            .any(|v| v.id == rep.volume_id && v.keeps_data_on(&self.0.id))
+        // Only on a positive record: a tombstone, or the volume's record naming other
+        // nodes. The caller's word is not enough.
+        if crate::node::deletion_evidence(&self.0, &rep.volume_id)
+            .await?
+            .is_none()
         {
             return Err(Status::failed_precondition(format!(
-                "volume {} still has its replica on this node",
+                "volume {}: no tombstone or record says its replica here is unwanted; kept",
                 rep.volume_id
             )));
         }

@@ -7,8 +7,10 @@
 //! resync). Versions put the coordinator's epoch in the high bits, so every version of a
 //! newer coordinator is above every version of an older one.
 //!
-//! The file `<volume-id>.ver` holds a 4 KiB header (magic, format version, epoch, and
-//! the completion watermark) and then one little-endian u64 per region. It is sparse: regions never written take no
+//! The file `<volume-id>.ver` holds a 4 KiB header (magic, format version, epoch, the
+//! completion watermark, and the replica's [`Descriptor`]: which cluster and volume it
+//! belongs to, so the cluster metadata can be rebuilt from the disks alone) and then one
+//! little-endian u64 per region. It is sparse: regions never written take no
 //! space and read as version 0. Memory does not grow with the volume: nothing here is
 //! cached beyond the epoch.
 
@@ -26,6 +28,8 @@ pub const REGION_BYTES: u64 = 1 << 20;
 const HEADER_BYTES: u64 = 4096;
 const MAGIC: &[u8; 8] = b"SHOALVER";
 const FORMAT_VERSION: u32 = 1;
+/// Where the descriptor (a u32 length, then JSON) starts in the header.
+const DESCRIPTOR_AT: u64 = 64;
 /// Bits of a version below the epoch.
 const SEQ_BITS: u32 = 40;
 
@@ -47,6 +51,27 @@ pub fn regions_of(offset: u64, len: u64) -> std::ops::Range<u64> {
     offset / REGION_BYTES..(offset + len - 1) / REGION_BYTES + 1
 }
 
+/// What a replica says about itself: enough to rebuild its volume's record when the
+/// cluster metadata is lost (`shoal cluster recover`). Written when a coordinator opens
+/// the replica, from the volume record the replica's own node read.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Descriptor {
+    pub cluster_id: String,
+    pub cluster_uuid: String,
+    pub volume_id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub repl: u32,
+    pub block_size: u32,
+    pub fs: String,
+    pub shared: bool,
+    pub io_priority: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub formatted: bool,
+    pub created_unix: u64,
+}
+
 /// The version file of one replica. See the module doc.
 pub struct RegionVersions {
     file: File,
@@ -59,14 +84,26 @@ pub struct RegionVersions {
 }
 
 impl RegionVersions {
-    /// Opens or creates the version file at `path`.
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
+    /// Opens the version file at `path`; `create` makes it when missing. Without
+    /// `create`, a missing file is [`Error::ReplicaMissing`]: versions that were lost are
+    /// never silently replaced by zeros.
+    pub fn open(path: &Path, create: bool) -> Result<Self> {
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .truncate(false)
-            .open(path)?;
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ReplicaMissing(format!(
+                    "version file {} is missing",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut header = [0u8; 32];
         let n = file.read_at(&mut header, 0)?;
         let (epoch, complete_below) = if n == 0 {
@@ -130,6 +167,81 @@ impl RegionVersions {
             }
         }
         Ok(())
+    }
+
+    /// Accepts a data change (write, discard, flush) of `epoch`: only the epoch this
+    /// replica was opened at. An older one is a deposed coordinator; a newer one never
+    /// opened (fenced) the replica, so it is not a coordinator the volume record named.
+    pub fn check_epoch(&self, epoch: u64) -> Result<()> {
+        let cur = self.epoch();
+        if epoch < cur {
+            return Err(Error::FailedPrecondition(format!(
+                "stale epoch {epoch}: this replica follows epoch {cur}"
+            )));
+        }
+        if epoch > cur {
+            return Err(Error::FailedPrecondition(format!(
+                "epoch {epoch} never opened this replica (it follows epoch {cur})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the replica's descriptor into the header, durably.
+    pub fn set_descriptor(&self, d: &Descriptor) -> Result<()> {
+        let mut json = serde_json::to_vec(d).expect("descriptors always serialize");
+        if json.len() as u64 > HEADER_BYTES - DESCRIPTOR_AT - 4 {
+            // Labels are the only unbounded part: a replica describes itself without them.
+            let mut small = d.clone();
+            small.labels.clear();
+            json = serde_json::to_vec(&small).expect("descriptors always serialize");
+        }
+        if json.len() as u64 > HEADER_BYTES - DESCRIPTOR_AT - 4 {
+            return Err(Error::InvalidArgument(
+                "volume descriptor does not fit the replica header".into(),
+            ));
+        }
+        let mut buf = (json.len() as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&json);
+        self.file.write_all_at(&buf, DESCRIPTOR_AT)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// The replica's descriptor (None: written by a build before descriptors existed).
+    pub fn descriptor(&self) -> Result<Option<Descriptor>> {
+        let mut len = [0u8; 4];
+        if self.file.read_at(&mut len, DESCRIPTOR_AT)? < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(len) as u64;
+        if len == 0 {
+            return Ok(None);
+        }
+        if len > HEADER_BYTES - DESCRIPTOR_AT - 4 {
+            return Err(Error::CorruptRecord {
+                key: "replica header".into(),
+                reason: format!("descriptor length {len} is past the header"),
+            });
+        }
+        let mut json = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut json, DESCRIPTOR_AT + 4)?;
+        serde_json::from_slice(&json)
+            .map(Some)
+            .map_err(|e| Error::CorruptRecord {
+                key: "replica header".into(),
+                reason: format!("descriptor: {e}"),
+            })
+    }
+
+    /// The highest version of any region (0: never written).
+    pub fn max_version(&self) -> Result<u64> {
+        Ok(self
+            .newer_than(0)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .max()
+            .unwrap_or(0))
     }
 
     /// The version of one region (0 if never written).
@@ -235,7 +347,7 @@ mod tests {
     fn records_scans_and_fences() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("v.ver");
-        let v = RegionVersions::open(&p).unwrap();
+        let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.get(5).unwrap(), 0);
         v.set(3..4, 10, true).unwrap();
         v.set(100_000..100_002, 20, true).unwrap();
@@ -255,7 +367,7 @@ mod tests {
         v.admit(3).unwrap();
         assert!(v.admit(2).is_err(), "older epoch refused");
         drop(v);
-        let v = RegionVersions::open(&p).unwrap();
+        let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.epoch(), 3, "epoch survives reopen");
         assert!(v.admit(2).unwrap_err().to_string().contains("stale epoch"));
         assert_eq!(v.get(100_001).unwrap(), 20);
@@ -265,7 +377,7 @@ mod tests {
     fn the_completion_watermark_only_rises_and_survives_a_sync_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("v.ver");
-        let v = RegionVersions::open(&p).unwrap();
+        let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.complete_below(), 0);
         v.note_complete(50);
         v.note_complete(40); // an older write's watermark arriving late
@@ -273,7 +385,7 @@ mod tests {
         v.sync().unwrap();
         v.note_complete(60); // not synced: may be lost, which only widens a reconcile
         drop(v);
-        let v = RegionVersions::open(&p).unwrap();
+        let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.complete_below(), 50);
         assert_eq!(v.epoch(), 0, "the watermark does not touch the epoch");
     }

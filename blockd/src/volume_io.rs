@@ -28,13 +28,13 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::{PeerBlockClient, Peers};
-use crate::pool::{Pool, Stamp};
+use crate::pool::{OpenState, Pool, Stamp};
 use crate::range_lock::{RangeGuard, RangeLock};
 use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
 use crate::replication::{self, Outcome};
 use crate::thread_io;
-use crate::versions::first_version;
+use crate::versions::{first_version, Descriptor};
 use crate::write_wire;
 
 /// Where one replica lives.
@@ -97,6 +97,8 @@ pub struct VolumeIo {
     /// Peer addresses for calls made on the calling thread (`thread_io`); unset: every
     /// call goes through the node's runtime.
     thread_peers: RwLock<Option<ThreadPeers>>,
+    /// What this node's replica writes about itself into its header when opened.
+    descriptor: std::sync::OnceLock<Descriptor>,
 }
 
 /// What `thread_io` needs to reach the replicas.
@@ -105,6 +107,9 @@ struct ThreadPeers {
     /// Node id -> gRPC address.
     addresses: HashMap<String, String>,
 }
+
+/// How an in-sync replica whose files are gone answers an open.
+const MISSING: &str = "the replica's files are missing on its node";
 
 /// Writes up to this size go out from the calling thread (`thread_io`): they are
 /// latency-bound. Larger ones go through the node's runtime, so the remote copy travels
@@ -173,7 +178,25 @@ impl VolumeIo {
             fenced: std::sync::atomic::AtomicBool::new(false),
             upkeep: std::sync::atomic::AtomicBool::new(false),
             thread_peers: RwLock::new(None),
+            descriptor: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what the local replica writes into its header when opened (see
+    /// [`Descriptor`]); before [`VolumeIo::open`].
+    pub fn set_descriptor(&self, d: Descriptor) {
+        let _ = self.descriptor.set(d);
+    }
+
+    /// See [`VolumeIo::set_descriptor`].
+    pub(crate) fn descriptor(&self) -> Option<&Descriptor> {
+        self.descriptor.get()
+    }
+
+    /// Whether a replica missing here may be made empty at open: only by a volume's
+    /// first coordinator (see [`VolumeRecord::may_create_replica`]).
+    fn may_create_in_sync(&self) -> bool {
+        self.epoch <= 1
     }
 
     /// Lets small writes reach the replicas on `addresses` (node id -> address) from the
@@ -247,6 +270,10 @@ impl VolumeIo {
         // The lowest watermark of the answering replicas: one that lost power comes back
         // with the one of its last flush, and what it lost is all at or above that.
         let complete_below = Arc::new(AtomicU64::new(u64::MAX));
+        // In-sync replicas whose files are gone: they hold nothing, so they leave the
+        // in-sync set holding no version at all (a full resync rebuilds them).
+        let missing = Arc::new(Mutex::new(Vec::<String>::new()));
+        let local_node = self.local_node.clone();
         let answers = self.fan_out(
             &self.in_sync(),
             |mut c| {
@@ -258,18 +285,42 @@ impl VolumeIo {
                 let seen = complete_below.clone();
                 async move {
                     let r = c.open(req).await?.into_inner();
+                    if r.missing {
+                        return Err(tonic::Status::not_found(MISSING));
+                    }
                     seen.fetch_min(r.complete_below, Ordering::SeqCst);
                     Ok(())
                 }
             },
             || {
-                let r = self
-                    .pool
-                    .open_replica(&self.volume_id, self.size, epoch, 0)?;
+                let r = self.pool.open_replica(
+                    &self.volume_id,
+                    self.size,
+                    epoch,
+                    0,
+                    self.may_create_in_sync(),
+                    self.descriptor.get(),
+                )?;
+                if r.state == OpenState::Missing {
+                    missing.lock().expect("missing").push(local_node.clone());
+                    return Err(Error::ReplicaMissing(MISSING.into()));
+                }
                 complete_below.fetch_min(r.complete_below, Ordering::SeqCst);
                 Ok(())
             },
         );
+        let mut missing = std::mem::take(&mut *missing.lock().expect("missing"));
+        for (node, res) in &answers {
+            if matches!(res, Err(e) if e.to_string().contains(MISSING)) && !missing.contains(node) {
+                missing.push(node.clone());
+            }
+        }
+        if !missing.is_empty() {
+            warn!(volume = %self.volume_id, ?missing, "in-sync replicas whose files are missing: rebuilt by a full resync");
+            if missing.len() < self.in_sync().len() {
+                self.remove_from_in_sync(&missing, 0)?;
+            }
+        }
         // Writes of the previous coordinator that were not acknowledged may have reached
         // only some replicas: a replica that left now is resynced from the start of the
         // previous epoch, which covers them.

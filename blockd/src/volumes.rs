@@ -370,7 +370,24 @@ impl Node {
                 "volume {name:?} is attached to node {node}; detach it first"
             )));
         }
-        if !self.meta.delete_if(&self.keys.volume(&rec.id), rev).await? {
+        // The record goes and its tombstone comes in one transaction: the tombstone is
+        // what lets every node delete the replica files.
+        let tomb = records::Tombstone {
+            v: RECORD_VERSION,
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            deleted_unix: records::now_unix(),
+        };
+        if !self
+            .meta
+            .delete_put_if(
+                &self.keys.volume(&rec.id),
+                rev,
+                &self.keys.tombstone(&rec.id),
+                &records::encode(&tomb),
+            )
+            .await?
+        {
             return Err(Error::FailedPrecondition(format!(
                 "volume {name:?} changed while deleting; try again"
             )));

@@ -31,6 +31,12 @@ const VOL: &str = "0123456789abcdef";
 
 /// A volume whose replicas are `local` (this node's pool, if true) and `remotes` fakes.
 fn setup(local: bool, remotes: usize) -> Setup {
+    setup_held(local, remotes, local)
+}
+
+/// `setup`, where `held` says whether the local replica's files are there (they were
+/// made at the volume's first epoch) or were lost.
+fn setup_held(local: bool, remotes: usize, held: bool) -> Setup {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,6 +85,9 @@ fn setup(local: bool, remotes: usize) -> Setup {
     let rec = common::volume_record(VOL, names.clone(), names, 3);
     rt.block_on(meta.put(&keys.volume(VOL), &records::encode(&rec)))
         .unwrap();
+    if held {
+        common::held_before(&pool, &rec);
+    }
     let io = Arc::new(VolumeIo::new(
         &rec,
         "me".into(),
@@ -148,6 +157,19 @@ fn a_failed_replica_leaves_the_in_sync_set_before_the_ack() {
     // Later writes no longer wait for it.
     s.io.write(0, &[3u8; 4096], false).unwrap();
     assert_eq!(*s.fakes[1].writes.lock().unwrap(), 1);
+}
+
+#[test]
+fn an_in_sync_replica_whose_files_are_lost_leaves_the_set_holding_nothing() {
+    // Epoch 3: the local replica must exist; its files are gone.
+    let s = setup_held(true, 1, false);
+    let rec = s.record();
+    assert_eq!(rec.in_sync(), vec!["r0".to_string()]);
+    assert_eq!(rec.left_at["me"], 0, "a full resync rebuilds it");
+    assert!(!s.io.in_sync().contains("me"));
+    // It was not made empty behind the set's back: the pool holds no file for it.
+    let ids = s.io.pool().replica_ids().unwrap();
+    assert!(ids.is_empty(), "{ids:?}");
 }
 
 #[test]

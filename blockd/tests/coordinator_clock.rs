@@ -90,6 +90,7 @@ async fn setup(remotes: usize, in_sync: Option<Vec<&str>>) -> Setup {
     meta.put(&keys.volume(VOL), &records::encode(&rec))
         .await
         .unwrap();
+    common::held_before(&pool, &rec);
     let io = Arc::new(VolumeIo::new(
         &rec,
         "me".into(),

@@ -62,6 +62,21 @@ async fn conformance(store: &MetaStore) {
     );
     assert!(!store.delete_if(&k("nothing"), 0).await.unwrap());
 
+    // Delete one key and write another, atomically: both or neither.
+    let a = store.get(&k("a")).await.unwrap().unwrap();
+    assert!(!store
+        .delete_put_if(&k("a"), a.rev + 1, &k("tomb"), "t")
+        .await
+        .unwrap());
+    assert!(store.get(&k("tomb")).await.unwrap().is_none(), "neither");
+    assert!(store.get(&k("a")).await.unwrap().is_some());
+    assert!(store
+        .delete_put_if(&k("a"), a.rev, &k("tomb"), "t")
+        .await
+        .unwrap());
+    assert!(store.get(&k("a")).await.unwrap().is_none());
+    assert_eq!(store.get(&k("tomb")).await.unwrap().unwrap().value, "t");
+
     // Concurrent compare-and-swap increments lose no update.
     store.put(&k("counter"), "0").await.unwrap();
     let mut tasks = Vec::new();

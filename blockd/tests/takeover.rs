@@ -108,6 +108,9 @@ impl Cluster {
                     .put(&self.keys.volume(VOL), &records::encode(&rec)),
             )
             .unwrap();
+        if with_local {
+            common::held_before(&self.local, &rec);
+        }
         let io = Arc::new(VolumeIo::new(
             &rec,
             "me".into(),

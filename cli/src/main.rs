@@ -37,6 +37,16 @@ enum Cmd {
     /// Create, inspect, attach and mount volumes.
     #[command(subcommand)]
     Volume(volume_cmd::VolumeCmd),
+    /// Cluster-wide operations.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Rebuild lost cluster metadata from this node's replicas. Run it with the flags
+    /// the node starts with (the node stopped), on every node that holds replicas.
+    Recover(node_cmd::StartArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +136,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Node(NodeCmd::Start(args)) => node_cmd::start(args),
+        Cmd::Cluster(ClusterCmd::Recover(args)) => node_cmd::recover(args, cli.json),
         cmd => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -136,7 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 match cmd {
                     Cmd::Status => output::status(&mut client, cli.json).await,
                     Cmd::Volume(v) => volume_cmd::run(v, &mut client, cli.json).await,
-                    Cmd::Node(_) => unreachable!("handled above"),
+                    Cmd::Node(_) | Cmd::Cluster(_) => unreachable!("handled above"),
                 }
             })
         }

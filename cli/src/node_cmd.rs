@@ -15,7 +15,7 @@ use shoal_sharedfs::hooks::Shared;
 use shoal_sharedfs::service::NamespaceService;
 
 /// Flags of `shoal node start`; each has a `SHOAL_*` environment fallback.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct StartArgs {
     /// Cluster id: nodes with the same id and secret form one cluster.
     #[arg(long, env = "SHOAL_CLUSTER_ID", default_value = "shoal")]
@@ -70,8 +70,10 @@ pub fn parse_size_arg(s: &str) -> Result<u64, String> {
     shoal_blockd::size::parse_size(s).map_err(|e| e.to_string())
 }
 
-pub fn start(args: StartArgs) -> anyhow::Result<()> {
-    let cfg = NodeConfig {
+/// The node configuration the flags describe.
+pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
+    let args = args.clone();
+    Ok(NodeConfig {
         cluster_id: args.cluster_id,
         data_dir: args.data_dir,
         listen: args.listen,
@@ -98,7 +100,11 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 )
             },
         )?,
-    };
+    })
+}
+
+pub fn start(args: StartArgs) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
     let lease = std::time::Duration::try_from_secs_f64(args.session_lease)
         .ok()
         .filter(|d| !d.is_zero())
@@ -192,4 +198,35 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("signal received, shutting down");
+}
+
+/// `shoal cluster recover`: rebuilds the cluster metadata from this node's replicas.
+pub fn recover(args: StartArgs, json: bool) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = rt.block_on(shoal_blockd::recover::recover(&cfg))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = report
+        .iter()
+        .map(|r| {
+            vec![
+                r.volume_id.clone(),
+                r.name.clone(),
+                r.action.clone(),
+                r.detail.clone(),
+            ]
+        })
+        .collect();
+    crate::table::print(&["VOLUME", "NAME", "ACTION", "DETAIL"], &rows);
+    println!(
+        "{} replica(s) read from this node; run recover on every node that holds replicas",
+        report.len()
+    );
+    Ok(())
 }

@@ -6,7 +6,7 @@ use shoal_blockd::peers::{cluster_token, Peers};
 use shoal_blockd::write_http::send_write;
 use shoal_blockd::write_wire::{request_parts, Header};
 use shoal_proto::block::block_client::BlockClient;
-use shoal_proto::block::{ReadRequest, ReplicaRef, WriteRequest};
+use shoal_proto::block::{OpenRequest, ReadRequest, ReplicaRef, WriteRequest};
 use shoal_proto::control::control_client::ControlClient;
 use shoal_proto::control::{CreateVolumeRequest, MountRequest, VolumeRef};
 use shoal_tests::{require_root, Cluster, Opts};
@@ -39,12 +39,12 @@ fn garbage_and_unauthenticated_requests_are_refused() {
         let stranger = Peers::new("not-the-token")
             .block(&c.nodes[0].endpoint())
             .unwrap();
-        let rep = ReplicaRef {
+        let nobody = ReplicaRef {
             volume_id: "strangers".into(),
             size_bytes: 4 << 20,
         };
-        let header = |offset| Header {
-            replica: &rep,
+        let header = |rep, offset| Header {
+            replica: rep,
             offset,
             fua: false,
             epoch: 1,
@@ -52,15 +52,61 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             complete_below: 0,
         };
         let err = stranger
-            .write_bytes(&header(0), vec![1u8; 16].into())
+            .write_bytes(&header(&nobody, 0), vec![1u8; 16].into())
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
 
-        // A member's writes, encoded by tonic and by our sender, land where they say;
-        // one past the replica's end, or for a bad id, is refused and writes nothing.
+        // Even a member cannot make a replica by writing to it, nor open one the volume
+        // records do not place on the node, nor fence a volume past its record's epoch.
         let member = Peers::new(&cluster_token("test", "test-secret"));
         let mut m = member.block(&c.nodes[0].endpoint()).unwrap();
+        let err = m
+            .write_bytes(&header(&nobody, 0), vec![1u8; 16].into())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err}");
+        let open = |rep: &ReplicaRef, epoch| OpenRequest {
+            replica: Some(rep.clone()),
+            epoch,
+            min_version: 0,
+        };
+        let err = m.open(open(&nobody, 1)).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err}");
+        assert!(
+            !c.nodes[0]
+                .data_dir
+                .join("pool/replicas/strangers.img")
+                .exists(),
+            "nothing made"
+        );
+        // A real volume, attached here: its replica follows epoch 1.
+        let v = c.json(0, &["volume", "create", "strangers", "--size", "4M"]);
+        let id = v["id"].as_str().unwrap().to_string();
+        c.shoal(0, &["volume", "attach", "strangers"])
+            .expect_ok("attach");
+        let rep = ReplicaRef {
+            volume_id: id,
+            size_bytes: 4 << 20,
+        };
+        let err = m.open(open(&rep, u64::MAX)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("newer than"), "{err}");
+        let err = m
+            .write(WriteRequest {
+                replica: Some(rep.clone()),
+                data: vec![1u8; 16].into(),
+                epoch: u64::MAX,
+                version: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("never opened"), "{err}");
+        let header = |offset| header(&rep, offset);
+
+        // A member's writes, encoded by tonic and by our sender, land where they say;
+        // one past the replica's end, or for a bad id, is refused and writes nothing.
         let a: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
         let b: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 239) as u8).collect();
         m.write(WriteRequest {
@@ -218,7 +264,7 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             let _ = s.write_all(junk);
         }
     }
-    // The node still answers and nothing was created.
+    // The node still answers and nothing was created but the one volume.
     let list = c.json(0, &["volume", "list"]);
-    assert_eq!(list.as_array().unwrap().len(), 0);
+    assert_eq!(list.as_array().unwrap().len(), 1);
 }

@@ -144,6 +144,27 @@ impl EmbeddedStore {
         Ok(done.is_some())
     }
 
+    pub fn delete_put_if(
+        &self,
+        key: &str,
+        expected_rev: i64,
+        put_key: &str,
+        value: &str,
+    ) -> Result<bool> {
+        let done = self.mutate(|st| {
+            match st.entries.get(key) {
+                Some((_, r)) if *r == expected_rev => {}
+                _ => return None,
+            }
+            st.revision += 1;
+            st.entries.remove(key);
+            st.entries
+                .insert(put_key.to_string(), (value.to_string(), st.revision));
+            Some(())
+        })?;
+        Ok(done.is_some())
+    }
+
     pub fn delete_if(&self, key: &str, expected_rev: i64) -> Result<bool> {
         let done = self.mutate(|st| {
             match st.entries.get(key) {

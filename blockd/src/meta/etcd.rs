@@ -99,6 +99,27 @@ impl EtcdStore {
         Ok(resp.succeeded())
     }
 
+    pub async fn delete_put_if(
+        &self,
+        key: &str,
+        expected_rev: i64,
+        put_key: &str,
+        value: &str,
+    ) -> Result<bool> {
+        if expected_rev == 0 {
+            return Ok(false);
+        }
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected_rev)])
+            .and_then([
+                TxnOp::delete(key, None::<DeleteOptions>),
+                TxnOp::put(put_key, value, None),
+            ]);
+        let resp = self.bounded(c.txn(txn)).await?;
+        Ok(resp.succeeded())
+    }
+
     pub async fn delete_if(&self, key: &str, expected_rev: i64) -> Result<bool> {
         if expected_rev == 0 {
             return Ok(false);

@@ -76,6 +76,21 @@ impl MetaStore {
         }
     }
 
+    /// Deletes `key` (only if its revision is `expected_rev`) and writes `put_key` in
+    /// one transaction: both happen or neither. Returns false when the revision differs.
+    pub async fn delete_put_if(
+        &self,
+        key: &str,
+        expected_rev: i64,
+        put_key: &str,
+        value: &str,
+    ) -> Result<bool> {
+        match self {
+            MetaStore::Etcd(s) => s.delete_put_if(key, expected_rev, put_key, value).await,
+            MetaStore::Embedded(s) => s.delete_put_if(key, expected_rev, put_key, value),
+        }
+    }
+
     /// A short name for logs and `status`.
     pub fn kind(&self) -> &'static str {
         match self {

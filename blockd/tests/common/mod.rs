@@ -108,6 +108,8 @@ impl Block for FakeReplica {
         Ok(Response::new(OpenReply {
             epoch: r.into_inner().epoch,
             complete_below: 0,
+            created: false,
+            missing: false,
         }))
     }
     async fn changed_regions(
@@ -160,5 +162,15 @@ pub fn volume_record(
         resync: Default::default(),
         resync_bytes: Default::default(),
         retired: Vec::new(),
+    }
+}
+
+/// Makes `pool`'s replica of `rec` as the volume's first coordinator did, if it is not
+/// there yet: these tests open volumes at later epochs, whose in-sync replicas exist
+/// (a real node never makes an in-sync replica empty after the first epoch).
+pub fn held_before(pool: &shoal_blockd::pool::Pool, rec: &shoal_blockd::records::VolumeRecord) {
+    if !pool.replica_ids().unwrap().contains(&rec.id) {
+        pool.open_replica(&rec.id, rec.size_bytes, 1, 0, true, None)
+            .unwrap();
     }
 }

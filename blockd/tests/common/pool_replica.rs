@@ -112,11 +112,22 @@ impl Block for PoolReplica {
         let p = rep(r.replica)?;
         let o = self
             .pool
-            .open_replica(&p.volume_id, p.size_bytes, r.epoch, r.min_version)
+            // A real node decides `create` from the volume record; these tests have
+            // none, and their replicas are made on first open.
+            .open_replica(
+                &p.volume_id,
+                p.size_bytes,
+                r.epoch,
+                r.min_version,
+                true,
+                None,
+            )
             .map_err(status)?;
         Ok(Response::new(OpenReply {
             epoch: o.epoch,
             complete_below: o.complete_below,
+            created: o.state == shoal_blockd::pool::OpenState::Created,
+            missing: o.state == shoal_blockd::pool::OpenState::Missing,
         }))
     }
     async fn changed_regions(
