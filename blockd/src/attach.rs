@@ -105,6 +105,8 @@ impl Node {
             )));
         }
         let (rec, _) = self.volume_by_name(name).await?;
+        // Before anything is attached: never over a system directory or a non-empty one.
+        host::check_mount_path(p, &self.cfg.data_dir)?;
         if rec.shared {
             return self.mount_shared(rec, p).await;
         }

@@ -232,3 +232,112 @@ mod tests {
         assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
     }
 }
+
+/// Directories a volume is never mounted over, nor anywhere below: a mount over `/etc` or
+/// `/root/.ssh` would hand the volume's contents the host's trust.
+const SYSTEM_TREES: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root",
+    "/sbin", "/sys", "/usr",
+];
+
+/// Directories a volume is never mounted over itself (below them is fine: `/var/www`,
+/// `/mnt/data`).
+const SYSTEM_DIRS: &[&str] = &[
+    "/", "/home", "/media", "/mnt", "/opt", "/run", "/srv", "/tmp", "/var", "/var/lib", "/var/log",
+    "/var/run",
+];
+
+/// Checks a path a volume is about to be mounted at: absolute, no `..`, not a system
+/// directory or below one, and, when it exists and is not already a mount point (a mount
+/// being repeated), an empty directory. `data_dir`, where the node mounts for Docker, is
+/// always allowed.
+pub fn check_mount_path(path: &Path, data_dir: &Path) -> Result<()> {
+    let bad = |why: &str| Error::InvalidArgument(format!("mount path {}: {why}", path.display()));
+    if !path.is_absolute() || path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(bad("must be an absolute path"));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(bad("must not contain \"..\""));
+    }
+    // Resolve symlinks of the part that exists: a link must not lead into /etc.
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (
+            existing.file_name().map(|n| n.to_owned()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut real = std::fs::canonicalize(&existing).map_err(|e| bad(&e.to_string()))?;
+    for name in rest.into_iter().rev() {
+        real.push(name);
+    }
+    let allowed = real.starts_with(data_dir);
+    if !allowed
+        && (SYSTEM_TREES.iter().any(|d| real.starts_with(d))
+            || SYSTEM_DIRS.iter().any(|d| real == Path::new(d)))
+    {
+        return Err(bad("is a system directory or below one"));
+    }
+    if mounts_under(&real).contains(&real) {
+        return Ok(());
+    }
+    match std::fs::read_dir(&real) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(bad("is not an empty directory"));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bad(&e.to_string())),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod mount_path_tests {
+    use super::*;
+
+    #[test]
+    fn system_paths_non_empty_dirs_and_dot_dots_are_refused() {
+        let data = Path::new("/var/lib/shoal-test-data");
+        for p in [
+            "/etc",
+            "/etc/cron.d/x",
+            "/root/.ssh",
+            "/usr/local/bin",
+            "/",
+            "/proc/1",
+            "/var",
+        ] {
+            let err = check_mount_path(Path::new(p), data)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("system directory"), "{p}: {err}");
+        }
+        assert!(check_mount_path(Path::new("/tmp/../etc"), data).is_err());
+        assert!(check_mount_path(Path::new("relative"), data).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_mount_path(&dir.path().join("new/deeper"), data).is_ok());
+        assert!(check_mount_path(dir.path(), data).is_ok(), "empty");
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let err = check_mount_path(dir.path(), data).unwrap_err().to_string();
+        assert!(err.contains("not an empty directory"), "{err}");
+        // A link into a system directory is judged where it leads.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        assert!(check_mount_path(&link.join("sub"), data).is_err());
+        // Below /var is fine (a web root), as is the node's own data dir.
+        assert!(check_mount_path(Path::new("/var/www-shoal-test/html"), data).is_ok());
+        assert!(check_mount_path(&data.join("docker/v"), data).is_ok());
+    }
+}

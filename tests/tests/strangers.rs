@@ -252,6 +252,25 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        // Never over a system directory, nor over one that holds files.
+        let full = tempfile::tempdir().unwrap();
+        std::fs::write(full.path().join("keep"), b"mine").unwrap();
+        for (path, why) in [
+            ("/etc".to_string(), "system directory"),
+            ("/root/.ssh".to_string(), "system directory"),
+            (full.path().display().to_string(), "not an empty directory"),
+        ] {
+            let err = ctl
+                .mount_volume(MountRequest {
+                    name: "strangers".into(),
+                    path: path.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{path}: {err}");
+            assert!(err.message().contains(why), "{path}: {err}");
+        }
+        assert_eq!(std::fs::read(full.path().join("keep")).unwrap(), b"mine");
     });
 
     // Raw garbage on the gRPC port.
