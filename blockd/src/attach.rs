@@ -406,6 +406,14 @@ impl Node {
         tokio::task::spawn_blocking(move || opener.open())
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
+        if !rec.replicas_made {
+            // The in-sync replicas exist now: none of them is ever made empty again.
+            self.update_volume(&rec.id, |r| {
+                r.replicas_made = true;
+                Ok(())
+            })
+            .await?;
+        }
         Ok(io)
     }
 

@@ -29,6 +29,8 @@ use crate::services::{BlockService, ControlService};
 
 /// How often a node re-announces itself to registered nodes it does not see in gossip.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS: u32 = 4096;
 /// How often a node deletes replica files of volumes that no longer exist.
 const GC_EVERY: Duration = Duration::from_secs(30);
 
@@ -205,8 +207,15 @@ impl Node {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         info!(address = %self.cfg.listen, "serving");
         let (stopping, stop) = tokio::sync::oneshot::channel::<()>();
+        // Bounds for what one peer can hold open: streams per connection, and dead
+        // connections found by keepalive (no request timeout: lock waits and a mount's
+        // callback stream legitimately last).
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(Some(MAX_STREAMS))
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES * 4)
             .max_frame_size(FRAME_BYTES)
@@ -313,7 +322,14 @@ pub(crate) async fn deletion_evidence(node: &Node, volume_id: &str) -> Result<Op
     }
     if let Some(kv) = node.meta.get(&node.keys.volume(volume_id)).await? {
         let rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
-        if !rec.keeps_data_on(&node.id) {
+        // A record rebuilt by `cluster recover` lists only the nodes that reported so
+        // far: it says nothing about a replica it does not list.
+        let recovered = !node
+            .meta
+            .list(&node.keys.recovery(volume_id))
+            .await?
+            .is_empty();
+        if !rec.keeps_data_on(&node.id) && !recovered {
             return Ok(Some("its volume's record places no replica here".into()));
         }
     }

@@ -61,6 +61,8 @@ pub enum OpenState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Described {
     pub descriptor: Option<Descriptor>,
+    /// Being caught up: it may lack regions below its highest version.
+    pub catching_up: bool,
     pub epoch: u64,
     pub complete_below: u64,
     pub max_version: u64,
@@ -202,6 +204,15 @@ impl Pool {
             }
             Err(e) => return Err(e.into()),
         };
+        if !existed && vpath.exists() {
+            // Versions without data: stale, and about to be made again below.
+            fs::remove_file(&vpath)?;
+        }
+        if !existed && file.metadata()?.len() > 0 {
+            // Data without versions, made again: what it holds is unknown, so it must
+            // read as zeros like any new replica (a full resync fills it).
+            file.set_len(0)?;
+        }
         let meta = file.metadata()?;
         if meta.len() < size {
             file.set_len(size)?;
@@ -379,7 +390,8 @@ impl Pool {
         };
         r.versions.admit(epoch)?;
         if let Some(d) = desc {
-            if r.versions.descriptor()?.as_ref() != Some(d) {
+            // A torn or unreadable descriptor is written again, never a reason to refuse.
+            if r.versions.descriptor().ok().flatten().as_ref() != Some(d) {
                 r.versions.set_descriptor(d)?;
             }
         }
@@ -398,12 +410,21 @@ impl Pool {
         })
     }
 
+    /// Marks a replica as being caught up, or no longer (see
+    /// [`RegionVersions::set_catching_up`]).
+    pub fn set_catching_up(&self, volume_id: &str, on: bool) -> Result<()> {
+        self.replica(volume_id, 0, false)?
+            .versions
+            .set_catching_up(on)
+    }
+
     /// What a replica file says about itself, for recovery: its descriptor (None when
     /// written before descriptors existed), epoch, completion watermark, highest version.
     pub fn describe(&self, volume_id: &str) -> Result<Described> {
         let r = self.replica(volume_id, 0, false)?;
         Ok(Described {
             descriptor: r.versions.descriptor()?,
+            catching_up: r.versions.catching_up()?,
             epoch: r.versions.epoch(),
             complete_below: r.versions.complete_below(),
             max_version: r.versions.max_version()?,
@@ -919,5 +940,63 @@ mod tests {
         let d = pool.describe("v").unwrap();
         assert_eq!(d.descriptor, Some(desc));
         assert_eq!((d.epoch, d.max_version), (3, 3 << 40 | 9));
+    }
+
+    #[test]
+    fn data_without_versions_made_again_reads_as_zeros_and_marks_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        {
+            let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+            made(&pool, "v", size);
+            pool.write("v", size, 0, b"old data", true, S).unwrap();
+            pool.set_catching_up("v", true).unwrap();
+        }
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        assert!(pool.describe("v").unwrap().catching_up, "durable mark");
+        pool.set_catching_up("v", false).unwrap();
+        assert!(!pool.describe("v").unwrap().catching_up);
+        drop(pool);
+        // The version file is lost; a resync target made again must not keep old bytes
+        // that the copy would never overwrite.
+        fs::remove_file(dir.path().join("replicas/v.ver")).unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        let o = pool.open_replica("v", size, 2, 0, true, None).unwrap();
+        assert_eq!(o.state, OpenState::Created);
+        assert_eq!(pool.read("v", size, 0, 8).unwrap(), vec![0u8; 8]);
+    }
+
+    #[test]
+    fn a_torn_descriptor_is_written_again_not_a_reason_to_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        made(&pool, "v", size);
+        drop(pool);
+        let ver = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("replicas/v.ver"))
+            .unwrap();
+        ver.write_all_at(&[20, 0, 0, 0, b'{', b'x'], 64).unwrap();
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        assert!(pool.describe("v").is_err(), "torn");
+        let desc = Descriptor {
+            cluster_id: "c".into(),
+            cluster_uuid: "u".into(),
+            volume_id: "v".into(),
+            name: "n".into(),
+            size_bytes: size,
+            repl: 1,
+            block_size: 4096,
+            fs: "none".into(),
+            shared: false,
+            io_priority: "low".into(),
+            labels: Default::default(),
+            formatted: false,
+            created_unix: 1,
+        };
+        pool.open_replica("v", size, 2, 0, false, Some(&desc))
+            .unwrap();
+        assert_eq!(pool.describe("v").unwrap().descriptor, Some(desc));
     }
 }

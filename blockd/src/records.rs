@@ -146,6 +146,10 @@ pub struct VolumeRecord {
     /// Bytes the last finished resync of each node copied.
     #[serde(default)]
     pub resync_bytes: BTreeMap<String, u64>,
+    /// Set once the volume's first coordinator opened (made) its in-sync replicas: from
+    /// then on an in-sync replica that is missing is never made again, whatever the epoch.
+    #[serde(default)]
+    pub replicas_made: bool,
     /// Replicas removed from the volume while its coordinator may still use them: their
     /// files are kept until the coordinator has let go of them.
     #[serde(default)]
@@ -203,7 +207,13 @@ impl VolumeRecord {
     /// sync (it is about to be resynced in full). An in-sync replica that is missing
     /// stays missing and leaves the in-sync set.
     pub fn may_create_replica(&self, node: &str) -> bool {
-        self.epoch <= 1 || !self.in_sync().iter().any(|n| n == node)
+        self.may_create_in_sync() || !self.in_sync().iter().any(|n| n == node)
+    }
+
+    /// Whether in-sync replicas may still be made (empty): only before the volume's
+    /// first coordinator finished opening them.
+    pub fn may_create_in_sync(&self) -> bool {
+        self.epoch <= 1 && !self.replicas_made
     }
 
     /// The in-sync set.
@@ -269,5 +279,28 @@ mod tests {
         let back: ClusterRecord = decode("k", &encode(&rec)).unwrap();
         assert_eq!(back.cluster_id, "c");
         assert_eq!(back.created_unix, 7);
+    }
+
+    #[test]
+    fn in_sync_replicas_are_made_only_until_the_first_open_finished() {
+        let mut rec: VolumeRecord = serde_json::from_str(
+            r#"{"v":1,"id":"x","name":"x","size_bytes":1,"repl":2,"block_size":4096,
+                "fs":"none","io_priority":"low","replicas":["a","b"],"epoch":1,
+                "created_unix":0,"in_sync":["a"]}"#,
+        )
+        .unwrap();
+        assert!(rec.may_create_replica("a"), "first open of a new volume");
+        rec.replicas_made = true;
+        assert!(
+            !rec.may_create_replica("a"),
+            "an in-sync replica lost later"
+        );
+        assert!(
+            rec.may_create_replica("b"),
+            "out of sync: about to be resynced"
+        );
+        rec.replicas_made = false;
+        rec.epoch = 2;
+        assert!(!rec.may_create_replica("a"));
     }
 }

@@ -5,8 +5,10 @@
 //! store is lost, each node runs `recover` once with the flags it starts with: it reads
 //! its own pool, records what it found as evidence under `recovery/<volume>/<node>`,
 //! and (re)computes each volume's record from the evidence of every node so far
-//! ([`plan`], pure). The replicas with the highest version are in sync; every other one
-//! is out of sync holding nothing (a full resync rebuilds it). Nothing is deleted, no
+//! ([`plan`], pure). The complete replicas (not marked as being caught up) with the
+//! highest version are in sync; every other one is out of sync holding nothing (a full
+//! resync rebuilds it). While a volume has recovery evidence, its record is no evidence
+//! for deleting a replica it does not list (a node may not have reported yet). Nothing is deleted, no
 //! replica is written, and a record that moved on since recovery (attached, changed) is
 //! left as it is.
 
@@ -32,24 +34,31 @@ pub struct Evidence {
     pub epoch: u64,
     pub complete_below: u64,
     pub max_version: u64,
+    /// The replica was being caught up: it may lack regions below its highest version.
+    #[serde(default)]
+    pub catching_up: bool,
 }
 
 /// The volume record the evidence of its replicas supports (None: no evidence).
 pub fn plan(evidence: &[Evidence]) -> Option<VolumeRecord> {
     let mut ev: Vec<&Evidence> = evidence.iter().collect();
-    // Freshest first: highest version, then highest epoch, then node id (a stable order).
+    // Freshest first: complete replicas before ones being caught up (which may lack old
+    // regions whatever their highest version), then highest version, then highest
+    // epoch, then node id (a stable order).
     ev.sort_by(|a, b| {
-        (b.max_version, b.epoch)
-            .cmp(&(a.max_version, a.epoch))
+        (!b.catching_up, b.max_version, b.epoch)
+            .cmp(&(!a.catching_up, a.max_version, a.epoch))
             .then(a.node.cmp(&b.node))
     });
     let top = *ev.first()?;
     let d = &top.descriptor;
-    // Acknowledged writes are on every in-sync replica, so the in-sync ones are those
-    // with the highest version; the others may have missed writes and copy everything.
+    // Acknowledged writes are on every in-sync replica, so the in-sync ones are complete
+    // replicas with the highest version; the others may have missed writes and copy
+    // everything. (Only if every replica was being caught up is the freshest of them
+    // taken: there is nothing better.)
     let in_sync: Vec<String> = ev
         .iter()
-        .filter(|e| e.max_version == top.max_version)
+        .filter(|e| e.max_version == top.max_version && e.catching_up == top.catching_up)
         .map(|e| e.node.clone())
         .collect();
     let keep = (d.repl as usize).max(in_sync.len());
@@ -84,6 +93,8 @@ pub fn plan(evidence: &[Evidence]) -> Option<VolumeRecord> {
         left_at,
         resync: Default::default(),
         resync_bytes: Default::default(),
+        // The replicas exist: a missing in-sync one is never made empty again.
+        replicas_made: true,
         retired,
     })
 }
@@ -167,6 +178,7 @@ pub async fn recover(cfg: &NodeConfig) -> Result<Vec<Recovered>> {
             epoch: d.epoch,
             complete_below: d.complete_below,
             max_version: d.max_version,
+            catching_up: d.catching_up,
         };
         out.push(recover_one(&meta, &keys, ev).await?);
     }
@@ -326,6 +338,7 @@ mod tests {
             epoch,
             complete_below: 0,
             max_version,
+            catching_up: false,
         }
     }
 
@@ -348,6 +361,17 @@ mod tests {
         assert_eq!(rec.in_sync(), ["b", "a"]);
         assert!(rec.left_at.is_empty());
         assert_eq!(rec.epoch, 4);
+    }
+
+    #[test]
+    fn a_replica_being_caught_up_is_never_in_sync_whatever_its_version() {
+        // A resync target gets every live write, so its highest version matches, but
+        // regions it had not copied yet are holes.
+        let mut b = ev("b", 3, 100);
+        b.catching_up = true;
+        let rec = plan(&[b, ev("a", 3, 100)]).unwrap();
+        assert_eq!(rec.in_sync(), ["a"]);
+        assert_eq!(rec.left_at["b"], 0);
     }
 
     #[test]

@@ -220,7 +220,8 @@ impl<'a> Side<'a> {
     }
 
     /// Fences the replica at this coordinator's epoch; from now on it refuses writes
-    /// below `min_version`. Makes it (empty) when missing: it is out of sync. Returns
+    /// below `min_version`. Makes it (empty) when missing: it is out of sync. Marks it
+    /// catching up (see [`crate::versions::RegionVersions::set_catching_up`]). Returns
     /// whether it was made just now (then it holds nothing, whatever the record says).
     fn open(&self, min_version: u64) -> Result<bool> {
         let io = self.io;
@@ -233,6 +234,7 @@ impl<'a> Side<'a> {
                 true,
                 io.descriptor(),
             )?;
+            io.pool().set_catching_up(&io.volume_id, true)?;
             return Ok(o.state == OpenState::Created);
         }
         let mut c = self.client()?;
@@ -240,6 +242,7 @@ impl<'a> Side<'a> {
             replica: Some(io.replica_ref()),
             epoch: io.epoch,
             min_version,
+            mark: 1,
         };
         let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = created.clone();
@@ -256,6 +259,23 @@ impl<'a> Side<'a> {
         Ok(created.load(Ordering::SeqCst))
     }
 
+    /// Clears the replica's catching-up mark once it rejoined the in-sync set. A mark
+    /// left behind only makes a later recovery copy it again: never unsafe.
+    fn caught_up(&self) -> Result<()> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().set_catching_up(&io.volume_id, false);
+        }
+        let mut c = self.client()?;
+        let req = OpenRequest {
+            replica: Some(io.replica_ref()),
+            epoch: io.epoch,
+            min_version: 0,
+            mark: 2,
+        };
+        self.call(async move { c.open(req).await.map(|_| ()) })
+    }
+
     pub(crate) fn changed(&self, after: u64) -> Result<Vec<(u64, u64)>> {
         let io = self.io;
         if io.is_local(&self.node) {
@@ -267,8 +287,12 @@ impl<'a> Side<'a> {
             after,
         };
         self.call(async move {
-            let r = c.changed_regions(req).await?.into_inner();
-            Ok(r.regions.into_iter().zip(r.versions).collect())
+            let mut stream = c.changed_regions(req).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(r) = stream.message().await? {
+                out.extend(r.regions.into_iter().zip(r.versions));
+            }
+            Ok(out)
         })
     }
 
@@ -366,6 +390,30 @@ fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
     })
 }
 
+/// Records that `node` holds nothing (`left_at` 0, no resync progress): its replica was
+/// made again empty.
+fn forget_progress(io: &VolumeIo, node: &str) -> Result<()> {
+    let key = io.keys.volume(&io.volume_id);
+    io.rt.block_on(async {
+        loop {
+            let kv = io
+                .meta
+                .get(&key)
+                .await?
+                .ok_or_else(|| Error::NotFound("volume record".into()))?;
+            let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+            if rec.epoch != io.epoch {
+                return Err(Error::Fenced("coordinator replaced".into()));
+            }
+            rec.left_at.insert(node.to_string(), 0);
+            rec.resync.remove(node);
+            if io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
+                return Ok(());
+            }
+        }
+    })
+}
+
 /// Copies one region from `source` to `target` under the coordinator's lock of its range
 /// (so no write to it runs meanwhile); returns its length.
 fn copy_region(io: &VolumeIo, source: &Side, target: &Side, region: u64) -> Result<u64> {
@@ -397,9 +445,11 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     // timed out before it left the write set: it must not land over what is copied.
     if target.open(io.next_version())? {
         // Its files were lost and made again empty: whatever the record says it held,
-        // it holds nothing. Everything is copied.
+        // it holds nothing. Everything is copied, and the record says so before the
+        // first copy, so a resync that stops and resumes still copies everything.
         if since > 0 || previous.is_some() {
             warn!(volume = %io.volume_id, %node, since, "replica files were missing: full resync");
+            forget_progress(io, node)?;
         }
         since = 0;
         previous = None;
@@ -470,5 +520,8 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     // upkeep has no later flush to rely on).
     io.flush()?;
     io.rejoin(node, progress.done_bytes)?;
+    if let Err(e) = target.caught_up() {
+        warn!(volume = %io.volume_id, %node, error = %e, "cannot clear the replica's catching-up mark");
+    }
     Ok(progress.done_bytes)
 }

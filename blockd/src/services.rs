@@ -91,6 +91,26 @@ impl Control for ControlService {
 #[derive(Clone)]
 pub struct BlockService(pub Arc<Node>);
 
+/// The answer of `ChangedRegions`: pieces of [`CHANGED_PER_MESSAGE`] regions.
+pub type ChangedStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<bpb::ChangedReply, Status>> + Send + 'static>,
+>;
+
+/// Regions per `ChangedRegions` message: 1 MiB of message, whatever the volume's size.
+pub const CHANGED_PER_MESSAGE: usize = 64 << 10;
+
+/// Streams `(region, version)` pairs as `ChangedRegions` messages.
+pub fn changed_stream(changed: Vec<(u64, u64)>) -> ChangedStream {
+    let pieces: Vec<Result<bpb::ChangedReply, Status>> = changed
+        .chunks(CHANGED_PER_MESSAGE)
+        .map(|c| {
+            let (regions, versions) = c.iter().copied().unzip();
+            Ok(bpb::ChangedReply { regions, versions })
+        })
+        .collect();
+    Box::pin(tokio_stream::iter(pieces))
+}
+
 /// What a block call without the right token gets.
 pub fn unauthenticated() -> Status {
     Status::unauthenticated("missing or wrong cluster token: not a member of this cluster")
@@ -264,16 +284,32 @@ impl Block for BlockService {
         }
         let create = rec.may_create_replica(&node.id);
         let desc = rec.descriptor(&node.cfg.cluster_id, &node.cluster_uuid);
+        let mark = match r.mark {
+            0 => None,
+            1 => Some(true),
+            2 if rec.in_sync().contains(&node.id) => Some(false),
+            2 => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {}'s record does not count this replica in sync",
+                    rec.id
+                )))
+            }
+            m => return Err(Status::invalid_argument(format!("unknown mark {m}"))),
+        };
         let opened = self
             .blocking(move |n| {
-                n.pool.open_replica(
+                let o = n.pool.open_replica(
                     &rep.volume_id,
                     rep.size_bytes,
                     r.epoch,
                     r.min_version,
                     create,
                     Some(&desc),
-                )
+                )?;
+                if let (Some(on), true) = (mark, o.state != OpenState::Missing) {
+                    n.pool.set_catching_up(&rep.volume_id, on)?;
+                }
+                Ok(o)
             })
             .await?;
         Ok(Response::new(bpb::OpenReply {
@@ -284,7 +320,12 @@ impl Block for BlockService {
         }))
     }
 
-    async fn changed_regions(&self, req: Request<bpb::ChangedRequest>) -> Reply<bpb::ChangedReply> {
+    type ChangedRegionsStream = ChangedStream;
+
+    async fn changed_regions(
+        &self,
+        req: Request<bpb::ChangedRequest>,
+    ) -> Reply<Self::ChangedRegionsStream> {
         self.check(&req)?;
         let r = req.into_inner();
         let rep = replica(r.replica)?;
@@ -294,8 +335,7 @@ impl Block for BlockService {
                     .changed_regions(&rep.volume_id, rep.size_bytes, r.after)
             })
             .await?;
-        let (regions, versions) = changed.into_iter().unzip();
-        Ok(Response::new(bpb::ChangedReply { regions, versions }))
+        Ok(Response::new(changed_stream(changed)))
     }
 
     async fn read_region(&self, req: Request<bpb::RegionRequest>) -> Reply<bpb::RegionData> {
@@ -366,5 +406,31 @@ impl Block for BlockService {
             pool_used_bytes: self.0.pool.used(),
             volume_used,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn changed_regions_come_in_bounded_pieces_in_order() {
+        let n = 2 * CHANGED_PER_MESSAGE + 5;
+        let list: Vec<(u64, u64)> = (0..n as u64).map(|r| (r, r * 10)).collect();
+        let pieces: Vec<bpb::ChangedReply> = changed_stream(list.clone())
+            .map(|r| r.unwrap())
+            .collect()
+            .await;
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces
+            .iter()
+            .all(|p| p.regions.len() <= CHANGED_PER_MESSAGE));
+        let back: Vec<(u64, u64)> = pieces
+            .into_iter()
+            .flat_map(|p| p.regions.into_iter().zip(p.versions))
+            .collect();
+        assert_eq!(back, list);
+        assert!(changed_stream(Vec::new()).next().await.is_none());
     }
 }

@@ -51,9 +51,16 @@ pub fn parse_size(text: &str) -> Result<u64> {
         }
         let scale = 10u128.pow(frac.len() as u32);
         let f: u128 = frac.parse().map_err(|_| bad("not a number"))?;
-        (int * scale + f) * mult as u128 / scale
+        int.checked_mul(scale)
+            .and_then(|v| v.checked_add(f))
+            .and_then(|v| v.checked_mul(mult as u128))
+            .ok_or_else(|| bad("too large"))?
+            / scale
     } else {
-        num.parse::<u128>().map_err(|_| bad("not a number"))? * mult as u128
+        num.parse::<u128>()
+            .map_err(|_| bad("not a number"))?
+            .checked_mul(mult as u128)
+            .ok_or_else(|| bad("too large"))?
     };
     if value == 0 {
         return Err(bad("must be greater than zero"));
@@ -85,6 +92,22 @@ pub fn format_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_numbers_are_refused_not_overflowed() {
+        for t in [
+            "99999999999999999999999999999999999999P",
+            "340282366920938463463374607431768211455",
+            "99999999999999999999999999999999999.5P",
+            "18446744073709551616",
+        ] {
+            let err = parse_size(t).unwrap_err().to_string();
+            assert!(
+                err.contains("too large") || err.contains("not a number"),
+                "{t}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn parses_units() {

@@ -28,6 +28,8 @@ pub const REGION_BYTES: u64 = 1 << 20;
 const HEADER_BYTES: u64 = 4096;
 const MAGIC: &[u8; 8] = b"SHOALVER";
 const FORMAT_VERSION: u32 = 1;
+/// Where the "catching up" mark (u64, 1: set) lives in the header.
+const CATCHING_UP_AT: u64 = 32;
 /// Where the descriptor (a u32 length, then JSON) starts in the header.
 const DESCRIPTOR_AT: u64 = 64;
 /// Bits of a version below the epoch.
@@ -206,6 +208,27 @@ impl RegionVersions {
         self.file.write_all_at(&buf, DESCRIPTOR_AT)?;
         self.file.sync_data()?;
         Ok(())
+    }
+
+    /// Marks the replica as being caught up (or no longer), durably. A replica that is
+    /// marked may lack regions below its highest version; recovery never counts it in
+    /// sync. Set before a resync copies anything, cleared after the replica rejoined the
+    /// in-sync set.
+    pub fn set_catching_up(&self, on: bool) -> Result<()> {
+        if self.catching_up()? == on {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&u64::from(on).to_le_bytes(), CATCHING_UP_AT)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// See [`RegionVersions::set_catching_up`].
+    pub fn catching_up(&self) -> Result<bool> {
+        let mut b = [0u8; 8];
+        let n = self.file.read_at(&mut b, CATCHING_UP_AT)?;
+        Ok(n == 8 && u64::from_le_bytes(b) != 0)
     }
 
     /// The replica's descriptor (None: written by a build before descriptors existed).

@@ -99,6 +99,8 @@ pub struct VolumeIo {
     thread_peers: RwLock<Option<ThreadPeers>>,
     /// What this node's replica writes about itself into its header when opened.
     descriptor: std::sync::OnceLock<Descriptor>,
+    /// See [`VolumeRecord::may_create_in_sync`], as the record said at open.
+    create_in_sync: bool,
 }
 
 /// What `thread_io` needs to reach the replicas.
@@ -179,6 +181,7 @@ impl VolumeIo {
             upkeep: std::sync::atomic::AtomicBool::new(false),
             thread_peers: RwLock::new(None),
             descriptor: std::sync::OnceLock::new(),
+            create_in_sync: rec.may_create_in_sync(),
         }
     }
 
@@ -196,7 +199,7 @@ impl VolumeIo {
     /// Whether a replica missing here may be made empty at open: only by a volume's
     /// first coordinator (see [`VolumeRecord::may_create_replica`]).
     fn may_create_in_sync(&self) -> bool {
-        self.epoch <= 1
+        self.create_in_sync
     }
 
     /// Lets small writes reach the replicas on `addresses` (node id -> address) from the
@@ -281,6 +284,7 @@ impl VolumeIo {
                     replica: replica.clone(),
                     epoch,
                     min_version: 0,
+                    mark: 0,
                 };
                 let seen = complete_below.clone();
                 async move {
@@ -684,12 +688,16 @@ impl VolumeIo {
                 replica: Some(self.replica_ref()),
                 epoch: self.epoch,
                 min_version: floor,
+                mark: 0,
             };
             let timeout = self.timeout;
             let answer = self
                 .rt
                 .block_on(async move { tokio::time::timeout(timeout, c.open(req)).await });
             match answer {
+                Ok(Ok(r)) if r.get_ref().missing => {
+                    return Err(Error::ReplicaMissing(format!("replica on node {node}")))
+                }
                 Ok(Ok(_)) => {
                     let mut pending = self.pending_floor.lock().expect("pending floor");
                     if pending.get(&node) == Some(&floor) {

@@ -17,6 +17,9 @@ use crate::records::{self, NodeRecord, VolumeRecord, RECORD_VERSION};
 const USAGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Replication factors a volume may have.
 pub const MAX_REPL: u32 = 3;
+/// The largest volume: 64 TiB (a replica's version table is 8 bytes per MiB, 512 MiB
+/// sparse at this size; the on-volume namespace is designed and tested for it).
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 
 /// Usage figures a node reports.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +46,13 @@ fn validate_spec(req: &CreateVolumeRequest) -> Result<(u32, String, String)> {
         return Err(Error::InvalidArgument(
             "size must be greater than zero".into(),
         ));
+    }
+    if req.size_bytes > MAX_VOLUME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "size {} is over the largest volume, {}",
+            crate::size::format_size(req.size_bytes),
+            crate::size::format_size(MAX_VOLUME_BYTES)
+        )));
     }
     if req.repl == 0 || req.repl > MAX_REPL {
         return Err(Error::InvalidArgument(format!(
@@ -231,6 +241,7 @@ impl Node {
             resync: Default::default(),
             resync_bytes: Default::default(),
             retired: Vec::new(),
+            replicas_made: false,
         };
         self.meta
             .put(&self.keys.volume(&id), &records::encode(&rec))

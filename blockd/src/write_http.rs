@@ -118,6 +118,15 @@ impl Service<http::Request<Body>> for BlockRoutes {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // Every block call is authenticated from its headers, before a byte of its body
+        // is read or decoded.
+        let token = req
+            .headers()
+            .get(CLUSTER_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if !self.service.token_ok(token) {
+            return Box::pin(async { Ok(unauthenticated().into_http()) });
+        }
         if req.uri().path() != WRITE_PATH {
             return self.grpc.call(req);
         }

@@ -143,11 +143,24 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
             tokio::runtime::Handle::current(),
         ));
         let _ = node.shared.set(shared);
-        let routes = tonic::service::Routes::new(
-            NamespaceServer::new(service)
-                .max_decoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES),
-        );
+        // Namespace calls are authenticated from their headers, before their bodies are
+        // decoded (the service checks again).
+        let peers = node.peers.clone();
+        let routes =
+            tonic::service::Routes::new(tonic::service::interceptor::InterceptedService::new(
+                NamespaceServer::new(service)
+                    .max_decoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(shoal_blockd::peers::MAX_MESSAGE_BYTES),
+                move |req: tonic::Request<()>| {
+                    if peers.token_ok(&req) {
+                        Ok(req)
+                    } else {
+                        Err(tonic::Status::unauthenticated(
+                            "missing or wrong cluster token: not a member of this cluster",
+                        ))
+                    }
+                },
+            ));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         if let (Some(l), Some(path)) = (docker_listener, docker_socket) {
             let plugin = Arc::new(Plugin::new(NodeBackend(node.clone()), mount_root));

@@ -221,3 +221,49 @@ fn a_deleted_volumes_replica_is_freed_by_its_tombstone_and_an_unknown_one_is_kep
     assert_eq!(std::fs::read(&stray).unwrap(), b"precious");
     assert!(c.log(1).contains("no volume record and no tombstone: kept"));
 }
+
+#[test]
+fn a_replica_whose_files_were_lost_is_rebuilt_in_full_never_made_empty_in_sync() {
+    require_root!();
+    let mut c = Cluster::start(2, Opts::default());
+    c.shoal(
+        0,
+        &[
+            "volume", "create", "db", "--size", "64M", "--repl", "2", "--fs", "ext4",
+        ],
+    )
+    .expect_ok("create");
+    let sum = write_file(&c, 0, "db", 8);
+    c.shoal(0, &["volume", "detach", "db"]).expect_ok("detach");
+    let id = c.json(0, &["volume", "inspect", "db"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Node 1 loses its replica's files (a disk replaced, a directory wiped).
+    c.stop(1);
+    let dir = c.nodes[1].data_dir.join("pool/replicas");
+    std::fs::remove_file(dir.join(format!("{id}.img"))).unwrap();
+    std::fs::remove_file(dir.join(format!("{id}.ver"))).unwrap();
+    c.restart(1);
+    c.wait_all_online();
+    // The next attach opens it and finds it missing: it leaves the in-sync set and is
+    // copied in full (never made empty and counted in sync).
+    let mnt = c.path().join("mnt-again");
+    c.shoal(0, &["volume", "mount", "db", mnt.to_str().unwrap()])
+        .expect_ok("mount");
+    wait_until(Duration::from_secs(60), "the lost replica rebuilt", || {
+        let v = c.json(0, &["volume", "inspect", "db"]);
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "in-sync")
+            && dir.join(format!("{id}.img")).exists()
+            && c.log(0).contains("rebuilt by a full resync")
+    });
+    c.shoal(0, &["volume", "unmount", mnt.to_str().unwrap()])
+        .expect_ok("unmount");
+    c.shoal(0, &["volume", "detach", "db"]).expect_ok("detach");
+    // Node 1 serves the volume from its own replica: the data is all there.
+    assert_eq!(read_file(&c, 1, "db"), sum);
+}

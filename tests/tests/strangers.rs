@@ -70,6 +70,7 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             replica: Some(rep.clone()),
             epoch,
             min_version: 0,
+            mark: 0,
         };
         let err = m.open(open(&nobody, 1)).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{err}");
@@ -215,6 +216,12 @@ fn garbage_and_unauthenticated_requests_are_refused() {
             CreateVolumeRequest {
                 name: "ok".into(),
                 size_bytes: (1 << 30) + 1,
+                repl: 1,
+                ..Default::default()
+            },
+            CreateVolumeRequest {
+                name: "ok".into(),
+                size_bytes: u64::MAX - 4095,
                 repl: 1,
                 ..Default::default()
             },

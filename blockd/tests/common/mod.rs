@@ -112,11 +112,14 @@ impl Block for FakeReplica {
             missing: false,
         }))
     }
+    type ChangedRegionsStream = shoal_blockd::services::ChangedStream;
     async fn changed_regions(
         &self,
         _r: Request<ChangedRequest>,
-    ) -> Result<Response<ChangedReply>, Status> {
-        Ok(Response::new(ChangedReply::default()))
+    ) -> Result<Response<Self::ChangedRegionsStream>, Status> {
+        Ok(Response::new(shoal_blockd::services::changed_stream(
+            Vec::new(),
+        )))
     }
     async fn read_region(
         &self,
@@ -162,6 +165,7 @@ pub fn volume_record(
         resync: Default::default(),
         resync_bytes: Default::default(),
         retired: Vec::new(),
+        replicas_made: false,
     }
 }
 

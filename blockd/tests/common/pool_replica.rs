@@ -130,18 +130,18 @@ impl Block for PoolReplica {
             missing: o.state == shoal_blockd::pool::OpenState::Missing,
         }))
     }
+    type ChangedRegionsStream = shoal_blockd::services::ChangedStream;
     async fn changed_regions(
         &self,
         r: Request<ChangedRequest>,
-    ) -> Result<Response<ChangedReply>, Status> {
+    ) -> Result<Response<Self::ChangedRegionsStream>, Status> {
         let r = r.into_inner();
         let p = rep(r.replica)?;
         let list = self
             .pool
             .changed_regions(&p.volume_id, p.size_bytes, r.after)
             .map_err(status)?;
-        let (regions, versions) = list.into_iter().unzip();
-        Ok(Response::new(ChangedReply { regions, versions }))
+        Ok(Response::new(shoal_blockd::services::changed_stream(list)))
     }
     async fn read_region(&self, r: Request<RegionRequest>) -> Result<Response<RegionData>, Status> {
         let r = r.into_inner();
