@@ -99,7 +99,16 @@ pub struct Pool {
     /// Allocated bytes over all replica files.
     used: AtomicU64,
     open: Mutex<HashMap<String, Arc<ReplicaFile>>>,
+    /// Replicas a coordinator opened (fenced) since this process started. A replica
+    /// not in it refuses changes: its node restarted since its coordinator last opened
+    /// it, so writes it had not flushed may be gone (a power loss), and it must be
+    /// resynced before it counts in sync again.
+    opened: Mutex<HashSet<String>>,
 }
+
+/// How a replica refuses a change after its node restarted (see `Pool::opened`); the
+/// coordinator recognizes it by this text.
+pub const RESTARTED: &str = "replica's node restarted since its coordinator opened it";
 
 impl Pool {
     /// Opens the pool in `dir` (created if missing). `capacity` of `None` means the free
@@ -127,6 +136,7 @@ impl Pool {
             capacity,
             used: AtomicU64::new(used),
             open: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashSet::new()),
         })
     }
 
@@ -229,6 +239,17 @@ impl Pool {
         Ok((r, !existed))
     }
 
+    /// Refuses a change to a replica not opened since this process started.
+    fn check_opened(&self, volume_id: &str) -> Result<()> {
+        if self.opened.lock().expect("opened lock").contains(volume_id) {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "volume {volume_id}: {RESTARTED}; it must be resynced"
+            )))
+        }
+    }
+
     fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::InvalidArgument(format!(
@@ -301,6 +322,7 @@ impl Pool {
         // Under the region lock: a fence (Open) or a newer write cannot slip in between
         // the check and the write.
         r.versions.check_epoch(stamp.epoch)?;
+        self.check_opened(volume_id)?;
         Self::refuse_late(&r, stamp)?;
         self.reserve(&r, offset, len)?;
         let res = write_all_at(&r.file, parts, offset);
@@ -389,6 +411,10 @@ impl Pool {
             Err(e) => return Err(e),
         };
         r.versions.admit(epoch)?;
+        self.opened
+            .lock()
+            .expect("opened lock")
+            .insert(volume_id.to_string());
         if let Some(d) = desc {
             // A torn or unreadable descriptor is written again, never a reason to refuse.
             if r.versions.descriptor().ok().flatten().as_ref() != Some(d) {
@@ -483,6 +509,7 @@ impl Pool {
         let r = self.replica(volume_id, size, false)?;
         let g = r.lock(region..region + 1);
         r.versions.check_epoch(stamp.epoch)?;
+        self.check_opened(volume_id)?;
         let zeros = data.iter().all(|b| *b == 0);
         if zeros {
             punch(&r.file, start, len)?;
@@ -508,6 +535,7 @@ impl Pool {
         // A flush of a missing replica fails: "durable" must not be said of lost data.
         let r = self.replica(volume_id, size, false)?;
         r.versions.check_epoch(epoch)?;
+        self.check_opened(volume_id)?;
         r.versions.note_complete(complete_below);
         r.file.sync_data()?;
         r.versions.sync()?;
@@ -528,6 +556,7 @@ impl Pool {
         let regions = regions_of(offset, len);
         let _g = r.lock(regions.clone());
         r.versions.check_epoch(stamp.epoch)?;
+        self.check_opened(volume_id)?;
         Self::refuse_late(&r, stamp)?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
@@ -560,6 +589,7 @@ impl Pool {
             Err(e) => return Err(e.into()),
         };
         drop(held);
+        self.opened.lock().expect("opened lock").remove(volume_id);
         fs::remove_file(&path)?;
         let _ = fs::remove_file(self.versions_path(volume_id));
         self.used
@@ -998,5 +1028,29 @@ mod tests {
         pool.open_replica("v", size, 2, 0, false, Some(&desc))
             .unwrap();
         assert_eq!(pool.describe("v").unwrap().descriptor, Some(desc));
+    }
+
+    #[test]
+    fn after_a_restart_a_replica_refuses_changes_until_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * MIB;
+        {
+            let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+            made(&pool, "v", size);
+            pool.write("v", size, 0, b"kept", true, S).unwrap();
+        }
+        // The node restarted: its page cache may be gone with writes not yet flushed.
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        for err in [
+            pool.write("v", size, 0, b"x", false, S).unwrap_err(),
+            pool.flush("v", size, 1, 0).unwrap_err(),
+            pool.discard("v", size, 0, 4096, S).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains(RESTARTED), "{err}");
+        }
+        assert_eq!(pool.read("v", size, 0, 4).unwrap(), b"kept");
+        // A coordinator opens it again (as its resync does): changes land again.
+        pool.open_replica("v", size, 1, 0, false, None).unwrap();
+        pool.write("v", size, 0, b"new!", true, S).unwrap();
     }
 }

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::{PeerBlockClient, Peers};
-use crate::pool::{OpenState, Pool, Stamp};
+use crate::pool::{OpenState, Pool, Stamp, RESTARTED};
 use crate::range_lock::{RangeGuard, RangeLock};
 use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
@@ -101,6 +101,10 @@ pub struct VolumeIo {
     descriptor: std::sync::OnceLock<Descriptor>,
     /// See [`VolumeRecord::may_create_in_sync`], as the record said at open.
     create_in_sync: bool,
+    /// Every version below this is durable on every in-sync replica (the watermark of
+    /// the last flush that completed everywhere, or what the replicas had at open). A
+    /// replica whose node restarted may have lost anything at or above it.
+    flushed_below: AtomicU64,
 }
 
 /// What `thread_io` needs to reach the replicas.
@@ -182,6 +186,7 @@ impl VolumeIo {
             thread_peers: RwLock::new(None),
             descriptor: std::sync::OnceLock::new(),
             create_in_sync: rec.may_create_in_sync(),
+            flushed_below: AtomicU64::new(0),
         }
     }
 
@@ -331,6 +336,9 @@ impl VolumeIo {
         let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
         self.settle(answers, Some(watermark))?;
         let lowest = complete_below.load(Ordering::SeqCst);
+        if lowest != u64::MAX {
+            self.flushed_below.fetch_max(lowest, Ordering::SeqCst);
+        }
         let copied =
             crate::reconcile::reconcile(self, if lowest == u64::MAX { 0 } else { lowest })?;
         if copied > 0 {
@@ -513,6 +521,18 @@ impl VolumeIo {
                     .catching_up
                     .remove(&node);
             }
+        }
+        // A replica whose node restarted since it was opened may have lost what it had
+        // not flushed: it leaves holding only what the last complete flush made durable.
+        let restarted: Vec<String> = in_sync_answers
+            .iter()
+            .filter(|(_, r)| matches!(r, Err(e) if e.to_string().contains(RESTARTED)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !restarted.is_empty() {
+            let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
+            warn!(volume = %self.volume_id, ?restarted, left_at = durable, "replica nodes restarted: resynced from their last flush");
+            self.remove_from_in_sync(&restarted, durable)?;
         }
         let summary: Vec<(String, Result<(), String>)> = in_sync_answers
             .iter()
@@ -824,7 +844,10 @@ impl VolumeIo {
                     .flush(&self.volume_id, self.size, epoch, complete_below)
             },
         );
-        self.settle(answers, None)
+        self.settle(answers, None)?;
+        self.flushed_below
+            .fetch_max(complete_below, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` from an in-sync replica.

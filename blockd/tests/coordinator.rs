@@ -173,6 +173,25 @@ fn an_in_sync_replica_whose_files_are_lost_leaves_the_set_holding_nothing() {
 }
 
 #[test]
+fn a_replica_whose_node_restarted_leaves_holding_only_what_was_flushed() {
+    let s = setup(true, 1);
+    s.io.write(0, &[1u8; 4096], false).unwrap();
+    let flushed = s.io.next_version();
+    s.io.flush().unwrap();
+    // Not flushed: a power loss on r0's node may have taken it.
+    s.io.write(8192, &[2u8; 4096], false).unwrap();
+    s.set(0, Mode::Restarted);
+    s.io.write(16384, &[3u8; 4096], false).unwrap();
+    let rec = s.record();
+    assert_eq!(rec.in_sync(), vec!["me".to_string()]);
+    assert_eq!(
+        rec.left_at["r0"],
+        flushed - 1,
+        "resynced from the last flush, so the unflushed write is copied again"
+    );
+}
+
+#[test]
 fn a_hung_replica_costs_the_writer_one_timeout() {
     let s = setup(true, 1);
     s.set(0, Mode::Hang);

@@ -19,6 +19,9 @@ pub enum Mode {
     /// shares this module uses it).
     #[allow(dead_code)]
     HangWriteAt(u64),
+    /// Refuse as a replica whose node restarted since it was opened.
+    #[allow(dead_code)]
+    Restarted,
 }
 
 /// A replica whose behaviour the test sets.
@@ -56,6 +59,7 @@ impl FakeReplica {
             Mode::Answer => Ok(()),
             Mode::HangWriteAt(at) if write_at != Some(at) => Ok(()),
             Mode::Fail => Err(Status::internal("disk on fire")),
+            Mode::Restarted => Err(Status::failed_precondition(shoal_blockd::pool::RESTARTED)),
             Mode::Hang | Mode::HangWriteAt(_) => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 Ok(())
