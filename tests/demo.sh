@@ -31,9 +31,11 @@ for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && break; 
 
 # Node 2 serves the Docker volume plugin (driver "shoal"); one socket per host.
 docker_socket() { if [ "$1" = 2 ]; then echo "${SHOAL_DEMO_DOCKER_SOCKET-/run/docker/plugins/shoal.sock}"; fi; }
+# The cluster secret lives in a file only root can read (never on the command line).
+(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DEMO/secret")
 for i in 2 3 4; do
   echo "== starting node on 127.0.0.$i"
-  "$SHOAL" node start --cluster-id demo --secret demo-secret --data-dir "$DEMO/node$i" \
+  "$SHOAL" node start --cluster-id demo --secret-file "$DEMO/secret" --data-dir "$DEMO/node$i" \
     --listen 127.0.0.$i:9710 --gossip 127.0.0.$i:9711 --kvdb http://127.0.0.1:23790 \
     --zone zone$(( i % 2 )) --capacity 8G --docker-socket "$(docker_socket $i)" \
     >"$DEMO/node$i.log" 2>&1 &

@@ -9,16 +9,18 @@
 //! watermark it was told (in memory, and in its version file at every flush). Before a
 //! new coordinator serves, [`reconcile`] takes the lowest watermark its in-sync replicas
 //! report (a replica that lost power reports the one of its last flush, and everything it
-//! lost is at or above that), lists on each of them the regions written at or above it, and copies each of
-//! those regions, with its version, from one replica (its own, when it has one) to the
-//! others. Which outcome wins does not matter: none of those writes was acknowledged.
-//! What matters is that every replica ends with the same one.
+//! lost is at or above that), lists on each of them the regions written at or above it,
+//! and copies each of those regions, with its version, from the replica that holds its
+//! highest version (its own on a tie) to the others: a region is never copied over a
+//! newer version of itself. Which unacknowledged write wins does not matter; what
+//! matters is that every replica ends with the same one, and that no replica's newer
+//! data is overwritten by an older copy.
 //!
 //! The watermark follows the writes, so the regions compared are those of the writes in
 //! flight at the moment of the crash (plus, rarely, those written since a write that
 //! failed everywhere), not the volume.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{info, warn};
 
@@ -27,14 +29,22 @@ use crate::resync::Side;
 use crate::versions::first_version;
 use crate::volume_io::VolumeIo;
 
-/// Regions to compare: every region any in-sync replica lists as written at or above
-/// the watermark, once each, in ascending order.
-pub fn plan(changed: &[Vec<(u64, u64)>]) -> Vec<u64> {
-    let set: BTreeSet<u64> = changed
-        .iter()
-        .flat_map(|list| list.iter().map(|(region, _)| *region))
-        .collect();
-    set.into_iter().collect()
+/// Regions to compare and where to copy each from: every region any in-sync replica
+/// lists as written at or above the watermark, once each, in ascending order, with the
+/// index of the list (replica) that holds its highest version. Ties go to the earliest
+/// list, so the caller lists its preferred source first. A replica never gets a region
+/// copied over it from one that holds an older version of it.
+pub fn plan(changed: &[Vec<(u64, u64)>]) -> Vec<(u64, usize)> {
+    let mut best: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+    for (i, list) in changed.iter().enumerate() {
+        for &(region, version) in list {
+            let e = best.entry(region).or_insert((version, i));
+            if version > e.0 {
+                *e = (version, i);
+            }
+        }
+    }
+    best.into_iter().map(|(r, (_, i))| (r, i)).collect()
 }
 
 /// The version after which a region may differ between in-sync replicas: just below
@@ -81,11 +91,14 @@ enum Round {
 }
 
 fn round(io: &VolumeIo, in_sync: &BTreeSet<String>, source: &str, after: u64) -> Result<Round> {
-    let mut lists = Vec::with_capacity(in_sync.len());
-    for node in in_sync {
+    // The preferred source first: it wins ties.
+    let mut nodes: Vec<&String> = in_sync.iter().filter(|n| n.as_str() == source).collect();
+    nodes.extend(in_sync.iter().filter(|n| n.as_str() != source));
+    let mut lists = Vec::with_capacity(nodes.len());
+    for node in &nodes {
         match Side::new(io, node).changed(after) {
             Ok(list) => lists.push(list),
-            Err(e) => return Ok(Round::Drop(node.clone(), e)),
+            Err(e) => return Ok(Round::Drop(node.to_string(), e)),
         }
     }
     let regions = plan(&lists);
@@ -93,20 +106,20 @@ fn round(io: &VolumeIo, in_sync: &BTreeSet<String>, source: &str, after: u64) ->
         return Ok(Round::Done(0));
     }
     info!(volume = %io.volume_id, after, regions = regions.len(), %source, "reconciling in-sync replicas after a takeover");
-    let from = Side::new(io, source);
     let mut dropped: Option<(String, Error)> = None;
-    for &region in &regions {
-        let (data, version) = match from.read_region(region) {
+    for &(region, from) in &regions {
+        let from_node = nodes[from];
+        let (data, version) = match Side::new(io, from_node).read_region(region) {
             Ok(r) => r,
-            Err(e) => return Ok(Round::Drop(source.to_string(), e)),
+            Err(e) => return Ok(Round::Drop(from_node.to_string(), e)),
         };
-        for node in in_sync.iter().filter(|n| n.as_str() != source) {
-            if dropped.as_ref().is_some_and(|(d, _)| d == node) {
+        for node in nodes.iter().filter(|n| **n != from_node) {
+            if dropped.as_ref().is_some_and(|(d, _)| d == *node) {
                 continue;
             }
             if let Err(e) = Side::new(io, node).write_region(region, data.clone(), version) {
                 // Copy to the others first; this one leaves when the round ends.
-                dropped = Some((node.clone(), e));
+                dropped = Some((node.to_string(), e));
             }
         }
     }
@@ -122,11 +135,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_plan_is_every_listed_region_once_in_order() {
+    fn every_listed_region_once_in_order_from_its_newest_holder() {
         let a = vec![(7, 100), (2, 90)];
         let b = vec![(2, 95), (40, 101)];
-        assert_eq!(plan(&[a, b, vec![]]), vec![2, 7, 40]);
+        // Region 2 is newer on b: copied from b, never from a over it.
+        assert_eq!(plan(&[a, b, vec![]]), vec![(2, 1), (7, 0), (40, 1)]);
         assert!(plan(&[vec![], vec![]]).is_empty());
+    }
+
+    #[test]
+    fn ties_go_to_the_preferred_source_listed_first() {
+        let local = vec![(3, 50)];
+        let other = vec![(3, 50), (4, 49)];
+        assert_eq!(plan(&[local, other]), vec![(3, 0), (4, 1)]);
     }
 
     #[test]

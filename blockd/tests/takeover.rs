@@ -217,10 +217,10 @@ fn a_successor_on_the_same_node_copies_its_unfinished_write_to_the_replica_that_
 }
 
 #[test]
-fn a_successor_elsewhere_gives_every_replica_its_source_replicas_outcome() {
+fn a_successor_elsewhere_copies_each_region_from_its_newest_holder() {
     let c = cluster(&["r1", "r2"]);
-    // The coordinator holds no replica; r1 (the successor's source: first by id) misses
-    // the write, r2 has it.
+    // The coordinator holds no replica; r1 (the successor's preferred source: first by
+    // id) misses the write, r2 has it, at a newer version.
     let old = c.coordinator(false, 5);
     let writer = die_with_a_write_in_flight(&c, &old, "r1", "r2");
     let _new = c.coordinator(false, 6);
@@ -228,12 +228,14 @@ fn a_successor_elsewhere_gives_every_replica_its_source_replicas_outcome() {
     assert_eq!(a.0, b.0, "same bytes in the region of the unfinished write");
     assert_eq!(a.1, b.1, "same version there");
     assert_eq!(
-        &b.0[..4],
-        &[0u8; 4],
-        "r2 lost the unacknowledged write, like r1"
+        &a.0[..4],
+        &[0xBB; 4],
+        "the newer version was copied to r1, never the older one over r2"
     );
-    assert_eq!(c.replica("r2").region_writes.load(Ordering::SeqCst), 2);
-    assert_eq!(c.replica("r1").region_writes.load(Ordering::SeqCst), 0);
+    // The last finished write's region (equal on both: the preferred source's copy goes
+    // to r2) and the unfinished one (r2's goes to r1).
+    assert_eq!(c.replica("r2").region_writes.load(Ordering::SeqCst), 1);
+    assert_eq!(c.replica("r1").region_writes.load(Ordering::SeqCst), 1);
     for r in 0..8u64 {
         assert_eq!(
             c.region("r1", r).0[..4],

@@ -39,9 +39,14 @@ pub struct StartArgs {
     /// Rack label (placement spreads replicas over racks).
     #[arg(long, env = "SHOAL_RACK", default_value = "default")]
     rack: String,
-    /// Cluster join secret; every node of a cluster must have the same.
-    #[arg(long, env = "SHOAL_SECRET", default_value = "", hide_env_values = true)]
-    secret: String,
+    /// File holding the cluster join secret (only its owner may read it: mode 0600);
+    /// every node of a cluster must have the same secret. Or set SHOAL_SECRET. A
+    /// single-host node on the embedded store makes its own in <data-dir>/secret.
+    #[arg(long, env = "SHOAL_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
+    /// Refused: a secret on the command line is visible to every user (ps).
+    #[arg(long, hide = true)]
+    secret: Option<String>,
     /// Directory holding replica data (default: <data-dir>/pool).
     #[arg(long, env = "SHOAL_POOL")]
     pool: Option<PathBuf>,
@@ -66,6 +71,79 @@ pub struct StartArgs {
     docker_socket: String,
 }
 
+/// The cluster secret: from `--secret-file`, SHOAL_SECRET, or (single host on the
+/// embedded store only) one the node made itself. Never from argv, never a default.
+fn secret(args: &StartArgs) -> anyhow::Result<String> {
+    if args.secret.is_some() {
+        anyhow::bail!(
+            "--secret is not accepted: a secret on the command line is visible to every \
+             user; put it in a file only its owner can read and give --secret-file PATH, or \
+             set SHOAL_SECRET"
+        );
+    }
+    if let Some(path) = &args.secret_file {
+        return read_secret_file(path);
+    }
+    if let Ok(s) = std::env::var("SHOAL_SECRET") {
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    if args.kvdb.is_empty() {
+        return own_secret(&args.data_dir.join("secret"));
+    }
+    anyhow::bail!(
+        "no cluster secret: a node on etcd needs the cluster's secret; give --secret-file \
+         PATH (a file of mode 0600) or set SHOAL_SECRET"
+    )
+}
+
+fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("--secret-file {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "--secret-file {}: other users may read it (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--secret-file {}", path.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        anyhow::bail!("--secret-file {}: the file is empty", path.display());
+    }
+    Ok(secret)
+}
+
+/// A single-host node's own secret: read, or made once (random, mode 0600).
+fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return read_secret_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("making {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(secret)
+}
+
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
     shoal_blockd::size::parse_size(s).map_err(|e| e.to_string())
 }
@@ -73,6 +151,7 @@ pub fn parse_size_arg(s: &str) -> Result<u64, String> {
 /// The node configuration the flags describe.
 pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
     let args = args.clone();
+    let secret = secret(&args)?;
     Ok(NodeConfig {
         cluster_id: args.cluster_id,
         data_dir: args.data_dir,
@@ -81,7 +160,7 @@ pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
         kvdb: args.kvdb,
         zone: args.zone,
         rack: args.rack,
-        secret: args.secret,
+        secret,
         pool: args.pool,
         capacity: args.capacity,
         replica_timeout: std::time::Duration::try_from_secs_f64(args.replica_timeout).map_err(

@@ -292,6 +292,15 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// A file (mode 0600) holding `opts.secret`, made on first use.
+    pub fn secret_file(&self) -> PathBuf {
+        let path = self.path().join("secret");
+        if !path.exists() {
+            write_secret_file(&path, &self.opts.secret);
+        }
+        path
+    }
+
     /// The node start arguments for node number `i`.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let ip = format!("{}.{}", self.net, i + 2);
@@ -313,8 +322,8 @@ impl Cluster {
             format!("{ip}:9710"),
             "--gossip".into(),
             format!("{ip}:9711"),
-            "--secret".into(),
-            self.opts.secret.clone(),
+            "--secret-file".into(),
+            self.secret_file().display().to_string(),
             "--zone".into(),
             zone,
             "--rack".into(),
@@ -725,4 +734,18 @@ pub fn write_random_file(path: &Path, mib: usize) -> String {
     }
     f.sync_all().unwrap();
     hex::encode(h.finalize())
+}
+
+/// Writes `secret` to a new file only its owner can read, as a node's `--secret-file`.
+pub fn write_secret_file(path: &Path, secret: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(secret.as_bytes()).unwrap();
 }

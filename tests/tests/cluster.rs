@@ -105,8 +105,36 @@ fn wrong_secret_and_wrong_cluster_are_refused() {
     require_root!();
     let mut c = Cluster::start(1, Opts::default());
     // A node with the wrong secret.
-    let err = refused_start(&c, 1, "--secret", "not-the-secret");
+    let wrong = c.path().join("wrong-secret");
+    shoal_tests::write_secret_file(&wrong, "not-the-secret");
+    let err = refused_start(&c, 1, "--secret-file", wrong.to_str().unwrap());
     assert!(err.contains("wrong secret"), "{err}");
+    // A secret others can read, a secret on the command line, and none at all on etcd.
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let err = refused_start(&c, 1, "--secret-file", wrong.to_str().unwrap());
+    assert!(err.contains("chmod 600"), "{err}");
+    let mut args = c.node_args(1);
+    let at = args.iter().position(|a| a == "--secret-file").unwrap();
+    args[at] = "--secret".into();
+    args[at + 1] = "test-secret".into();
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(&args)
+        .env_remove("SHOAL_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--secret is not accepted"), "{err}");
+    args.drain(at..at + 2);
+    let out = std::process::Command::new(shoal_tests::shoal_bin())
+        .args(&args)
+        .env_remove("SHOAL_SECRET")
+        .env_remove("SHOAL_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no cluster secret"), "{err}");
     // An existing data dir started with another cluster id.
     c.stop(0);
     let err = refused_start(&c, 0, "--cluster-id", "another");
@@ -133,6 +161,47 @@ fn single_node_runs_on_the_embedded_store() {
     let v = c.json(0, &["volume", "inspect", "solo"]);
     assert_eq!(v["size_bytes"], 1u64 << 30);
     assert!(c.nodes[0].data_dir.join("meta.json").exists());
+}
+
+#[test]
+fn a_single_host_node_makes_its_own_secret_and_keeps_it() {
+    require_root!();
+    // A second single-host node beside the harness's own (its own data dir and store).
+    let c = Cluster::start(
+        1,
+        Opts {
+            etcd: false,
+            ..Opts::default()
+        },
+    );
+    let mut args = c.node_args(1);
+    let at = args.iter().position(|a| a == "--secret-file").unwrap();
+    args.drain(at..at + 2);
+    let secret = c.path().join("node1/secret");
+    let mut sums = Vec::new();
+    for _ in 0..2 {
+        let mut node = std::process::Command::new(shoal_tests::shoal_bin())
+            .args(&args)
+            .env_remove("SHOAL_SECRET")
+            .env_remove("SHOAL_SECRET_FILE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let ep = args[args.iter().position(|a| a == "--listen").unwrap() + 1].clone();
+        wait_until(Duration::from_secs(20), "the node to serve", || {
+            std::net::TcpStream::connect(&ep).is_ok()
+        });
+        let _ = node.kill();
+        let _ = node.wait();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&secret).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        sums.push(std::fs::read(&secret).unwrap());
+    }
+    assert!(sums[0].len() >= 32, "a random secret");
+    assert_eq!(sums[0], sums[1], "made once, then kept");
 }
 
 #[test]
