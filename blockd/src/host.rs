@@ -166,6 +166,21 @@ pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Whether `path` is a mount point of a Shoal volume: a shared namespace
+/// (`fuse.shoal`) or a filesystem on a loop device (a block volume). Any other mount
+/// point is judged like a directory.
+pub fn is_shoal_mount(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    text.lines().any(|l| {
+        let mut it = l.split_whitespace();
+        let (Some(src), Some(at), Some(fstype)) = (it.next(), it.next(), it.next()) else {
+            return false;
+        };
+        unescape_mount_path(at) == path
+            && (fstype.starts_with("fuse.shoal") || src.starts_with("/dev/loop"))
+    })
+}
+
 /// Mount points of a device (`/dev/loopN`).
 pub fn mounts_of_device(dev: &str) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
@@ -288,7 +303,8 @@ pub fn check_mount_path(path: &Path, data_dir: &Path) -> Result<()> {
     {
         return Err(bad("is a system directory or below one"));
     }
-    if mounts_under(&real).contains(&real) {
+    if is_shoal_mount(&real) {
+        // Mounted by us already (a repeated mount): its contents are the volume's.
         return Ok(());
     }
     match std::fs::read_dir(&real) {

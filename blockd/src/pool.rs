@@ -332,8 +332,9 @@ impl Pool {
         r.versions.note_complete(stamp.complete_below);
         drop(guards);
         if fua {
+            let durable = r.versions.complete_below();
             r.file.sync_data()?;
-            r.versions.sync()?;
+            r.versions.sync(durable)?;
         } else {
             // Outside the region lock: this may wait for an older range's write-out.
             r.writeback.after_write(&r.file, offset, len);
@@ -410,11 +411,22 @@ impl Pool {
             }
             Err(e) => return Err(e),
         };
-        r.versions.admit(epoch)?;
-        self.opened
-            .lock()
-            .expect("opened lock")
-            .insert(volume_id.to_string());
+        {
+            // Only a fence at a newer epoch (a new coordinator, which reconciles or
+            // resyncs what it opens), a replica made just now, or one its resync is
+            // about to copy into (`allow_reopen`) counts as opened in this process. A
+            // same-epoch open (a write floor) of a replica whose node restarted must not
+            // let it back in with what it lost.
+            let mut opened = self.opened.lock().expect("opened lock");
+            let fence = epoch > r.versions.epoch();
+            if !fence && !created && !opened.contains(volume_id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id}: {RESTARTED}; it must be resynced"
+                )));
+            }
+            r.versions.admit(epoch)?;
+            opened.insert(volume_id.to_string());
+        }
         if let Some(d) = desc {
             // A torn or unreadable descriptor is written again, never a reason to refuse.
             if r.versions.descriptor().ok().flatten().as_ref() != Some(d) {
@@ -434,6 +446,15 @@ impl Pool {
                 OpenState::Existing
             },
         })
+    }
+
+    /// Lets the next open at the current epoch count as opened in this process: the
+    /// replica's resync is about to copy into it (see [`Pool::open_replica`]).
+    pub fn allow_reopen(&self, volume_id: &str) {
+        self.opened
+            .lock()
+            .expect("opened lock")
+            .insert(volume_id.to_string());
     }
 
     /// Marks a replica as being caught up, or no longer (see
@@ -537,8 +558,11 @@ impl Pool {
         r.versions.check_epoch(epoch)?;
         self.check_opened(volume_id)?;
         r.versions.note_complete(complete_below);
+        // The watermark written is the one known before the data was synced: a write
+        // arriving meanwhile may raise it, and its data may not be on disk yet.
+        let durable = r.versions.complete_below();
         r.file.sync_data()?;
-        r.versions.sync()?;
+        r.versions.sync(durable)?;
         Ok(())
     }
 
@@ -1049,7 +1073,12 @@ mod tests {
             assert!(err.to_string().contains(RESTARTED), "{err}");
         }
         assert_eq!(pool.read("v", size, 0, 4).unwrap(), b"kept");
-        // A coordinator opens it again (as its resync does): changes land again.
+        // A same-epoch open (a write floor) does not let it back in.
+        let err = pool.open_replica("v", size, 1, 9, false, None).unwrap_err();
+        assert!(err.to_string().contains(RESTARTED), "{err}");
+        assert!(pool.write("v", size, 0, b"x", false, S).is_err());
+        // Its resync opens it again: changes land again.
+        pool.allow_reopen("v");
         pool.open_replica("v", size, 1, 0, false, None).unwrap();
         pool.write("v", size, 0, b"new!", true, S).unwrap();
     }

@@ -226,6 +226,7 @@ impl<'a> Side<'a> {
     fn open(&self, min_version: u64) -> Result<bool> {
         let io = self.io;
         if io.is_local(&self.node) {
+            io.pool().allow_reopen(&io.volume_id);
             let o = io.pool().open_replica(
                 &io.volume_id,
                 io.size(),

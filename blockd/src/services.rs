@@ -298,6 +298,9 @@ impl Block for BlockService {
         };
         let opened = self
             .blocking(move |n| {
+                if mark == Some(true) {
+                    n.pool.allow_reopen(&rep.volume_id);
+                }
                 let o = n.pool.open_replica(
                     &rep.volume_id,
                     rep.size_bytes,

@@ -287,8 +287,9 @@ impl RegionVersions {
     }
 
     /// Makes every recorded version durable, and the completion watermark with them.
-    pub fn sync(&self) -> Result<()> {
-        let w = self.complete_below();
+    /// `durable`: the watermark to record, known before the data it covers was synced.
+    pub fn sync(&self, durable: u64) -> Result<()> {
+        let w = durable;
         self.file.write_all_at(&w.to_le_bytes(), 24)?;
         self.file.sync_data()?;
         Ok(())
@@ -405,7 +406,7 @@ mod tests {
         v.note_complete(50);
         v.note_complete(40); // an older write's watermark arriving late
         assert_eq!(v.complete_below(), 50);
-        v.sync().unwrap();
+        v.sync(v.complete_below()).unwrap();
         v.note_complete(60); // not synced: may be lost, which only widens a reconcile
         drop(v);
         let v = RegionVersions::open(&p, true).unwrap();

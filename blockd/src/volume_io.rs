@@ -336,15 +336,11 @@ impl VolumeIo {
         let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
         self.settle(answers, Some(watermark))?;
         let lowest = complete_below.load(Ordering::SeqCst);
-        if lowest != u64::MAX {
-            self.flushed_below.fetch_max(lowest, Ordering::SeqCst);
-        }
-        let copied =
-            crate::reconcile::reconcile(self, if lowest == u64::MAX { 0 } else { lowest })?;
-        if copied > 0 {
-            // Durable on every in-sync replica before anything is served.
-            self.flush()?;
-        }
+        crate::reconcile::reconcile(self, if lowest == u64::MAX { 0 } else { lowest })?;
+        // Durable on every in-sync replica before anything is served: the reconciled
+        // regions, and whatever the previous coordinator left unflushed. This flush's
+        // watermark is where a replica whose node restarts later is resynced from.
+        self.flush()?;
         Ok(())
     }
 

@@ -102,6 +102,15 @@ fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta =
         std::fs::metadata(path).with_context(|| format!("--secret-file {}", path.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        anyhow::bail!(
+            "--secret-file {}: owned by uid {}, not by this user ({me})",
+            path.display(),
+            meta.uid()
+        );
+    }
     if meta.mode() & 0o077 != 0 {
         anyhow::bail!(
             "--secret-file {}: other users may read it (mode {:o}); chmod 600 it",
@@ -112,7 +121,7 @@ fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--secret-file {}", path.display()))?;
     let secret = text.trim_end_matches(['\n', '\r']).to_string();
-    if secret.is_empty() {
+    if secret.trim().is_empty() {
         anyhow::bail!("--secret-file {}: the file is empty", path.display());
     }
     Ok(secret)
@@ -133,14 +142,18 @@ fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
+    // Written aside and renamed into place: a crash never leaves an empty secret.
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("making {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("making {}", tmp.display()))?;
     f.write_all(secret.as_bytes())?;
     f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("making {}", path.display()))?;
     Ok(secret)
 }
 
