@@ -371,29 +371,23 @@ fn record(io: &VolumeIo) -> Result<VolumeRecord> {
 }
 
 fn save_progress(io: &VolumeIo, node: &str, p: &ResyncProgress) -> Result<()> {
-    let key = io.keys.volume(&io.volume_id);
-    io.rt.block_on(async {
-        loop {
-            let kv = io
-                .meta
-                .get(&key)
-                .await?
-                .ok_or_else(|| Error::NotFound("volume record".into()))?;
-            let mut rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
-            if rec.epoch != io.epoch {
-                return Err(Error::Fenced("coordinator replaced".into()));
-            }
-            rec.resync.insert(node.to_string(), p.clone());
-            if io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
-                return Ok(());
-            }
-        }
+    change_record(io, |rec| {
+        rec.resync.insert(node.to_string(), p.clone());
     })
 }
 
 /// Records that `node` holds nothing (`left_at` 0, no resync progress): its replica was
 /// made again empty.
 fn forget_progress(io: &VolumeIo, node: &str) -> Result<()> {
+    change_record(io, |rec| {
+        rec.left_at.insert(node.to_string(), 0);
+        rec.resync.remove(node);
+    })
+}
+
+/// Applies `change` to the volume's record while this coordinator's epoch is the
+/// record's (a conditional update, retried on a concurrent change).
+fn change_record(io: &VolumeIo, change: impl Fn(&mut VolumeRecord)) -> Result<()> {
     let key = io.keys.volume(&io.volume_id);
     io.rt.block_on(async {
         loop {
@@ -406,8 +400,7 @@ fn forget_progress(io: &VolumeIo, node: &str) -> Result<()> {
             if rec.epoch != io.epoch {
                 return Err(Error::Fenced("coordinator replaced".into()));
             }
-            rec.left_at.insert(node.to_string(), 0);
-            rec.resync.remove(node);
+            change(&mut rec);
             if io.meta.put_if(&key, &records::encode(&rec), kv.rev).await? {
                 return Ok(());
             }
