@@ -13,7 +13,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::secret_hash;
-use crate::records::{self, ClusterRecord, Keys, RECORD_VERSION};
+use crate::records::{self, ClusterRecord, Keys};
 
 /// What this node already holds, read off its data dir and pool.
 #[derive(Debug, Clone, Default)]
@@ -117,13 +117,7 @@ pub async fn join(
             Plan::Join(uuid) => return Ok(uuid),
             Plan::Create => {
                 let uuid = uuid::Uuid::new_v4().simple().to_string();
-                let rec = ClusterRecord {
-                    v: RECORD_VERSION,
-                    cluster_id: cfg.cluster_id.clone(),
-                    secret_hash: want.clone(),
-                    created_unix: records::now_unix(),
-                    uuid: uuid.clone(),
-                };
+                let rec = ClusterRecord::new(&cfg.cluster_id, &want, &uuid);
                 if meta
                     .put_if(&keys.cluster(), &records::encode(&rec), 0)
                     .await?
@@ -151,6 +145,7 @@ pub async fn join(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::RECORD_VERSION;
 
     fn rec(uuid: &str) -> ClusterRecord {
         ClusterRecord {

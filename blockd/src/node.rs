@@ -67,6 +67,16 @@ pub fn read_pinned(dir: &Path, file: &str) -> Result<Option<String>> {
     }
 }
 
+/// Opens the metadata store the node's flags name: etcd with `--kvdb`, otherwise the
+/// embedded store in the data dir.
+pub async fn open_store(cfg: &NodeConfig) -> Result<MetaStore> {
+    Ok(if cfg.kvdb.is_empty() {
+        MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
+    } else {
+        MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
+    })
+}
+
 /// The metadata store a node uses, as its messages name it.
 pub fn store_name(cfg: &NodeConfig) -> String {
     if cfg.kvdb.is_empty() {
@@ -129,11 +139,7 @@ impl Node {
         };
         let pool = Arc::new(Pool::open(&pool_dir, cfg.capacity)?);
 
-        let meta = if cfg.kvdb.is_empty() {
-            MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
-        } else {
-            MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
-        };
+        let meta = open_store(&cfg).await?;
         let keys = Keys::new(&cfg.cluster_id);
         let local = cluster_join::Local {
             pinned_uuid: read_pinned(&cfg.data_dir, "cluster-uuid")?,
@@ -310,30 +316,47 @@ async fn gc_loop(node: Arc<Node>) {
     }
 }
 
-/// Why a replica file may be deleted, or None when nothing proves it unwanted.
-pub(crate) async fn deletion_evidence(node: &Node, volume_id: &str) -> Result<Option<String>> {
+/// What the metadata says about a replica file on this node.
+pub(crate) enum Evidence {
+    /// It may be deleted, for this reason.
+    Unwanted(String),
+    /// Its volume's record still places it here (or may: see below).
+    Listed,
+    /// Neither a record nor a tombstone: nothing is known, so it is kept.
+    Unknown,
+}
+
+/// See [`Evidence`]. Only a positive record makes a replica unwanted.
+pub(crate) async fn deletion_evidence(node: &Node, volume_id: &str) -> Result<Evidence> {
     if node
         .meta
         .get(&node.keys.tombstone(volume_id))
         .await?
         .is_some()
     {
-        return Ok(Some("its volume was deleted (tombstone)".into()));
+        return Ok(Evidence::Unwanted(
+            "its volume was deleted (tombstone)".into(),
+        ));
     }
-    if let Some(kv) = node.meta.get(&node.keys.volume(volume_id)).await? {
-        let rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
-        // A record rebuilt by `cluster recover` lists only the nodes that reported so
-        // far: it says nothing about a replica it does not list.
-        let recovered = !node
-            .meta
-            .list(&node.keys.recovery(volume_id))
-            .await?
-            .is_empty();
-        if !rec.keeps_data_on(&node.id) && !recovered {
-            return Ok(Some("its volume's record places no replica here".into()));
-        }
+    let Some(kv) = node.meta.get(&node.keys.volume(volume_id)).await? else {
+        return Ok(Evidence::Unknown);
+    };
+    let rec: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+    if rec.keeps_data_on(&node.id) {
+        return Ok(Evidence::Listed);
     }
-    Ok(None)
+    // A record rebuilt by `cluster recover` lists only the nodes that reported so far:
+    // it says nothing about a replica it does not list.
+    let recovered = !node
+        .meta
+        .list(&node.keys.recovery(volume_id))
+        .await?
+        .is_empty();
+    Ok(if recovered {
+        Evidence::Listed
+    } else {
+        Evidence::Unwanted("its volume's record places no replica here".into())
+    })
 }
 
 async fn gc_once(node: &Node, orphans_seen: &mut HashSet<String>) -> Result<()> {
@@ -342,13 +365,13 @@ async fn gc_once(node: &Node, orphans_seen: &mut HashSet<String>) -> Result<()> 
     // is kept and reported once.
     for id in node.pool.replica_ids()? {
         match deletion_evidence(node, &id).await? {
-            Some(why) => {
+            Evidence::Unwanted(why) => {
                 info!(volume = %id, reason = %why, "deleting a replica this node no longer holds");
                 node.pool.delete(&id)?;
             }
-            None => {
-                let listed = node.meta.get(&node.keys.volume(&id)).await?.is_some();
-                if !listed && orphans_seen.insert(id.clone()) {
+            Evidence::Listed => {}
+            Evidence::Unknown => {
+                if orphans_seen.insert(id.clone()) {
                     warn!(volume = %id, "replica file with no volume record and no tombstone: kept (see `shoal cluster recover`)");
                 }
             }

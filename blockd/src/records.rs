@@ -77,6 +77,19 @@ pub struct ClusterRecord {
     pub uuid: String,
 }
 
+impl ClusterRecord {
+    /// A new cluster's record, made now.
+    pub fn new(cluster_id: &str, secret_hash: &str, uuid: &str) -> Self {
+        Self {
+            v: RECORD_VERSION,
+            cluster_id: cluster_id.to_string(),
+            secret_hash: secret_hash.to_string(),
+            created_unix: now_unix(),
+            uuid: uuid.to_string(),
+        }
+    }
+}
+
 /// The positive record of a volume's deletion.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tombstone {

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use crate::cluster_join;
 use crate::config::{NodeConfig, PoolKind};
 use crate::error::{Error, Result};
-use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
-use crate::node::{read_pinned, store_name};
+use crate::meta::MetaStore;
+use crate::node::{open_store, read_pinned, store_name};
 use crate::peers::secret_hash;
 use crate::pool::Pool;
 use crate::records::{self, ClusterRecord, Keys, VolumeRecord, RECORD_VERSION};
@@ -135,11 +135,7 @@ pub async fn recover(cfg: &NodeConfig) -> Result<Vec<Recovered>> {
         PoolKind::Device { mountpoint, .. } => mountpoint,
     };
     let pool = Pool::open(&pool_dir, None)?;
-    let meta = if cfg.kvdb.is_empty() {
-        MetaStore::Embedded(EmbeddedStore::open(&dir.join("meta.json"))?)
-    } else {
-        MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
-    };
+    let meta = open_store(cfg).await?;
     let keys = Keys::new(&cfg.cluster_id);
     cluster_record(&meta, &keys, cfg, &uuid).await?;
 
@@ -200,13 +196,7 @@ fn skipped(id: &str, detail: String) -> Recovered {
 /// cluster's record or a wrong secret.
 async fn cluster_record(meta: &MetaStore, keys: &Keys, cfg: &NodeConfig, uuid: &str) -> Result<()> {
     let want = secret_hash(&cfg.cluster_id, &cfg.secret);
-    let rec = ClusterRecord {
-        v: RECORD_VERSION,
-        cluster_id: cfg.cluster_id.clone(),
-        secret_hash: want.clone(),
-        created_unix: records::now_unix(),
-        uuid: uuid.to_string(),
-    };
+    let rec = ClusterRecord::new(&cfg.cluster_id, &want, uuid);
     if meta
         .put_if(&keys.cluster(), &records::encode(&rec), 0)
         .await?

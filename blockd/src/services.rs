@@ -379,10 +379,10 @@ impl Block for BlockService {
         let rep = req.into_inner();
         // Only on a positive record: a tombstone, or the volume's record naming other
         // nodes. The caller's word is not enough.
-        if crate::node::deletion_evidence(&self.0, &rep.volume_id)
-            .await?
-            .is_none()
-        {
+        if !matches!(
+            crate::node::deletion_evidence(&self.0, &rep.volume_id).await?,
+            crate::node::Evidence::Unwanted(_)
+        ) {
             return Err(Status::failed_precondition(format!(
                 "volume {}: no tombstone or record says its replica here is unwanted; kept",
                 rep.volume_id

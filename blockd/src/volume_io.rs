@@ -99,7 +99,8 @@ pub struct VolumeIo {
     thread_peers: RwLock<Option<ThreadPeers>>,
     /// What this node's replica writes about itself into its header when opened.
     descriptor: std::sync::OnceLock<Descriptor>,
-    /// See [`VolumeRecord::may_create_in_sync`], as the record said at open.
+    /// Whether an in-sync replica missing here may be made empty at open (see
+    /// [`VolumeRecord::may_create_in_sync`]), as the record said at open.
     create_in_sync: bool,
     /// Every version below this is durable on every in-sync replica (the watermark of
     /// the last flush that completed everywhere, or what the replicas had at open). A
@@ -199,12 +200,6 @@ impl VolumeIo {
     /// See [`VolumeIo::set_descriptor`].
     pub(crate) fn descriptor(&self) -> Option<&Descriptor> {
         self.descriptor.get()
-    }
-
-    /// Whether a replica missing here may be made empty at open: only by a volume's
-    /// first coordinator (see [`VolumeRecord::may_create_replica`]).
-    fn may_create_in_sync(&self) -> bool {
-        self.create_in_sync
     }
 
     /// Lets small writes reach the replicas on `addresses` (node id -> address) from the
@@ -307,7 +302,7 @@ impl VolumeIo {
                     self.size,
                     epoch,
                     0,
-                    self.may_create_in_sync(),
+                    self.create_in_sync,
                     self.descriptor.get(),
                 )?;
                 if r.state == OpenState::Missing {
