@@ -14,6 +14,7 @@ use std::sync::Arc;
 use shoal_proto::control::{AttachRequest, VolumeRef};
 use tracing::{info, instrument, warn};
 
+use crate::coordinator_role::RoleHandle;
 use crate::device_fs::{DeviceFs, DEVICE_FILE};
 use crate::error::{Error, Result};
 use crate::host;
@@ -34,8 +35,12 @@ pub struct Attachment {
     stop: Arc<AtomicBool>,
     pub name: String,
     pub volume_id: String,
+    /// The epoch this node attached the volume at.
+    pub(crate) epoch: u64,
     /// Serves a shared namespace (no device file, no loop device).
     shared: bool,
+    /// A shared volume's coordinator role.
+    role: Option<RoleHandle>,
     /// The FUSE session serving the device file (unmounted on drop).
     session: Option<fuser::BackgroundSession>,
     fuse_dir: PathBuf,
@@ -297,20 +302,35 @@ impl Node {
     /// Mounts the device filesystem and, for ext4, the loop device (formatting it on
     /// first attach). Returns the attachment and the device path users see.
     async fn expose(&self, rec: &VolumeRecord) -> Result<(Attachment, String)> {
-        // Fence every in-sync replica at the new epoch before serving a single request.
-        let io = self.open_volume_io(rec, false).await?;
         if rec.shared {
-            let hooks = self.shared_hooks()?;
-            let (r, served) = (rec.clone(), io.clone());
-            tokio::task::spawn_blocking(move || hooks.serve(&r, served))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
+            // The previous coordinator stops serving before its role lease runs out:
+            // claim the role (waiting for that) before touching the replicas.
+            let role = self.claim_role(rec).await?;
+            let served = async {
+                let io = self.open_volume_io(rec, false).await?;
+                let hooks = self.shared_hooks()?;
+                let (r, served, gate) = (rec.clone(), io.clone(), role.gate.clone());
+                tokio::task::spawn_blocking(move || hooks.serve(&r, served, gate))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))??;
+                Ok::<_, Error>(io)
+            }
+            .await;
+            let io = match served {
+                Ok(io) => io,
+                Err(e) => {
+                    self.release_role(role).await;
+                    return Err(e);
+                }
+            };
             let stop = self.start_resync(io);
             let att = Attachment {
                 stop,
                 name: rec.name.clone(),
                 volume_id: rec.id.clone(),
+                epoch: rec.epoch,
                 shared: true,
+                role: Some(role),
                 session: None,
                 fuse_dir: PathBuf::new(),
                 loop_dev: None,
@@ -318,6 +338,8 @@ impl Node {
             };
             return Ok((att, String::new()));
         }
+        // Fence every in-sync replica at the new epoch before serving a single request.
+        let io = self.open_volume_io(rec, false).await?;
         let fuse_dir = self.attach_root().join(&rec.name);
         for stale in host::mounts_under(&fuse_dir) {
             let _ = host::umount(&stale, true).await;
@@ -343,7 +365,9 @@ impl Node {
             stop,
             name: rec.name.clone(),
             volume_id: rec.id.clone(),
+            epoch: rec.epoch,
             shared: false,
+            role: None,
             session: Some(session),
             fuse_dir: fuse_dir.clone(),
             loop_dev: None,
@@ -433,13 +457,16 @@ impl Node {
     }
 
     /// Unmounts and releases everything of one attachment, best effort, in order.
-    async fn teardown(&self, mut att: Attachment) {
+    pub(crate) async fn teardown(&self, mut att: Attachment) {
         att.stop.store(true, Ordering::Relaxed);
         if att.shared {
             if let Ok(hooks) = self.shared_hooks() {
                 let id = att.volume_id.clone();
                 let _ = tokio::task::spawn_blocking(move || hooks.stop(&id)).await;
             }
+        }
+        if let Some(role) = att.role.take() {
+            self.release_role(role).await;
         }
         if let Some(p) = att.mount_path.take() {
             if let Err(e) = host::umount(&p, false).await {

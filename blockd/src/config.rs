@@ -38,10 +38,17 @@ pub struct NodeConfig {
     /// How long a replica's node may stay offline before the replica is rebuilt on
     /// another node (by the volume's coordinator).
     pub rebuild_after: std::time::Duration,
+    /// TTL of a shared volume's coordinator role lease: a coordinator that cannot renew
+    /// it stops serving before it runs out, and a successor waits it out.
+    pub coordinator_lease: std::time::Duration,
 }
 
 /// Default of [`NodeConfig::rebuild_after`].
 pub const DEFAULT_REBUILD_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Default of [`NodeConfig::coordinator_lease`]: a cut-off coordinator stops within
+/// this; a takeover after a crash waits for it.
+pub const DEFAULT_COORDINATOR_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Default of [`NodeConfig::replica_timeout`]: long enough for a busy disk, short enough
 /// that a hung node costs writers a few seconds at most.
@@ -75,6 +82,16 @@ impl NodeConfig {
             return Err(Error::InvalidArgument(
                 "--replica-timeout must be greater than zero".into(),
             ));
+        }
+        // etcd refuses lease TTLs shorter than about 1.5 s, and counts them in whole
+        // seconds; 2 s leaves the coordinator 1.4 s of serving per renewal.
+        if self.coordinator_lease < std::time::Duration::from_secs(2)
+            || self.coordinator_lease.subsec_nanos() != 0
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--coordinator-lease {:?}: expected whole seconds, at least 2",
+                self.coordinator_lease
+            )));
         }
         if self.capacity == Some(0) {
             return Err(Error::InvalidArgument(

@@ -20,6 +20,7 @@
 pub mod attach;
 pub mod cluster_join;
 pub mod config;
+pub mod coordinator_role;
 pub mod detached;
 pub mod device_fs;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod records;
 pub mod recover;
 pub mod replication;
 pub mod resync;
+pub mod role_lease;
 pub mod services;
 pub mod shared;
 pub mod size;

@@ -56,6 +56,8 @@ pub struct Node {
     pub takeover: tokio::sync::Mutex<()>,
     /// Serves and mounts shared namespaces; set by the binary before serving.
     pub shared: std::sync::OnceLock<Arc<dyn crate::shared::SharedNamespaces>>,
+    /// This node, for tasks that outlive the call that started them.
+    pub(crate) me: std::sync::Weak<Node>,
 }
 
 /// A value pinned in the data dir, if it is there.
@@ -175,7 +177,8 @@ impl Node {
         meta.put(&keys.node(&id), &records::encode(&record)).await?;
         let membership = Membership::start(&id, cfg.gossip, &token).await?;
         info!(node = %id, cluster = %cfg.cluster_id, store = meta.kind(), "node joined");
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             peers: Arc::new(Peers::new(&token)),
             cfg,
             id,

@@ -42,6 +42,11 @@ impl Keys {
     pub fn volume(&self, id: &str) -> String {
         format!("{}volumes/{id}", self.root)
     }
+    /// A shared volume's coordinator role, held under a lease (see
+    /// [`crate::role_lease`]).
+    pub fn coordinator(&self, volume_id: &str) -> String {
+        format!("{}coordinators/{volume_id}", self.root)
+    }
     /// Tombstones: the positive record that a volume was deleted. A node deletes replica
     /// data of a volume only on its tombstone (or a record that names other nodes).
     pub fn tombstones(&self) -> String {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::records::VolumeRecord;
+use crate::role_lease::RoleGate;
 use crate::volume_io::VolumeIo;
 
 /// Finds the volume's coordinator again after the current one stopped answering:
@@ -19,8 +20,9 @@ pub type Resolver = Arc<dyn Fn() -> Result<String> + Send + Sync>;
 
 pub trait SharedNamespaces: Send + Sync {
     /// This node became the volume's coordinator: serve its namespace over `io`
-    /// (formatting it on first use, replaying its journal otherwise). Blocking.
-    fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>) -> Result<()>;
+    /// (formatting it on first use, replaying its journal otherwise), answering only
+    /// while `gate` is open (this node holds the coordinator role). Blocking.
+    fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>, gate: RoleGate) -> Result<()>;
     /// Stop serving a volume (detach, shutdown).
     fn stop(&self, volume_id: &str);
     /// Mount the volume's namespace at `path`, served by the node at `coordinator`

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_blockd::meta::{EmbeddedStore, EtcdStore, MetaStore};
+use shoal_blockd::meta::{Claim, EmbeddedStore, EtcdStore, MetaStore};
 
 async fn conformance(store: &MetaStore) {
     let p = format!("/conf/{}/", rand_suffix());
@@ -99,6 +99,46 @@ async fn conformance(store: &MetaStore) {
         t.await.unwrap();
     }
     assert_eq!(store.get(&k("counter")).await.unwrap().unwrap().value, "40");
+
+    claims(store, &k("role")).await;
+}
+
+/// A claimed key belongs to one holder while its lease is renewed; a released or
+/// expired lease frees it for the next claimer.
+async fn claims(store: &MetaStore, key: &str) {
+    let ttl = Duration::from_secs(2);
+    let Claim::Held { lease: first } = store.claim(key, "node-a", ttl).await.unwrap() else {
+        panic!("an absent key is claimed");
+    };
+    match store.claim(key, "node-b", ttl).await.unwrap() {
+        Claim::Taken(kv) => assert_eq!(kv.value, "node-a", "the holder is named"),
+        held => panic!("a held key was claimed again: {held:?}"),
+    }
+    assert!(store.renew(first).await.unwrap(), "a live lease renews");
+    store.release(first).await.unwrap();
+    assert!(!store.renew(first).await.unwrap(), "a released lease is gone");
+    let Claim::Held { lease: second } = store.claim(key, "node-b", ttl).await.unwrap() else {
+        panic!("a released key is claimed");
+    };
+    // Not renewed: the store drops it after the TTL, and the next claimer gets it.
+    let start = Instant::now();
+    loop {
+        match store.claim(key, "node-c", ttl).await.unwrap() {
+            Claim::Held { lease } => {
+                assert!(!store.renew(second).await.unwrap(), "expired lease is gone");
+                assert!(start.elapsed() >= Duration::from_secs(1), "not before the TTL");
+                store.release(lease).await.unwrap();
+                break;
+            }
+            Claim::Taken(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "an unrenewed claim never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 fn rand_suffix() -> String {

@@ -61,6 +61,11 @@ pub struct StartArgs {
     /// nodes.
     #[arg(long, env = "SHOAL_REBUILD_AFTER", default_value_t = shoal_blockd::config::DEFAULT_REBUILD_AFTER.as_secs_f64())]
     rebuild_after: f64,
+    /// Seconds of a shared volume's coordinator lease (whole, at least 2): a
+    /// coordinator cut off from the metadata store stops serving within it, and a
+    /// takeover after a crash waits for it to run out.
+    #[arg(long, env = "SHOAL_COORDINATOR_LEASE", default_value_t = shoal_blockd::config::DEFAULT_COORDINATOR_LEASE.as_secs())]
+    coordinator_lease: u64,
     /// Seconds a shared-volume mount may go without renewing its session before the
     /// coordinator drops it (and frees what it held).
     #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::service::DEFAULT_LEASE.as_secs_f64())]
@@ -192,6 +197,7 @@ pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
                 )
             },
         )?,
+        coordinator_lease: std::time::Duration::from_secs(args.coordinator_lease),
     })
 }
 

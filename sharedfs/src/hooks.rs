@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use shoal_blockd::peers::Peers;
 use shoal_blockd::records::VolumeRecord;
+use shoal_blockd::role_lease::RoleGate;
 use shoal_blockd::shared::{Resolver, SharedNamespaces};
 use shoal_blockd::volume_io::VolumeIo;
 use shoal_blockd::{Error, Result};
@@ -78,7 +79,7 @@ fn uuid_of(rec: &VolumeRecord) -> [u8; 16] {
 }
 
 impl SharedNamespaces for Shared {
-    fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>) -> Result<()> {
+    fn serve(&self, rec: &VolumeRecord, io: Arc<VolumeIo>, gate: RoleGate) -> Result<()> {
         let dev: Arc<dyn BlockDev> = Arc::new(VolumeDev(io));
         let fs = match Fs::open_keeping_orphans(dev.clone()) {
             Ok(fs) => fs,
@@ -89,7 +90,7 @@ impl SharedNamespaces for Shared {
             }
             Err(e) => return Err(fs_err(e)),
         };
-        self.service.add(&rec.id, fs, &self.rt);
+        self.service.add(&rec.id, fs, &self.rt, gate);
         Ok(())
     }
 

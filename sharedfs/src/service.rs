@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use shoal_blockd::peers::Peers;
+use shoal_blockd::role_lease::{gate_open, RoleGate, RoleLease};
 use shoal_proto::ns::namespace_server::Namespace;
 use shoal_proto::ns::ns_reply::Result as Res;
 use shoal_proto::ns::ns_request::Op;
@@ -152,6 +153,13 @@ pub struct Served {
     /// not stop cleanly: freed after the grace period unless a mount said it has them
     /// open (then at their last close here).
     inherited_orphans: Mutex<Vec<u64>>,
+    /// Open while this node holds the volume's coordinator role: closed, every request
+    /// is refused as "not served here" (see `shoal_blockd::coordinator_role`).
+    gate: RoleGate,
+    /// Until then operations wait (set when the previous coordinator did not stop
+    /// cleanly): attribute leases it granted, which this one cannot recall, have run out
+    /// by then on every mount.
+    quiet_until: Option<Instant>,
 }
 
 impl Served {
@@ -185,6 +193,8 @@ impl Served {
             departed: Mutex::new(departed),
             inherited_orphans: Mutex::new(inherited_orphans),
             grace_until: grace.then(|| Instant::now() + lease),
+            quiet_until: grace.then(|| Instant::now() + ATTR_LEASE),
+            gate: Arc::new(Mutex::new(RoleLease::unbounded())),
             files_grace_until: files_grace.then(|| Instant::now() + lease),
             closing: std::sync::atomic::AtomicBool::new(false),
             volume_id: volume_id.to_string(),
@@ -1163,8 +1173,9 @@ impl NamespaceService {
         }
     }
 
-    /// Starts serving `fs` as volume `volume_id`, with a task that expires sessions.
-    pub fn add(&self, volume_id: &str, mut fs: Fs, rt: &tokio::runtime::Handle) {
+    /// Starts serving `fs` as volume `volume_id` while `gate` is open, with a task that
+    /// expires sessions.
+    pub fn add(&self, volume_id: &str, mut fs: Fs, rt: &tokio::runtime::Handle, gate: RoleGate) {
         // Found in service: the previous coordinator did not stop cleanly and mounts may
         // hold locks it granted. They get one session lease to reclaim them.
         let found = fs.set_in_service(SERVING).unwrap_or_else(|e| {
@@ -1180,7 +1191,9 @@ impl NamespaceService {
                 info!(volume = volume_id, grace = ?self.lease, "the previous coordinator did not stop cleanly: mounts may reclaim their locks and open files during the grace period")
             }
         }
-        let served = Arc::new(Served::new(volume_id, fs, self.lease, found));
+        let mut served = Served::new(volume_id, fs, self.lease, found);
+        served.gate = gate;
+        let served = Arc::new(served);
         self.volumes
             .write()
             .expect("volumes")
@@ -1191,6 +1204,10 @@ impl NamespaceService {
             loop {
                 tick.tick().await;
                 let Some(s) = weak.upgrade() else { return };
+                // Not the coordinator now: nothing expires or is freed here.
+                if !gate_open(&s.gate) {
+                    continue;
+                }
                 tokio::task::spawn_blocking(move || s.expire(Instant::now()))
                     .await
                     .ok();
@@ -1209,6 +1226,12 @@ impl NamespaceService {
             served
                 .closing
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+            if !gate_open(&served.gate) {
+                // The role was lost: a successor may be serving already, and the volume
+                // keeps the in-service mark it needs (mounts reclaim in its grace).
+                info!(volume = volume_id, "stopped serving the shared namespace (role lost)");
+                return;
+            }
             let locks_held = !served.locks.lock().expect("locks").is_empty();
             let files_open = fs.orphans().map_or(true, |o| !o.is_empty())
                 || served
@@ -1250,11 +1273,17 @@ impl NamespaceService {
     }
 
     fn volume(&self, volume_id: &str) -> Result<Arc<Served>, Status> {
-        self.served(volume_id).ok_or_else(|| {
+        let served = self.served(volume_id).ok_or_else(|| {
             Status::unavailable(format!(
                 "volume {volume_id} is not served by this node (its coordinator moved?)"
             ))
-        })
+        })?;
+        if !gate_open(&served.gate) {
+            return Err(Status::unavailable(format!(
+                "volume {volume_id}: this node cannot renew its coordinator role lease (cut off from the metadata store?)"
+            )));
+        }
+        Ok(served)
     }
 }
 
@@ -1432,6 +1461,12 @@ impl NamespaceService {
                 "retried request: first reply"
             );
             return Ok(reply);
+        }
+        if let Some(until) = served.quiet_until {
+            let now = Instant::now();
+            if now < until {
+                tokio::time::sleep(until - now).await;
+            }
         }
         let waits_for_grace = match &r.op {
             Some(Op::Setlk(l)) => !l.reclaim && l.typ != libc::F_UNLCK,

@@ -6,15 +6,16 @@
 //! one. The map is small (cluster, node and volume records), so rewriting it whole
 //! costs less than a log would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::KeyValue;
+use super::{Claim, KeyValue};
 use crate::error::{Error, Result};
 
 /// Format version of the store file.
@@ -28,11 +29,34 @@ struct State {
     entries: BTreeMap<String, (String, i64)>,
 }
 
+/// A claimed key: its lease, value and when the lease runs out.
+struct Claimed {
+    lease: i64,
+    value: String,
+    ttl: Duration,
+    until: Instant,
+}
+
+/// Claims live in memory only: the store serves one process, and a lease does not
+/// outlive the process that renews it.
+#[derive(Default)]
+struct Claims {
+    next_lease: i64,
+    by_key: HashMap<String, Claimed>,
+}
+
+impl Claims {
+    fn expire(&mut self, now: Instant) {
+        self.by_key.retain(|_, c| now < c.until);
+    }
+}
+
 /// See the module doc.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     path: PathBuf,
     state: Arc<Mutex<State>>,
+    claims: Arc<Mutex<Claims>>,
 }
 
 impl EmbeddedStore {
@@ -65,6 +89,7 @@ impl EmbeddedStore {
         Ok(Self {
             path: path.to_path_buf(),
             state: Arc::new(Mutex::new(state)),
+            claims: Arc::default(),
         })
     }
 
@@ -176,5 +201,48 @@ impl EmbeddedStore {
             Some(())
         })?;
         Ok(done.is_some())
+    }
+
+    pub fn claim(&self, key: &str, value: &str, ttl: Duration) -> Result<Claim> {
+        let now = Instant::now();
+        let mut cl = self.claims.lock().expect("claims");
+        cl.expire(now);
+        if let Some(c) = cl.by_key.get(key) {
+            return Ok(Claim::Taken(KeyValue {
+                key: key.to_string(),
+                value: c.value.clone(),
+                rev: c.lease,
+            }));
+        }
+        cl.next_lease += 1;
+        let lease = cl.next_lease;
+        cl.by_key.insert(
+            key.to_string(),
+            Claimed {
+                lease,
+                value: value.to_string(),
+                ttl,
+                until: now + ttl,
+            },
+        );
+        Ok(Claim::Held { lease })
+    }
+
+    pub fn renew(&self, lease: i64) -> Result<bool> {
+        let now = Instant::now();
+        let mut cl = self.claims.lock().expect("claims");
+        cl.expire(now);
+        Ok(cl
+            .by_key
+            .values_mut()
+            .find(|c| c.lease == lease)
+            .map(|c| c.until = now + c.ttl)
+            .is_some())
+    }
+
+    pub fn release(&self, lease: i64) -> Result<()> {
+        let mut cl = self.claims.lock().expect("claims");
+        cl.by_key.retain(|_, c| c.lease != lease);
+        Ok(())
     }
 }

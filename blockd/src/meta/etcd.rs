@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 
-use super::KeyValue;
+use super::{Claim, KeyValue};
 use crate::error::{Error, Result};
 
 /// How long one etcd call may take before the store reports etcd unavailable.
@@ -130,5 +131,67 @@ impl EtcdStore {
             .and_then([TxnOp::delete(key, None::<DeleteOptions>)]);
         let resp = self.bounded(c.txn(txn)).await?;
         Ok(resp.succeeded())
+    }
+
+    pub async fn claim(&self, key: &str, value: &str, ttl: Duration) -> Result<Claim> {
+        let mut c = self.client.clone();
+        let secs = ttl.as_secs().max(1) as i64;
+        let lease = self.bounded(c.lease_grant(secs, None)).await?.id();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = match self.bounded(c.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.bounded(c.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        if resp.succeeded() {
+            return Ok(Claim::Held { lease });
+        }
+        let _ = self.bounded(c.lease_revoke(lease)).await;
+        let holder = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().map(Self::to_kv),
+            _ => None,
+        });
+        match holder {
+            Some(kv) => Ok(Claim::Taken(kv?)),
+            // Expired between the compare and the read: ask again.
+            None => Ok(Claim::Taken(KeyValue {
+                key: key.to_string(),
+                value: String::new(),
+                rev: 0,
+            })),
+        }
+    }
+
+    pub async fn renew(&self, lease: i64) -> Result<bool> {
+        let mut c = self.client.clone();
+        let renewed = async {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+        };
+        match self.bounded(renewed).await {
+            // etcd answers a renewal of an expired or revoked lease either way.
+            Err(e) if e.to_string().contains("lease not found") => Ok(false),
+            other => other,
+        }
+    }
+
+    pub async fn release(&self, lease: i64) -> Result<()> {
+        let mut c = self.client.clone();
+        match self.bounded(c.lease_revoke(lease)).await {
+            Ok(_) => Ok(()),
+            // Already expired: released all the same.
+            Err(e) if e.to_string().contains("lease not found") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -16,6 +16,8 @@ mod etcd;
 pub use embedded::EmbeddedStore;
 pub use etcd::EtcdStore;
 
+use std::time::Duration;
+
 use crate::error::Result;
 
 /// One key with its value and modification revision (never 0 for a present key).
@@ -24,6 +26,15 @@ pub struct KeyValue {
     pub key: String,
     pub value: String,
     pub rev: i64,
+}
+
+/// The outcome of [`MetaStore::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours while lease `lease` is renewed.
+    Held { lease: i64 },
+    /// Another holder has it (its value; rev 0 when it vanished meanwhile).
+    Taken(KeyValue),
 }
 
 /// The cluster metadata store.
@@ -88,6 +99,32 @@ impl MetaStore {
         match self {
             MetaStore::Etcd(s) => s.delete_put_if(key, expected_rev, put_key, value).await,
             MetaStore::Embedded(s) => s.delete_put_if(key, expected_rev, put_key, value),
+        }
+    }
+
+    /// Claims `key` (writes `value` if it is absent) under a new lease that the store
+    /// drops `ttl` after its last renewal, deleting the key with it.
+    pub async fn claim(&self, key: &str, value: &str, ttl: Duration) -> Result<Claim> {
+        match self {
+            MetaStore::Etcd(s) => s.claim(key, value, ttl).await,
+            MetaStore::Embedded(s) => s.claim(key, value, ttl),
+        }
+    }
+
+    /// Renews a lease from [`Self::claim`]; false when the store no longer has it
+    /// (expired or released), so the claimed key is gone.
+    pub async fn renew(&self, lease: i64) -> Result<bool> {
+        match self {
+            MetaStore::Etcd(s) => s.renew(lease).await,
+            MetaStore::Embedded(s) => s.renew(lease),
+        }
+    }
+
+    /// Ends a lease from [`Self::claim`] now, deleting its key.
+    pub async fn release(&self, lease: i64) -> Result<()> {
+        match self {
+            MetaStore::Etcd(s) => s.release(lease).await,
+            MetaStore::Embedded(s) => s.release(lease),
         }
     }
 
