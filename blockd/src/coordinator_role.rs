@@ -155,8 +155,9 @@ async fn keep_role(
         // has the record and waits for this lease.
         match node.meta.get(&node.keys.volume(&rec.id)).await {
             Ok(Some(kv)) => match records::decode::<VolumeRecord>(&kv.key, &kv.value) {
-                Ok(r) if r.attached_node.as_deref() == Some(node.id.as_str())
-                    && r.epoch == rec.epoch => {}
+                Ok(r)
+                    if r.attached_node.as_deref() == Some(node.id.as_str())
+                        && r.epoch == rec.epoch => {}
                 Ok(_) => break "another node took the volume over",
                 Err(_) => {}
             },

@@ -289,6 +289,25 @@ impl Pool {
         Ok(buf)
     }
 
+    /// Reads for the coordinator of `epoch`: refused once the replica follows a newer
+    /// epoch (that coordinator was replaced, and its successor may have written since).
+    pub fn read_at_epoch(
+        &self,
+        volume_id: &str,
+        size: u64,
+        offset: u64,
+        len: u32,
+        epoch: u64,
+    ) -> Result<Vec<u8>> {
+        let cur = self.replica(volume_id, size, false)?.versions.epoch();
+        if epoch < cur {
+            return Err(Error::Fenced(format!(
+                "read at stale epoch {epoch}: replica {volume_id} follows epoch {cur}"
+            )));
+        }
+        self.read(volume_id, size, offset, len)
+    }
+
     /// Writes `data` at `offset` as `stamp`; with `fua` the write is durable before this
     /// returns.
     pub fn write(

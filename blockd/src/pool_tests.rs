@@ -189,6 +189,10 @@ fn versions_follow_writes_and_old_epochs_are_fenced() {
     assert!(err.to_string().contains("stale epoch"), "{err}");
     assert!(pool.flush("v", size, 1, 0).is_err());
     assert!(pool.discard("v", size, 0, MIB, st(1, 9)).is_err());
+    // Reads too: the replaced coordinator must not serve what its successor overwrites.
+    let err = pool.read_at_epoch("v", size, 0, 4, 1).unwrap_err();
+    assert!(matches!(err, Error::Fenced(_)), "{err}");
+    assert_eq!(pool.read_at_epoch("v", size, 0, 4, 2).unwrap().len(), 4);
     assert!(pool
         .write_region("v", size, 0, &vec![0u8; MIB as usize], st(1, 9))
         .is_err());

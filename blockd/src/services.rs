@@ -204,7 +204,7 @@ impl Block for BlockService {
         let data = self
             .blocking(move |n| {
                 n.pool
-                    .read(&rep.volume_id, rep.size_bytes, r.offset, r.length)
+                    .read_at_epoch(&rep.volume_id, rep.size_bytes, r.offset, r.length, r.epoch)
             })
             .await?;
         Ok(Response::new(bpb::ReadReply { data: data.into() }))

@@ -846,7 +846,9 @@ impl VolumeIo {
         self.check_fenced()?;
         let in_sync = self.in_sync();
         if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
-            return self.pool.read(&self.volume_id, self.size, offset, len);
+            return self
+                .pool
+                .read_at_epoch(&self.volume_id, self.size, offset, len, self.epoch);
         }
         let Some(cache) = &self.cache else {
             return self.read_remote(&in_sync, offset, len);
@@ -873,6 +875,7 @@ impl VolumeIo {
                 replica: Some(self.replica_ref()),
                 offset,
                 length: len,
+                epoch: self.epoch,
             };
             let timeout = self.timeout;
             let res = self

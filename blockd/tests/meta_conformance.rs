@@ -116,7 +116,10 @@ async fn claims(store: &MetaStore, key: &str) {
     }
     assert!(store.renew(first).await.unwrap(), "a live lease renews");
     store.release(first).await.unwrap();
-    assert!(!store.renew(first).await.unwrap(), "a released lease is gone");
+    assert!(
+        !store.renew(first).await.unwrap(),
+        "a released lease is gone"
+    );
     let Claim::Held { lease: second } = store.claim(key, "node-b", ttl).await.unwrap() else {
         panic!("a released key is claimed");
     };
@@ -126,7 +129,10 @@ async fn claims(store: &MetaStore, key: &str) {
         match store.claim(key, "node-c", ttl).await.unwrap() {
             Claim::Held { lease } => {
                 assert!(!store.renew(second).await.unwrap(), "expired lease is gone");
-                assert!(start.elapsed() >= Duration::from_secs(1), "not before the TTL");
+                assert!(
+                    start.elapsed() >= Duration::from_secs(1),
+                    "not before the TTL"
+                );
                 store.release(lease).await.unwrap();
                 break;
             }

@@ -1229,7 +1229,10 @@ impl NamespaceService {
             if !gate_open(&served.gate) {
                 // The role was lost: a successor may be serving already, and the volume
                 // keeps the in-service mark it needs (mounts reclaim in its grace).
-                info!(volume = volume_id, "stopped serving the shared namespace (role lost)");
+                info!(
+                    volume = volume_id,
+                    "stopped serving the shared namespace (role lost)"
+                );
                 return;
             }
             let locks_held = !served.locks.lock().expect("locks").is_empty();

@@ -173,9 +173,11 @@ fn a_cut_off_coordinator_stops_before_its_successor_starts() {
     // The cut-off host's mount could not have served anything newer meanwhile; heal and
     // it follows the successor.
     c.heal(0);
-    wait_until(Duration::from_secs(60), "the healed host reads again", || {
-        read_fresh(&m[0]).is_ok_and(|v| v == 2 * EACH)
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the healed host reads again",
+        || read_fresh(&m[0]).is_ok_and(|v| v == 2 * EACH),
+    );
     done.store(true, Ordering::SeqCst);
     for (r, host) in readers.into_iter().zip([3, 0]) {
         let (ok, failed) = r.join().unwrap();

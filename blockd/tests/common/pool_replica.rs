@@ -53,7 +53,7 @@ impl Block for PoolReplica {
         let p = rep(r.replica)?;
         let data = self
             .pool
-            .read(&p.volume_id, p.size_bytes, r.offset, r.length)
+            .read_at_epoch(&p.volume_id, p.size_bytes, r.offset, r.length, r.epoch)
             .map_err(status)?;
         Ok(Response::new(ReadReply { data: data.into() }))
     }
