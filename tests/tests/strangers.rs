@@ -123,6 +123,19 @@ fn garbage_and_unauthenticated_requests_are_refused() {
         m.write_bytes(&header(2 << 20), b.clone().into())
             .await
             .unwrap();
+        // A reader from an epoch the replica has left behind (a replaced coordinator)
+        // is refused.
+        let err = m
+            .read(ReadRequest {
+                replica: Some(rep.clone()),
+                offset: 4096,
+                length: 16,
+                epoch: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("stale epoch"), "{err}");
         let read = |offset: u64, length: usize| {
             let mut m = m.clone();
             let rep = rep.clone();
@@ -131,6 +144,7 @@ fn garbage_and_unauthenticated_requests_are_refused() {
                     replica: Some(rep),
                     offset,
                     length: length as u32,
+                    epoch: 1,
                 })
                 .await
                 .unwrap()
