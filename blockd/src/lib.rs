@@ -24,6 +24,7 @@ pub mod coordinator_role;
 pub mod detached;
 pub mod device_fs;
 pub mod error;
+pub mod gossip_auth;
 pub mod host;
 pub mod membership;
 pub mod meta;

@@ -3,8 +3,9 @@
 //! foca is sans-IO; this module is the thin runtime around it: one task owns the foca
 //! state machine and is fed received packets, timer events and announce requests over
 //! a channel; a timer task delivers foca's timers in order; a socket task receives.
-//! Every packet starts with a tag derived from the cluster token, so packets from
-//! another cluster (or a stranger) are dropped before foca sees them.
+//! Every packet is sealed with a MAC keyed from the cluster secret, a timestamp and a
+//! nonce ([`crate::gossip_auth`]): packets from another cluster or a stranger, altered
+//! or replayed ones are dropped before foca sees them.
 //!
 //! The live set (node id → gossip address) is published behind a lock for the rest of
 //! the node: `status` and placement ask [`Membership::is_online`].
@@ -25,9 +26,15 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::gossip_auth::{self, Dropped, Opener};
 
-/// Length of the cluster tag in front of every gossip packet.
-const TAG_LEN: usize = 16;
+/// Unix time in milliseconds: the clock gossip packets are stamped with.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// A node's identity in gossip. `bump` (start time) lets a restarted node win over its
 /// previous incarnation at the same address.
@@ -80,17 +87,12 @@ pub struct Membership {
 
 impl Membership {
     /// Binds the gossip socket and starts the service.
-    pub async fn start(node_id: &str, bind: SocketAddr, cluster_token: &str) -> Result<Self> {
+    pub async fn start(node_id: &str, bind: SocketAddr, key: [u8; 32]) -> Result<Self> {
         let socket = UdpSocket::bind(bind).await.map_err(|e| {
             Error::InvalidArgument(format!("gossip address {bind}: cannot bind: {e}"))
         })?;
         let socket = Arc::new(socket);
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&hex::decode(&cluster_token[..TAG_LEN * 2]).expect("hex token"));
-        let bump = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let bump = unix_ms();
         let identity = GossipId {
             node: node_id.to_string(),
             addr: bind,
@@ -108,8 +110,13 @@ impl Membership {
         let live = Arc::new(RwLock::new(HashMap::new()));
 
         tokio::spawn(run_timers(timer_rx, tx.clone()));
-        tokio::spawn(run_receiver(socket.clone(), tag, max_packet, tx.clone()));
-        tokio::spawn(run_foca(foca, rx, socket, tag, timer_tx, live.clone()));
+        tokio::spawn(run_receiver(
+            socket.clone(),
+            Opener::new(key),
+            max_packet,
+            tx.clone(),
+        ));
+        tokio::spawn(run_foca(foca, rx, socket, key, timer_tx, live.clone()));
 
         Ok(Self {
             self_id: node_id.to_string(),
@@ -136,13 +143,34 @@ impl Membership {
     }
 }
 
+/// The foca payload of an announce from `from` to the node gossiping at `to`, before
+/// sealing: what a joining member sends first. For tests that play a stranger.
+pub fn announce_payload(from: GossipId, to: SocketAddr) -> Vec<u8> {
+    let rng: StdRng = rand::make_rng();
+    let config = Config::new_lan(NonZeroU32::new(8).expect("nonzero"));
+    let mut foca = Foca::new(from, config, rng, PostcardCodec);
+    let mut runtime = foca::AccumulatingRuntime::new();
+    let target = GossipId {
+        node: String::new(),
+        addr: to,
+        bump: 0,
+    };
+    foca.announce(target, &mut runtime)
+        .expect("an announce to a valid address");
+    runtime
+        .to_send()
+        .map(|(_, data)| data.to_vec())
+        .expect("an announce sends one packet")
+}
+
 async fn run_receiver(
     socket: Arc<UdpSocket>,
-    tag: [u8; TAG_LEN],
+    mut opener: Opener,
     max_packet: usize,
     tx: mpsc::Sender<Input>,
 ) {
-    let mut buf = vec![0u8; max_packet + TAG_LEN];
+    let mut buf = vec![0u8; max_packet + gossip_auth::OVERHEAD];
+    let mut warned_clock = false;
     loop {
         let (len, from) = match socket.recv_from(&mut buf).await {
             Ok(v) => v,
@@ -152,11 +180,19 @@ async fn run_receiver(
                 continue;
             }
         };
-        if len < TAG_LEN || buf[..TAG_LEN] != tag {
-            debug!(%from, "dropped gossip packet from another cluster or a stranger");
-            continue;
-        }
-        let data = Bytes::copy_from_slice(&buf[TAG_LEN..len]);
+        let data = match opener.open(&buf[..len], unix_ms()) {
+            Ok(payload) => Bytes::copy_from_slice(payload),
+            Err(Dropped::OutOfWindow) if !warned_clock => {
+                // Authentic but too old or too new: a replay, or clocks that disagree.
+                warn!(%from, window_ms = gossip_auth::WINDOW, "dropped a gossip packet stamped outside the window: are the nodes' clocks in sync?");
+                warned_clock = true;
+                continue;
+            }
+            Err(why) => {
+                debug!(%from, ?why, "dropped a gossip packet");
+                continue;
+            }
+        };
         if tx.send(Input::Data(data)).await.is_err() {
             return;
         }
@@ -202,7 +238,7 @@ async fn run_foca(
     mut foca: Foca<GossipId, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
     mut rx: mpsc::Receiver<Input>,
     socket: Arc<UdpSocket>,
-    tag: [u8; TAG_LEN],
+    key: [u8; 32],
     timer_tx: mpsc::UnboundedSender<(Instant, Timer<GossipId>)>,
     live: Arc<RwLock<HashMap<String, SocketAddr>>>,
 ) {
@@ -226,9 +262,7 @@ async fn run_foca(
             debug!(error = %e, "gossip input ignored");
         }
         while let Some((dst, data)) = runtime.to_send() {
-            packet.clear();
-            packet.extend_from_slice(&tag);
-            packet.extend_from_slice(&data);
+            gossip_auth::seal(&key, unix_ms(), rand::random(), &data, &mut packet);
             if let Err(e) = socket.send_to(&packet, dst.addr).await {
                 debug!(to = %dst.addr, error = %e, "gossip send failed");
             }

@@ -175,7 +175,8 @@ impl Node {
             }
         }
         meta.put(&keys.node(&id), &records::encode(&record)).await?;
-        let membership = Membership::start(&id, cfg.gossip, &token).await?;
+        let gossip_key = crate::gossip_auth::gossip_key(&cfg.cluster_id, &cfg.secret);
+        let membership = Membership::start(&id, cfg.gossip, gossip_key).await?;
         info!(node = %id, cluster = %cfg.cluster_id, store = meta.kind(), "node joined");
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),

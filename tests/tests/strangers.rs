@@ -308,3 +308,70 @@ fn garbage_and_unauthenticated_requests_are_refused() {
     let list = c.json(0, &["volume", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
+
+/// Gossip from a process that knows only the ports (or the wrong secret) is dropped:
+/// the node answers nothing. The same announce sealed with the cluster's key is
+/// answered, so silence means refusal, not a lost packet.
+#[test]
+fn forged_gossip_is_dropped() {
+    use shoal_blockd::gossip_auth::{gossip_key, seal};
+    use shoal_blockd::membership::{announce_payload, GossipId};
+    use std::net::{SocketAddr, UdpSocket};
+    use std::time::Duration;
+
+    require_root!();
+    let c = Cluster::start(1, Opts::default());
+    let node: SocketAddr = format!("{}:9711", c.nodes[0].ip).parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let payload = announce_payload(
+        GossipId {
+            node: "intruder".into(),
+            addr: me,
+            bump: 1,
+        },
+        node,
+    );
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let answered = |packet: &[u8]| {
+        sock.send_to(packet, node).unwrap();
+        let mut buf = [0u8; 2048];
+        sock.recv_from(&mut buf).is_ok()
+    };
+    // Bare foca, as a stranger that read the protocol would send it.
+    assert!(
+        !answered(&payload),
+        "an unauthenticated announce was answered"
+    );
+    // Sealed with another cluster's secret.
+    let mut forged = Vec::new();
+    seal(
+        &gossip_key("test", "not-the-secret"),
+        now_ms(),
+        1,
+        &payload,
+        &mut forged,
+    );
+    assert!(
+        !answered(&forged),
+        "an announce with a wrong MAC was answered"
+    );
+    // Garbage.
+    assert!(!answered(&[0u8; 64]), "garbage was answered");
+    // A member's announce is answered.
+    let mut sealed = Vec::new();
+    seal(
+        &gossip_key("test", &c.opts.secret),
+        now_ms(),
+        2,
+        &payload,
+        &mut sealed,
+    );
+    assert!(answered(&sealed), "a member's announce got no answer");
+}
