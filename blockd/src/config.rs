@@ -47,8 +47,10 @@ pub struct NodeConfig {
 pub const DEFAULT_REBUILD_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Default of [`NodeConfig::coordinator_lease`]: a cut-off coordinator stops within
-/// this; a takeover after a crash waits for it.
-pub const DEFAULT_COORDINATOR_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
+/// this; a takeover after a crash waits for it. Well under the default session lease
+/// (15 s): a mount that could not reach any coordinator for a session lease gives its
+/// locks up, so a failover must end sooner.
+pub const DEFAULT_COORDINATOR_LEASE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Default of [`NodeConfig::replica_timeout`]: long enough for a busy disk, short enough
 /// that a hung node costs writers a few seconds at most.

@@ -283,6 +283,7 @@ impl Node {
                     age_ms: s.age_ms,
                     open_files: s.open_files,
                     locks: s.locks,
+                    leases: s.leases,
                 })
                 .collect(),
             _ => Vec::new(),

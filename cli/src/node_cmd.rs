@@ -70,6 +70,10 @@ pub struct StartArgs {
     /// coordinator drops it (and frees what it held).
     #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::service::DEFAULT_LEASE.as_secs_f64())]
     session_lease: f64,
+    /// Attribute leases one shared-volume mount may hold at its coordinator; past it the
+    /// least recently used are recalled (bounds the coordinator's memory, not the files).
+    #[arg(long, env = "SHOAL_LEASE_LIMIT", default_value_t = shoal_sharedfs::leases::DEFAULT_LIMIT)]
+    lease_limit: usize,
     /// Unix socket for the Docker volume plugin (driver name = file name without
     /// `.sock`); "" serves none (several nodes on one host: give one node the socket).
     #[arg(long, env = "SHOAL_DOCKER_SOCKET", default_value = shoal_docker_plugin::server::DEFAULT_SOCKET)]
@@ -212,6 +216,13 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 args.session_lease
             )
         })?;
+    if cfg.coordinator_lease * 2 > lease {
+        tracing::warn!(
+            coordinator_lease = ?cfg.coordinator_lease,
+            session_lease = ?lease,
+            "--coordinator-lease is over half the --session-lease: a failover after a crash may outlast the session lease, and mounts then give up the locks they held"
+        );
+    }
     keep_freed_memory();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -232,7 +243,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         };
         let mount_root = cfg.data_dir.join("docker");
         let node = Node::open(cfg).await?;
-        let service = NamespaceService::new(node.peers.clone(), lease);
+        let service = NamespaceService::new(node.peers.clone(), lease, args.lease_limit);
         let shared = Arc::new(Shared::new(
             service.clone(),
             node.peers.clone(),

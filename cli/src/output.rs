@@ -120,6 +120,7 @@ pub fn volume_json(v: &Volume) -> Value {
         "sessions": v.sessions.iter().map(|s| json!({
             "id": s.id, "host": s.host, "mountpoint": s.mountpoint,
             "age_seconds": s.age_ms / 1000, "open_files": s.open_files, "locks": s.locks,
+            "leases": s.leases,
         })).collect::<Vec<_>>(),
     })
 }

@@ -115,6 +115,7 @@ pub struct SessionInfo {
     pub age: Duration,
     pub open_files: u32,
     pub locks: u32,
+    pub leases: u32,
 }
 
 /// One served volume.
@@ -450,7 +451,8 @@ impl Served {
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let now = Instant::now();
         let locks = self.locks.lock().expect("locks");
-        self.sessions
+        let mut out: Vec<SessionInfo> = self
+            .sessions
             .lock()
             .expect("sessions")
             .iter()
@@ -461,8 +463,15 @@ impl Served {
                 age: now.duration_since(s.opened),
                 open_files: s.opens.values().sum(),
                 locks: locks.count_session(*id) as u32,
+                leases: 0,
             })
-            .collect()
+            .collect();
+        // Not under the sessions lock: elsewhere the leases lock is taken inside it.
+        let leases = self.leases.lock().expect("leases");
+        for s in &mut out {
+            s.leases = leases.held_by(s.id) as u32;
+        }
+        out
     }
 
     /// Runs one operation.
@@ -569,19 +578,27 @@ impl Served {
     /// Records that `session` may cache `ino`'s attributes; false when it cannot be
     /// recalled (no callback stream), and so must not cache.
     fn grant(&self, session: u64, ino: u64) -> bool {
-        let listening = self
-            .sessions
+        let sessions = self.sessions.lock().expect("sessions");
+        let Some(tx) = sessions.get(&session).and_then(|s| s.callbacks.as_ref()) else {
+            return false;
+        };
+        let evicted = self
+            .leases
             .lock()
-            .expect("sessions")
-            .get(&session)
-            .is_some_and(|s| s.callbacks.is_some());
-        if listening {
-            self.leases
-                .lock()
-                .expect("leases")
-                .grant(session, ino, Instant::now());
+            .expect("leases")
+            .grant(session, ino, Instant::now());
+        if !evicted.is_empty() {
+            // Past the session's lease limit: its oldest leases are recalled without
+            // waiting (they stay in the table, unrenewed, until they run out).
+            let id = self
+                .next_recall
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = tx.send(Ok(Recall {
+                id,
+                inodes: evicted,
+            }));
         }
-        listening
+        true
     }
 
     /// Takes back every other session's lease on `inodes`: tells them over their callback
@@ -1162,14 +1179,18 @@ pub struct NamespaceService {
     peers: Arc<Peers>,
     volumes: Arc<RwLock<HashMap<String, Arc<Served>>>>,
     lease: Duration,
+    /// Attribute leases one mount may hold at most (see [`LeaseTable`]).
+    lease_limit: usize,
 }
 
 impl NamespaceService {
-    pub fn new(peers: Arc<Peers>, lease: Duration) -> Self {
+    /// `lease`: the session lease; `lease_limit`: attribute leases per mount at most.
+    pub fn new(peers: Arc<Peers>, lease: Duration, lease_limit: usize) -> Self {
         Self {
             peers,
             volumes: Arc::new(RwLock::new(HashMap::new())),
             lease,
+            lease_limit,
         }
     }
 
@@ -1193,6 +1214,7 @@ impl NamespaceService {
         }
         let mut served = Served::new(volume_id, fs, self.lease, found);
         served.gate = gate;
+        served.leases = Mutex::new(LeaseTable::with_limit(ATTR_LEASE, self.lease_limit));
         let served = Arc::new(served);
         self.volumes
             .write()
@@ -1415,6 +1437,7 @@ impl Namespace for NamespaceService {
                 age_ms: s.age.as_millis() as u64,
                 open_files: s.open_files,
                 locks: s.locks,
+                leases: s.leases,
             })
             .collect();
         Ok(Response::new(SessionList { sessions }))
