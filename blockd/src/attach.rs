@@ -96,7 +96,7 @@ impl Node {
             .await?;
             return Ok(self.volume_by_name(name).await?.0);
         }
-        self.attach_local(name, None).await
+        self.attach_local(name, None, None).await
     }
 
     /// Attaches on this node (if not already) and mounts the filesystem at `path`. A
@@ -115,7 +115,7 @@ impl Node {
         if rec.shared {
             return self.mount_shared(rec, p).await;
         }
-        self.attach_local(name, Some(p)).await
+        self.attach_local(name, Some(p), None).await
     }
 
     fn shared_hooks(&self) -> Result<Arc<dyn SharedNamespaces>> {
@@ -132,9 +132,19 @@ impl Node {
         let (rec, _) = self.volume_by_name(name).await?;
         let coordinator = match rec.attached_node.clone() {
             Some(n) if n == self.id && self.attachments.lock().await.contains_key(&rec.id) => n,
-            Some(n) if n != self.id && self.membership.is_online(&n) => n,
+            Some(n) if n != self.id && self.membership.is_online(&n) => {
+                if rec.shared && self.role_abandoned(&rec).await? {
+                    // Alive in gossip but without its role (cut off from etcd only): it
+                    // serves nothing, so it is taken over like a dead one.
+                    warn!(volume = %rec.name, node = %n, "the coordinator holds no role lease: taking the volume over");
+                    self.attach_local(&rec.name, None, Some(&n)).await?;
+                    self.id.clone()
+                } else {
+                    n
+                }
+            }
             _ => {
-                self.attach_local(&rec.name, None).await?;
+                self.attach_local(&rec.name, None, None).await?;
                 self.id.clone()
             }
         };
@@ -200,7 +210,14 @@ impl Node {
     }
 
     #[instrument(skip(self), fields(volume = %name))]
-    async fn attach_local(&self, name: &str, mount_at: Option<&Path>) -> Result<VolumeRecord> {
+    /// `abandoned_by`: an online node whose attachment may be taken over all the same
+    /// (it holds no coordinator role, see `role_abandoned`).
+    async fn attach_local(
+        &self,
+        name: &str,
+        mount_at: Option<&Path>,
+        abandoned_by: Option<&str>,
+    ) -> Result<VolumeRecord> {
         let mut atts = self.attachments.lock().await;
         let (rec, _) = self.volume_by_name(name).await?;
         if mount_at.is_some() && rec.fs == "none" {
@@ -216,12 +233,12 @@ impl Node {
                 )));
             }
             if !here {
-                if self.membership.is_online(node) {
+                if self.membership.is_online(node) && abandoned_by != Some(node.as_str()) {
                     return Err(Error::FailedPrecondition(format!(
                         "volume {name:?} is attached to node {node}; detach it first"
                     )));
                 }
-                warn!(dead = %node, "taking over a volume attached to an offline node");
+                warn!(previous = %node, "taking over a volume attached to an offline node or one without its role");
             }
         }
         let mut rec = rec;
@@ -316,13 +333,8 @@ impl Node {
                 Ok::<_, Error>(io)
             }
             .await;
-            let io = match served {
-                Ok(io) => io,
-                Err(e) => {
-                    self.release_role(role).await;
-                    return Err(e);
-                }
-            };
+            // On an error the role is dropped here, which releases it.
+            let io = served?;
             let stop = self.start_resync(io);
             let att = Attachment {
                 stop,
@@ -465,9 +477,8 @@ impl Node {
                 let _ = tokio::task::spawn_blocking(move || hooks.stop(&id)).await;
             }
         }
-        if let Some(role) = att.role.take() {
-            self.release_role(role).await;
-        }
+        // Releases the role (its lease), after the namespace stopped.
+        drop(att.role.take());
         if let Some(p) = att.mount_path.take() {
             if let Err(e) = host::umount(&p, false).await {
                 warn!(path = %p.display(), error = %e, "busy; detaching the mount lazily");

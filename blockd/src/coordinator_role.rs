@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::meta::Claim;
+use crate::meta::{Claim, MetaStore};
 use crate::node::Node;
 use crate::records::{self, VolumeRecord};
 use crate::role_lease::{RoleGate, RoleLease};
@@ -26,18 +26,44 @@ use crate::role_lease::{RoleGate, RoleLease};
 /// How often a waiting successor asks for the role again.
 const CLAIM_POLL: Duration = Duration::from_millis(500);
 
-/// The role held by an attachment: released when the attachment is torn down.
+/// The role held by an attachment: released when dropped (the attachment is torn down,
+/// or the attach that claimed it was cancelled).
 pub struct RoleHandle {
     pub gate: RoleGate,
     lease: i64,
     stop: Arc<AtomicBool>,
+    meta: MetaStore,
+}
+
+impl Drop for RoleHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.gate.lock().expect("role gate").lose();
+        let (meta, lease) = (self.meta.clone(), self.lease);
+        // Best effort: unreleased, the lease runs out by itself.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = meta.release(lease).await {
+                    warn!(error = %e, "cannot release a coordinator role lease; it runs out by itself");
+                }
+            });
+        }
+    }
 }
 
 impl Node {
     /// Claims the coordinator role of `rec` (which names this node at `rec.epoch`),
     /// waiting while a previous holder's lease lasts; starts renewing it.
     pub(crate) async fn claim_role(&self, rec: &VolumeRecord) -> Result<RoleHandle> {
-        let ttl = self.cfg.coordinator_lease;
+        // With the embedded store this node is the whole cluster: no other node can take
+        // a volume over, so the role never times out (a stalled runtime must not make a
+        // node step down from its own volumes).
+        let single = matches!(self.meta, MetaStore::Embedded(_));
+        let ttl = if single {
+            Duration::from_secs(u32::MAX as u64)
+        } else {
+            self.cfg.coordinator_lease
+        };
         let key = self.keys.coordinator(&rec.id);
         let value = format!("{} epoch {}", self.id, rec.epoch);
         // A live holder that lost the record steps down within a renewal; a dead one's
@@ -51,16 +77,26 @@ impl Node {
                     if waited {
                         info!(volume = %rec.name, "the previous coordinator's role lease ran out");
                     }
-                    let gate: RoleGate = Arc::new(Mutex::new(RoleLease::granted(ttl, sent)));
                     let stop = Arc::new(AtomicBool::new(false));
-                    tokio::spawn(keep_role(
-                        self.me.clone(),
-                        rec.clone(),
+                    let gate: RoleGate = if single {
+                        Arc::new(Mutex::new(RoleLease::unbounded()))
+                    } else {
+                        let gate = Arc::new(Mutex::new(RoleLease::granted(ttl, sent)));
+                        tokio::spawn(keep_role(
+                            self.me.clone(),
+                            rec.clone(),
+                            lease,
+                            gate.clone(),
+                            stop.clone(),
+                        ));
+                        gate
+                    };
+                    return Ok(RoleHandle {
+                        gate,
                         lease,
-                        gate.clone(),
-                        stop.clone(),
-                    ));
-                    return Ok(RoleHandle { gate, lease, stop });
+                        stop,
+                        meta: self.meta.clone(),
+                    });
                 }
                 Claim::Taken(holder) => {
                     if Instant::now() > give_up {
@@ -81,14 +117,25 @@ impl Node {
         }
     }
 
-    /// Ends a role: the renewing task stops and the lease is released (best effort:
-    /// unreleased, it runs out by itself).
-    pub(crate) async fn release_role(&self, role: RoleHandle) {
-        role.stop.store(true, Ordering::SeqCst);
-        role.gate.lock().expect("role gate").lose();
-        if let Err(e) = self.meta.release(role.lease).await {
-            warn!(error = %e, "cannot release a coordinator role lease; it runs out by itself");
+    /// Whether the coordinator `rec` names has no role: its role key stays absent for a
+    /// whole lease time while the record still names it at the same epoch (it could not
+    /// renew: cut off from the store, not from gossip). Absent for a moment is normal
+    /// right after an attach, before the claim.
+    pub(crate) async fn role_abandoned(&self, rec: &VolumeRecord) -> Result<bool> {
+        let key = self.keys.coordinator(&rec.id);
+        if self.meta.get(&key).await?.is_some() {
+            return Ok(false);
         }
+        tokio::time::sleep(self.cfg.coordinator_lease).await;
+        let now = self.meta.get(&self.keys.volume(&rec.id)).await?;
+        let same = match now {
+            Some(kv) => {
+                let r: VolumeRecord = records::decode(&kv.key, &kv.value)?;
+                r.attached_node == rec.attached_node && r.epoch == rec.epoch
+            }
+            None => false,
+        };
+        Ok(same && self.meta.get(&key).await?.is_none())
     }
 
     /// Steps down as the coordinator of a volume at `epoch`: stops serving it and, if
@@ -135,7 +182,12 @@ async fn keep_role(
         }
         let Some(node) = node.upgrade() else { return };
         let sent = Instant::now();
-        match node.meta.renew(lease).await {
+        // Each call is bounded by the renewal interval: one hung call must not stretch
+        // the time between renewals past the TTL.
+        let renewed = tokio::time::timeout(every, node.meta.renew(lease))
+            .await
+            .unwrap_or_else(|_| Err(Error::MetaUnavailable("renewal timed out".into())));
+        match renewed {
             Ok(true) => gate.lock().expect("role gate").renewed(sent),
             Ok(false) => break "the metadata store dropped the role lease",
             Err(e) => {
@@ -153,7 +205,10 @@ async fn keep_role(
         }
         // Declared dead by the others while the store was still reachable: a successor
         // has the record and waits for this lease.
-        match node.meta.get(&node.keys.volume(&rec.id)).await {
+        let record = tokio::time::timeout(every, node.meta.get(&node.keys.volume(&rec.id)))
+            .await
+            .unwrap_or_else(|_| Err(Error::MetaUnavailable("read timed out".into())));
+        match record {
             Ok(Some(kv)) => match records::decode::<VolumeRecord>(&kv.key, &kv.value) {
                 Ok(r)
                     if r.attached_node.as_deref() == Some(node.id.as_str())

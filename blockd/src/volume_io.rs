@@ -846,9 +846,13 @@ impl VolumeIo {
         self.check_fenced()?;
         let in_sync = self.in_sync();
         if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
-            return self
+            let read = self
                 .pool
                 .read_at_epoch(&self.volume_id, self.size, offset, len, self.epoch);
+            if let Err(Error::Fenced(_)) = &read {
+                self.fence();
+            }
+            return read;
         }
         let Some(cache) = &self.cache else {
             return self.read_remote(&in_sync, offset, len);
@@ -893,7 +897,22 @@ impl VolumeIo {
                         data.len()
                     )));
                 }
-                Ok(Err(status)) => last_err = Some(status.into()),
+                Ok(Err(status)) => {
+                    // A replica fenced at a newer epoch: this coordinator was replaced.
+                    // No other replica may answer instead (one the successor did not
+                    // reach would serve what the successor may have overwritten).
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && status.message().contains("stale epoch")
+                    {
+                        self.fence();
+                        return Err(Error::Fenced(format!(
+                            "replica on {}: {}",
+                            r.node,
+                            status.message()
+                        )));
+                    }
+                    last_err = Some(status.into());
+                }
                 Err(_) => {
                     last_err = Some(Error::NodeUnreachable {
                         node: r.node.clone(),

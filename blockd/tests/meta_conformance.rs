@@ -115,10 +115,19 @@ async fn claims(store: &MetaStore, key: &str) {
         held => panic!("a held key was claimed again: {held:?}"),
     }
     assert!(store.renew(first).await.unwrap(), "a live lease renews");
+    assert_eq!(
+        store.get(key).await.unwrap().map(|kv| kv.value),
+        Some("node-a".to_string()),
+        "a claimed key reads back"
+    );
     store.release(first).await.unwrap();
     assert!(
         !store.renew(first).await.unwrap(),
         "a released lease is gone"
+    );
+    assert!(
+        store.get(key).await.unwrap().is_none(),
+        "and its key with it"
     );
     let Claim::Held { lease: second } = store.claim(key, "node-b", ttl).await.unwrap() else {
         panic!("a released key is claimed");

@@ -131,6 +131,9 @@ pub struct Served {
     leases: Mutex<LeaseTable>,
     /// Recalls waiting for their acknowledgement.
     recalls: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+    /// Recalls of evicted leases (nobody waits for them) -> the session they went to:
+    /// until acknowledged, the session's heartbeats renew nothing.
+    evictions: Mutex<HashMap<u64, u64>>,
     next_recall: std::sync::atomic::AtomicU64,
     /// When each inode was last handed to a mount (pruned after [`UNLINK_GRACE`]).
     handed: Mutex<HashMap<u64, Instant>>,
@@ -206,10 +209,18 @@ impl Served {
             lock_changed: tokio::sync::Notify::new(),
             leases: Mutex::new(LeaseTable::new(ATTR_LEASE)),
             recalls: Mutex::new(HashMap::new()),
+            evictions: Mutex::new(HashMap::new()),
             next_recall: std::sync::atomic::AtomicU64::new(1),
             handed: Mutex::new(HashMap::new()),
             deferred: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether this coordinator stopped serving: it is closing, or its role gate closed
+    /// (checked where a request commits, not only where it arrived: a request may have
+    /// waited for seconds in between).
+    fn stopped(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst) || !gate_open(&self.gate)
     }
 
     /// Runs `f` on a live session (renewing it); NOT_FOUND when it expired.
@@ -441,6 +452,10 @@ impl Served {
     /// Frees what a session held: its locks (waking waiters) and its open files.
     fn drop_session(&self, id: u64, s: Session) {
         self.leases.lock().expect("leases").drop_session(id);
+        self.evictions
+            .lock()
+            .expect("evictions")
+            .retain(|_, session| *session != id);
         self.locks.lock().expect("locks").release_session(id);
         self.lock_changed.notify_waiters();
         for ino in s.opens.keys() {
@@ -578,8 +593,11 @@ impl Served {
     /// Records that `session` may cache `ino`'s attributes; false when it cannot be
     /// recalled (no callback stream), and so must not cache.
     fn grant(&self, session: u64, ino: u64) -> bool {
-        let sessions = self.sessions.lock().expect("sessions");
-        let Some(tx) = sessions.get(&session).and_then(|s| s.callbacks.as_ref()) else {
+        let mut sessions = self.sessions.lock().expect("sessions");
+        let Some(s) = sessions.get_mut(&session) else {
+            return false;
+        };
+        let Some(tx) = s.callbacks.as_ref() else {
             return false;
         };
         let evicted = self
@@ -589,14 +607,27 @@ impl Served {
             .grant(session, ino, Instant::now());
         if !evicted.is_empty() {
             // Past the session's lease limit: its oldest leases are recalled without
-            // waiting (they stay in the table, unrenewed, until they run out).
+            // waiting (they stay in the table, unrenewed, until they run out). Until the
+            // mount acknowledges, its heartbeats renew nothing, so it cannot extend what
+            // it was told to drop.
             let id = self
                 .next_recall
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = tx.send(Ok(Recall {
-                id,
-                inodes: evicted,
-            }));
+            if tx
+                .send(Ok(Recall {
+                    id,
+                    inodes: evicted,
+                }))
+                .is_ok()
+            {
+                s.recalling += 1;
+                self.evictions
+                    .lock()
+                    .expect("evictions")
+                    .insert(id, session);
+            } else {
+                s.lapsed = true;
+            }
         }
         true
     }
@@ -687,7 +718,7 @@ impl Served {
         let mut orphan = None;
         let out = {
             let mut fs = self.fs.lock().expect("fs");
-            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.stopped() {
                 return Err(FsError::NotServing);
             }
             // A retry of a change that may have run: its record and the change itself are
@@ -980,7 +1011,7 @@ impl Served {
                     let want = held(session, l)?;
                     let mut locks = self.locks.lock().expect("locks");
                     // Checked under the lock table's lock, which the stop also takes.
-                    if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    if self.stopped() {
                         return Err(FsError::NotServing);
                     }
                     match locks.try_lock(l.ino, want) {
@@ -1070,7 +1101,7 @@ impl Served {
             notified.as_mut().enable();
             {
                 let mut t = self.locks.lock().expect("locks");
-                if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                if self.stopped() {
                     t.dequeue(id);
                     return fail(&FsError::NotServing);
                 }
@@ -1082,7 +1113,7 @@ impl Served {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 // Still queued: the client asks again with a new request.
-                if self.locks.lock().expect("locks").take_grant(id) {
+                if !self.stopped() && self.locks.lock().expect("locks").take_grant(id) {
                     return NsReply::default();
                 }
                 return NsReply {
@@ -1415,8 +1446,16 @@ impl Namespace for NamespaceService {
         self.check(&req)?;
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
-        if let Some(done) = served.recalls.lock().expect("recalls").remove(&r.id) {
+        let waited = served.recalls.lock().expect("recalls").remove(&r.id);
+        if let Some(done) = waited {
             let _ = done.send(());
+        } else {
+            let evicted = served.evictions.lock().expect("evictions").remove(&r.id);
+            if let Some(session) = evicted {
+                if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
+                    s.recalling = s.recalling.saturating_sub(1);
+                }
+            }
         }
         Ok(Response::new(HeartbeatReply::default()))
     }

@@ -124,10 +124,21 @@ impl EmbeddedStore {
 
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let st = self.state.lock().expect("embedded store lock poisoned");
-        Ok(st.entries.get(key).map(|(v, rev)| KeyValue {
+        if let Some((v, rev)) = st.entries.get(key) {
+            return Ok(Some(KeyValue {
+                key: key.to_string(),
+                value: v.clone(),
+                rev: *rev,
+            }));
+        }
+        drop(st);
+        // A claimed key reads like any other while its lease lasts (as in etcd).
+        let mut cl = self.claims.lock().expect("claims");
+        cl.expire(Instant::now());
+        Ok(cl.by_key.get(key).map(|c| KeyValue {
             key: key.to_string(),
-            value: v.clone(),
-            rev: *rev,
+            value: c.value.clone(),
+            rev: c.lease,
         }))
     }
 
