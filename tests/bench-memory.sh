@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory of the nodes serving a shared volume after a `find` over many files: etcd and
-# two nodes on 127.0.9.2-3; a shared volume coordinated by node 2 (mount A), mounted on
+# two nodes on 127.0.10.2-3; a shared volume coordinated by node 2 (mount A), mounted on
 # node 3 as well (mount B). Creates FILES files through A (in directories of 1 000),
 # then runs `find -ls` (a lookup and getattr of every file) on B and on A, and prints
 # each node's resident memory (VmRSS) and peak (VmHWM) after each step.
@@ -24,26 +24,26 @@ log "building (release)"
 cargo build --release -p shoal 2>&1 | tail -1 >&2
 cleanup; rm -rf "$B"; mkdir -p "$B"
 
-etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:23990 \
-  --advertise-client-urls http://127.0.0.1:23990 --listen-peer-urls http://127.0.0.1:23991 \
-  --initial-advertise-peer-urls http://127.0.0.1:23991 \
-  --initial-cluster default=http://127.0.0.1:23991 >"$B/etcd.log" 2>&1 &
+etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:24090 \
+  --advertise-client-urls http://127.0.0.1:24090 --listen-peer-urls http://127.0.0.1:24091 \
+  --initial-advertise-peer-urls http://127.0.0.1:24091 \
+  --initial-cluster default=http://127.0.0.1:24091 >"$B/etcd.log" 2>&1 &
 echo $! >"$B/etcd.pid"
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/23990) 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/24090) 2>/dev/null && break; sleep 0.2; done
 (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$B/secret")
 for i in 2 3; do
   setsid "$SHOAL" node start --cluster-id bench-memory --secret-file "$B/secret" \
-    --data-dir "$B/node$i" --listen 127.0.9.$i:9710 --gossip 127.0.9.$i:9711 \
-    --kvdb http://127.0.0.1:23990 --docker-socket "" --lease-limit "$LEASE_LIMIT" \
+    --data-dir "$B/node$i" --listen 127.0.10.$i:9710 --gossip 127.0.10.$i:9711 \
+    --kvdb http://127.0.0.1:24090 --docker-socket "" --lease-limit "$LEASE_LIMIT" \
     >>"$B/node$i.log" 2>&1 &
   echo $! >"$B/node$i.pid"
 done
-export SHOAL_ENDPOINT=127.0.9.2:9710
+export SHOAL_ENDPOINT=127.0.10.2:9710
 online() { "$SHOAL" status --json 2>/dev/null | grep -c '"online"' || true; }
 for _ in $(seq 100); do [ "$(online)" = 2 ] && break; sleep 0.2; done
 "$SHOAL" volume create mem --size 20G --repl 2 --shared >/dev/null
 "$SHOAL" volume mount mem "$B/mnt-a" >/dev/null
-SHOAL_ENDPOINT=127.0.9.3:9710 "$SHOAL" volume mount mem "$B/mnt-b" >/dev/null
+SHOAL_ENDPOINT=127.0.10.3:9710 "$SHOAL" volume mount mem "$B/mnt-b" >/dev/null
 
 mem() {
   local i kb

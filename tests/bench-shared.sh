@@ -39,8 +39,9 @@ etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:23890 \
   --initial-cluster default=http://127.0.0.1:23891 >"$B/etcd.log" 2>&1 &
 echo $! >"$B/etcd.pid"
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/23890) 2>/dev/null && break; sleep 0.2; done
+(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$B/secret")
 for i in 2 3 4; do
-  setsid "$SHOAL" node start --cluster-id bench-shared --data-dir "$B/node$i" \
+  setsid "$SHOAL" node start --cluster-id bench-shared --secret-file "$B/secret" --data-dir "$B/node$i" \
     --listen 127.0.8.$i:9710 --gossip 127.0.8.$i:9711 --kvdb http://127.0.0.1:23890 --docker-socket "" \
     >>"$B/node$i.log" 2>&1 &
   echo $! >"$B/node$i.pid"

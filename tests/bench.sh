@@ -46,8 +46,10 @@ etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:23990 \
   --initial-cluster default=http://127.0.0.1:23991 >"$B/etcd.log" 2>&1 &
 echo $! >"$B/etcd.pid"
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/23990) 2>/dev/null && break; sleep 0.2; done
+(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$B/secret")
 start_node() {
-  setsid "$SHOAL" node start --cluster-id bench --data-dir "$B/node$1" --listen 127.0.9.$1:9710 \
+  setsid "$SHOAL" node start --cluster-id bench --secret-file "$B/secret" \
+    --data-dir "$B/node$1" --listen 127.0.9.$1:9710 \
     --gossip 127.0.9.$1:9711 --kvdb http://127.0.0.1:23990 --replica-timeout 2 --docker-socket "" \
     >>"$B/node$1.log" 2>&1 &
   echo $! >"$B/node$1.pid"
