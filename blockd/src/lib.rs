@@ -32,6 +32,7 @@ pub mod node;
 pub mod peers;
 pub mod placement;
 pub mod pool;
+pub mod powerloss;
 pub mod range_lock;
 pub mod read_cache;
 pub mod reconcile;

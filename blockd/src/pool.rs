@@ -354,6 +354,7 @@ impl Pool {
             let durable = r.versions.complete_below();
             r.file.sync_data()?;
             r.versions.sync(durable)?;
+            self.synced(volume_id);
         } else {
             // Outside the region lock: this may wait for an older range's write-out.
             r.writeback.after_write(&r.file, offset, len);
@@ -456,6 +457,7 @@ impl Pool {
         let all = r.lock(0..STRIPES as u64);
         r.floor.fetch_max(min_version, Ordering::SeqCst);
         drop(all);
+        self.synced(volume_id);
         Ok(Opened {
             epoch: r.versions.epoch(),
             complete_below: r.versions.complete_below(),
@@ -465,6 +467,19 @@ impl Pool {
                 OpenState::Existing
             },
         })
+    }
+
+    /// Failpoint `lose-unsynced` ([`crate::powerloss`]): the replica is durable now.
+    fn synced(&self, volume_id: &str) {
+        if crate::powerloss::enabled() {
+            crate::powerloss::synced(&self.dir, volume_id);
+        }
+    }
+
+    /// Failpoint `lose-unsynced`: drops every write not synced (see
+    /// [`crate::powerloss::power_off`]); the caller ends the process at once.
+    pub fn power_off(&self) -> usize {
+        crate::powerloss::power_off(&self.dir)
     }
 
     /// Lets the next open at the current epoch count as opened in this process: the
@@ -481,7 +496,9 @@ impl Pool {
     pub fn set_catching_up(&self, volume_id: &str, on: bool) -> Result<()> {
         self.replica(volume_id, 0, false)?
             .versions
-            .set_catching_up(on)
+            .set_catching_up(on)?;
+        self.synced(volume_id);
+        Ok(())
     }
 
     /// What a replica file says about itself, for recovery: its descriptor (None when
@@ -582,6 +599,7 @@ impl Pool {
         let durable = r.versions.complete_below();
         r.file.sync_data()?;
         r.versions.sync(durable)?;
+        self.synced(volume_id);
         Ok(())
     }
 

@@ -541,7 +541,11 @@ impl VolumeIo {
                     let min = self.inflight.lock().expect("inflight").first().copied();
                     replication::left_at(min, self.next_version())
                 });
-                self.remove_from_in_sync(&failed, at)
+                // A replica that stopped answering may have lost power, and with it what
+                // it acknowledged but had not flushed: it holds at most what the last
+                // complete flush made durable.
+                let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
+                self.remove_from_in_sync(&failed, at.min(durable))
             }
             Outcome::Failed { errors } => {
                 warn!(volume = %self.volume_id, ?errors, "every in-sync replica failed");

@@ -277,6 +277,21 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
             }));
         }
+        if shoal_blockd::powerloss::enabled() {
+            // Failpoint `lose-unsynced`: SIGUSR2 is a power cut of this node's pool.
+            let pool = node.pool.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut usr2 = signal(SignalKind::user_defined2()).expect("SIGUSR2 handler");
+                usr2.recv().await;
+                let n = pool.power_off();
+                tracing::error!(
+                    files = n,
+                    "failpoint lose-unsynced: power cut, unsynced writes dropped"
+                );
+                std::process::abort();
+            });
+        }
         println!("node {} serving", node.id);
         let shutdown = async move {
             shutdown_signal().await;
