@@ -290,7 +290,9 @@ impl Pool {
     }
 
     /// Reads for the coordinator of `epoch`: refused once the replica follows a newer
-    /// epoch (that coordinator was replaced, and its successor may have written since).
+    /// epoch (that coordinator was replaced, and its successor may have written since),
+    /// and refused while the replica's node restarted since it was opened (it may have
+    /// lost writes it had acknowledged; see [`Pool::open_replica`]).
     pub fn read_at_epoch(
         &self,
         volume_id: &str,
@@ -305,6 +307,7 @@ impl Pool {
                 "read at stale epoch {epoch}: replica {volume_id} follows epoch {cur}"
             )));
         }
+        self.check_opened(volume_id)?;
         self.read(volume_id, size, offset, len)
     }
 

@@ -915,6 +915,14 @@ impl VolumeIo {
                             status.message()
                         )));
                     }
+                    // Its node restarted (maybe a power loss): it may lack acknowledged
+                    // writes. It leaves the in-sync set like a restarted replica that
+                    // refused a write, and another replica answers.
+                    if status.message().contains(RESTARTED) {
+                        let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
+                        warn!(volume = %self.volume_id, node = %r.node, left_at = durable, "replica node restarted: resynced from the last flush");
+                        self.remove_from_in_sync(std::slice::from_ref(&r.node), durable)?;
+                    }
                     last_err = Some(status.into());
                 }
                 Err(_) => {

@@ -4,7 +4,7 @@
 //! etcd and FUSE; the power cut is the `lose-unsynced` failpoint (blockd/src/powerloss.rs).
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -52,17 +52,17 @@ fn replica_bytes(img: &Path, at_mib: u64) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
-    require_root!();
+/// Three nodes, node 1 able to lose power; a raw volume `pl` with its replicas on nodes 1
+/// and 2 (in that order), attached on node 0. Returns the device and the replica files.
+fn setup() -> (Cluster, String, Vec<PathBuf>) {
     let mut c = Cluster::start(
         3,
         Opts {
-            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            // Long: a slow machine must not drop node 1 before the power cut.
+            extra_args: vec!["--replica-timeout".into(), "10".into()],
             ..Opts::default()
         },
     );
-    // Node 1's pool can lose power.
     c.nodes[1]
         .env
         .push(("SHOAL_FAILPOINTS".into(), "lose-unsynced".into()));
@@ -72,7 +72,7 @@ fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
     c.shoal(
         0,
         &[
-            "volume", "create", "pl", "--size", "64M", "--repl", "2", "--fs", "none", "--nodes",
+            "volume", "create", "pl", "--size", "128M", "--repl", "2", "--fs", "none", "--nodes",
             &pinned,
         ],
     )
@@ -80,19 +80,24 @@ fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
     let v = c.json(0, &["volume", "attach", "pl"]);
     let device = v["device_path"].as_str().unwrap().to_string();
     let id = v["id"].as_str().unwrap().to_string();
-    let imgs: Vec<_> = c
+    let imgs = c
         .nodes
         .iter()
         .map(|n| n.data_dir.join("pool/replicas").join(format!("{id}.img")))
         .collect();
-    let img = |i: usize| imgs[i].clone();
+    (c, device, imgs)
+}
 
-    // A is made durable by an fsync; B is acknowledged by both replicas, never flushed.
-    dd(c.path(), &device, b'a', 0, true);
-    dd(c.path(), &device, b'b', 8, false);
-    assert_eq!(replica_bytes(&img(1), 8), vec![b'b'; 4], "B reached node 1");
-
-    // Power cut on node 1: what it had not synced is gone.
+/// Writes A (fsynced) and B (acknowledged, not flushed), then cuts node 1's power: it
+/// comes back... not yet: the caller restarts it.
+fn write_then_cut_power(c: &mut Cluster, device: &str, imgs: &[PathBuf]) {
+    dd(c.path(), device, b'a', 0, true);
+    dd(c.path(), device, b'b', 8, false);
+    assert_eq!(
+        replica_bytes(&imgs[1], 8),
+        vec![b'b'; 4],
+        "B reached node 1"
+    );
     c.signal(1, libc::SIGUSR2);
     let start = std::time::Instant::now();
     while c.nodes[1].running() {
@@ -100,13 +105,28 @@ fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(c.log(1).contains("power cut"), "{}", c.log(1));
-    assert_eq!(replica_bytes(&img(1), 0), vec![b'a'; 4], "A survived");
+    assert_eq!(replica_bytes(&imgs[1], 0), vec![b'a'; 4], "A survived");
     assert_ne!(
-        replica_bytes(&img(1), 8),
+        replica_bytes(&imgs[1], 8),
         vec![b'b'; 4],
         "the failpoint dropped the unsynced B"
     );
+}
 
+fn all_in_sync(c: &Cluster) -> bool {
+    let v = c.json(0, &["volume", "inspect", "pl"]);
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["state"] == "in-sync")
+}
+
+#[test]
+fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
+    require_root!();
+    let (mut c, device, imgs) = setup();
+    write_then_cut_power(&mut c, &device, &imgs);
     // Written during the outage: node 1 leaves the in-sync set.
     dd(c.path(), &device, b'c', 16, true);
     wait_until(Duration::from_secs(30), "the volume degraded", || {
@@ -114,16 +134,82 @@ fn a_replica_that_lost_power_is_resynced_and_no_fsynced_write_is_lost() {
     });
     c.restart(1);
     wait_until(Duration::from_secs(90), "node 1 resynced", || {
-        let v = c.json(0, &["volume", "inspect", "pl"]);
-        v["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["state"] == "in-sync")
+        all_in_sync(&c)
     });
     c.shoal(0, &["volume", "detach", "pl"]).expect_ok("detach");
     // Node 1 got B back (and C), and holds exactly what node 2 holds.
-    assert_eq!(replica_bytes(&img(1), 8), vec![b'b'; 4], "B recopied");
-    assert_eq!(replica_bytes(&img(1), 16), vec![b'c'; 4], "C copied");
-    assert_eq!(sha256_file(&img(1)), sha256_file(&img(2)), "replicas equal");
+    assert_eq!(replica_bytes(&imgs[1], 8), vec![b'b'; 4], "B recopied");
+    assert_eq!(replica_bytes(&imgs[1], 16), vec![b'c'; 4], "C copied");
+    assert_eq!(
+        sha256_file(&imgs[1]),
+        sha256_file(&imgs[2]),
+        "replicas equal"
+    );
+}
+
+#[test]
+fn a_read_is_never_served_by_a_replica_that_lost_power() {
+    require_root!();
+    let (mut c, device, imgs) = setup();
+    let v = c.json(0, &["volume", "inspect", "pl"]);
+    assert_eq!(
+        v["replicas"][0]["node"],
+        c.nodes[1].id(),
+        "node 1 is asked first: {v}"
+    );
+    write_then_cut_power(&mut c, &device, &imgs);
+    // Back before anything was written: the first thing it is asked is a read of B.
+    c.restart(1);
+    c.wait_all_online();
+    // Reads of data the coordinator does not cache (64 MiB: they also evict B from its
+    // read cache): they must not be served by node 1 (the first may find node 1's old
+    // connection broken and go to node 2; the next reach node 1, which must refuse).
+    for _ in 0..3 {
+        let out = Command::new("dd")
+            .arg(format!("if={device}"))
+            .args([
+                "bs=1M",
+                "skip=64",
+                "count=64",
+                "iflag=direct",
+                "status=none",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = Command::new("dd")
+        .arg(format!("if={device}"))
+        .args(["bs=1M", "skip=8", "count=4", "iflag=direct", "status=none"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.len() == 4 * MIB as usize && out.stdout.iter().all(|b| *b == b'b'),
+        "a read returned what node 1 lost instead of B"
+    );
+    // Node 1 left the in-sync set for it, and its resync brings B back.
+    wait_until(Duration::from_secs(90), "node 1 resynced", || {
+        all_in_sync(&c)
+    });
+    c.shoal(0, &["volume", "detach", "pl"]).expect_ok("detach");
+    assert_eq!(replica_bytes(&imgs[1], 8), vec![b'b'; 4], "B recopied");
+    assert_eq!(
+        sha256_file(&imgs[1]),
+        sha256_file(&imgs[2]),
+        "replicas equal"
+    );
+    assert!(
+        c.log(0).contains("replica node restarted"),
+        "node 1 was taken out for the read"
+    );
 }
