@@ -9,6 +9,8 @@ have protoc || need_apt+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 have etcd || need_apt+=(etcd-server)
 have etcdctl || need_apt+=(etcd-client)
+# Certificates for the etcd-over-TLS test.
+have openssl || need_apt+=(openssl)
 have fusermount3 || need_apt+=(fuse3)
 have mkfs.ext4 || need_apt+=(e2fsprogs)
 have losetup || need_apt+=(util-linux)

@@ -24,6 +24,8 @@ pub struct NodeConfig {
     pub gossip: SocketAddr,
     /// etcd endpoints; empty means the embedded store (single-node cluster).
     pub kvdb: Vec<String>,
+    /// TLS and user for etcd.
+    pub kvdb_auth: crate::meta::EtcdAuth,
     /// Failure domains used by placement.
     pub zone: String,
     pub rack: String,
@@ -79,6 +81,24 @@ impl NodeConfig {
                     "--kvdb {url:?}: expected an etcd URL such as http://127.0.0.1:2379"
                 )));
             }
+            // TLS goes with https, and https needs the CA that signed etcd's certificate.
+            let https = url.starts_with("https://");
+            if https != self.kvdb_auth.ca_pem.is_some() {
+                return Err(Error::InvalidArgument(if https {
+                    format!("--kvdb {url:?}: an https:// endpoint needs --kvdb-ca (the CA that signed etcd's certificate)")
+                } else {
+                    format!("--kvdb {url:?}: --kvdb-ca was given, so the endpoint must be https://")
+                }));
+            }
+        }
+        if self.kvdb.is_empty()
+            && (self.kvdb_auth.ca_pem.is_some()
+                || self.kvdb_auth.client.is_some()
+                || self.kvdb_auth.user.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "--kvdb-ca, --kvdb-cert, --kvdb-key and --kvdb-user need --kvdb (an etcd)".into(),
+            ));
         }
         if self.replica_timeout.is_zero() {
             return Err(Error::InvalidArgument(
@@ -158,5 +178,65 @@ pub fn check_label(what: &str, value: &str) -> Result<()> {
         Err(Error::InvalidArgument(format!(
             "{what} {value:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::EtcdAuth;
+
+    fn cfg(kvdb: &[&str], auth: EtcdAuth) -> NodeConfig {
+        NodeConfig {
+            cluster_id: "c".into(),
+            data_dir: "/tmp/x".into(),
+            listen: "127.0.0.1:9710".parse().unwrap(),
+            gossip: "127.0.0.1:9711".parse().unwrap(),
+            kvdb: kvdb.iter().map(|s| s.to_string()).collect(),
+            kvdb_auth: auth,
+            zone: "z".into(),
+            rack: "r".into(),
+            secret: "s".into(),
+            pool: None,
+            capacity: None,
+            replica_timeout: DEFAULT_REPLICA_TIMEOUT,
+            rebuild_after: DEFAULT_REBUILD_AFTER,
+            coordinator_lease: DEFAULT_COORDINATOR_LEASE,
+        }
+    }
+
+    #[test]
+    fn etcd_tls_goes_with_https_and_needs_an_etcd() {
+        let ca = || EtcdAuth {
+            ca_pem: Some(b"pem".to_vec()),
+            ..EtcdAuth::default()
+        };
+        assert!(cfg(&["http://e:2379"], EtcdAuth::default())
+            .validate()
+            .is_ok());
+        assert!(cfg(&["https://e:2379"], ca()).validate().is_ok());
+        let err = cfg(&["https://e:2379"], EtcdAuth::default())
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--kvdb-ca"), "{err}");
+        let err = cfg(&["http://e:2379"], ca()).validate().unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
+        let user = EtcdAuth {
+            user: Some(("u".into(), "p".into())),
+            ..EtcdAuth::default()
+        };
+        let err = cfg(&[], user).validate().unwrap_err();
+        assert!(err.to_string().contains("need --kvdb"), "{err}");
+    }
+
+    #[test]
+    fn the_coordinator_lease_is_whole_seconds_of_at_least_two() {
+        let mut c = cfg(&[], EtcdAuth::default());
+        c.coordinator_lease = std::time::Duration::from_secs(1);
+        assert!(c.validate().is_err());
+        c.coordinator_lease = std::time::Duration::from_millis(2500);
+        assert!(c.validate().is_err());
+        c.coordinator_lease = std::time::Duration::from_secs(2);
+        assert!(c.validate().is_ok());
     }
 }

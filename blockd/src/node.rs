@@ -75,7 +75,9 @@ pub async fn open_store(cfg: &NodeConfig) -> Result<MetaStore> {
     Ok(if cfg.kvdb.is_empty() {
         MetaStore::Embedded(EmbeddedStore::open(&cfg.data_dir.join("meta.json"))?)
     } else {
-        MetaStore::Etcd(Box::new(EtcdStore::connect(&cfg.kvdb).await?))
+        MetaStore::Etcd(Box::new(
+            EtcdStore::connect_with(&cfg.kvdb, &cfg.kvdb_auth).await?,
+        ))
     })
 }
 

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shoal_blockd::meta::{Claim, EmbeddedStore, EtcdStore, MetaStore};
+use shoal_blockd::meta::{Claim, EmbeddedStore, EtcdAuth, EtcdStore, MetaStore};
 
 async fn conformance(store: &MetaStore) {
     let p = format!("/conf/{}/", rand_suffix());
@@ -208,13 +208,22 @@ fn free_port() -> u16 {
 }
 
 fn start_etcd() -> Option<(EtcdProc, String)> {
-    let dir = tempfile::tempdir().unwrap();
+    start_etcd_with(tempfile::tempdir().unwrap(), "http", &[])
+}
+
+/// etcd on a free port of 127.0.0.1, with `extra` flags (TLS); None without the binary.
+fn start_etcd_with(
+    dir: tempfile::TempDir,
+    scheme: &str,
+    extra: &[String],
+) -> Option<(EtcdProc, String)> {
     let (cp, pp) = (free_port(), free_port());
-    let client = format!("http://127.0.0.1:{cp}");
+    let client = format!("{scheme}://127.0.0.1:{cp}");
     let peer = format!("http://127.0.0.1:{pp}");
     let child = Command::new("etcd")
         .arg("--data-dir")
         .arg(dir.path().join("etcd"))
+        .args(extra)
         .args([
             "--listen-client-urls",
             &client,
@@ -264,4 +273,163 @@ async fn etcd_store_down_fails_fast_with_a_clear_error() {
         .expect("no etcd there");
     assert!(err.to_string().contains("unavailable"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// Runs a command that must succeed.
+fn run(cmd: &str, args: &[&str], dir: &std::path::Path) {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and two certificates it signs, in `dir`: `server` (for 127.0.0.1) and
+/// `client`; `other-ca` is a CA that signed nothing.
+fn make_certs(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (key, crt) = (format!("{ca}.key"), format!("{ca}.crt"));
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-subj",
+            "/CN=shoal-test",
+            "-days",
+            "2",
+        ]);
+        run("openssl", &a, dir);
+    }
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let (key, csr, crt, extf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN={name}");
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        run("openssl", &a, dir);
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &extf,
+            ],
+            dir,
+        );
+    }
+}
+
+fn pem(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name)).unwrap()
+}
+
+/// etcd with TLS, client certificates and authentication on: the store connects with
+/// the CA, a client certificate and a user, and conforms; a wrong password, a missing
+/// client certificate, another CA or plain HTTP are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_over_tls_with_a_user_conforms() {
+    let have = |c: &str| Command::new(c).arg("version").output().is_ok();
+    if !have("openssl") || !have("etcd") || !have("etcdctl") {
+        eprintln!("SKIPPED: needs openssl, etcd and etcdctl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    make_certs(&d);
+    let p = |n: &str| d.join(n).display().to_string();
+    let tls = vec![
+        format!("--cert-file={}", p("server.crt")),
+        format!("--key-file={}", p("server.key")),
+        format!("--trusted-ca-file={}", p("ca.crt")),
+        "--client-cert-auth".to_string(),
+    ];
+    let (_etcd, url) = start_etcd_with(dir, "https", &tls).expect("etcd");
+    let ctl = |args: &[&str]| {
+        let mut a = vec![
+            format!("--endpoints={url}"),
+            format!("--cacert={}", p("ca.crt")),
+            format!("--cert={}", p("client.crt")),
+            format!("--key={}", p("client.key")),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        run("etcdctl", &a, &d);
+    };
+    ctl(&["user", "add", "root:root-pw", "--interactive=false"]);
+    ctl(&["user", "add", "shoal:shoal-pw", "--interactive=false"]);
+    ctl(&["role", "add", "shoal"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "shoal",
+        "--prefix=true",
+        "readwrite",
+        "/",
+    ]);
+    ctl(&["user", "grant-role", "shoal", "shoal"]);
+    ctl(&["auth", "enable"]);
+
+    let auth = |password: &str, client: bool, ca: &str| EtcdAuth {
+        ca_pem: Some(pem(&d, ca)),
+        client: client.then(|| (pem(&d, "client.crt"), pem(&d, "client.key"))),
+        user: Some(("shoal".into(), password.into())),
+    };
+    let urls = [url.clone()];
+    let store = EtcdStore::connect_with(&urls, &auth("shoal-pw", true, "ca.crt"))
+        .await
+        .expect("TLS, client certificate and user accepted");
+    conformance(&MetaStore::Etcd(Box::new(store))).await;
+
+    for (why, a) in [
+        ("a wrong password", auth("guess", true, "ca.crt")),
+        ("no client certificate", auth("shoal-pw", false, "ca.crt")),
+        ("another CA", auth("shoal-pw", true, "other-ca.crt")),
+    ] {
+        let refused = EtcdStore::connect_with(&urls, &a).await;
+        assert!(refused.is_err(), "{why} was accepted");
+    }
+    let plain = [url.replace("https://", "http://")];
+    assert!(
+        EtcdStore::connect(&plain).await.is_err(),
+        "plain HTTP to a TLS etcd was accepted"
+    );
 }

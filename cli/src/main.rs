@@ -1,6 +1,7 @@
 //! `shoal`: the one binary. `shoal node start` runs a node; every other subcommand is
 //! the admin CLI, talking gRPC to a node's control API (`--endpoint`).
 
+mod kvdb_auth;
 mod mount_helper;
 mod node_cmd;
 mod output;

@@ -33,6 +33,8 @@ pub struct StartArgs {
     /// embedded store (single-node cluster).
     #[arg(long, env = "SHOAL_KVDB", value_delimiter = ',')]
     kvdb: Vec<String>,
+    #[command(flatten)]
+    kvdb_auth: crate::kvdb_auth::KvdbAuthArgs,
     /// Zone label (placement spreads replicas over zones).
     #[arg(long, env = "SHOAL_ZONE", default_value = "default")]
     zone: String,
@@ -91,7 +93,7 @@ fn secret(args: &StartArgs) -> anyhow::Result<String> {
         );
     }
     if let Some(path) = &args.secret_file {
-        return read_secret_file(path);
+        return read_private_file("secret-file", path);
     }
     if let Ok(s) = std::env::var("SHOAL_SECRET") {
         if !s.is_empty() {
@@ -107,31 +109,32 @@ fn secret(args: &StartArgs) -> anyhow::Result<String> {
     )
 }
 
-fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+/// Reads a file only its owner may read (a secret, a password, a key), refusing one
+/// another user owns or may read; `flag` names the flag in messages.
+pub(crate) fn read_private_file(flag: &str, path: &std::path::Path) -> anyhow::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("--secret-file {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("--{flag} {}", path.display()))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
         anyhow::bail!(
-            "--secret-file {}: owned by uid {}, not by this user ({me})",
+            "--{flag} {}: owned by uid {}, not by this user ({me})",
             path.display(),
             meta.uid()
         );
     }
     if meta.mode() & 0o077 != 0 {
         anyhow::bail!(
-            "--secret-file {}: other users may read it (mode {:o}); chmod 600 it",
+            "--{flag} {}: other users may read it (mode {:o}); chmod 600 it",
             path.display(),
             meta.mode() & 0o777
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--secret-file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--{flag} {}", path.display()))?;
     let secret = text.trim_end_matches(['\n', '\r']).to_string();
     if secret.trim().is_empty() {
-        anyhow::bail!("--secret-file {}: the file is empty", path.display());
+        anyhow::bail!("--{flag} {}: the file is empty", path.display());
     }
     Ok(secret)
 }
@@ -141,7 +144,7 @@ fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
-        return read_secret_file(path);
+        return read_private_file("secret-file", path);
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
@@ -179,7 +182,8 @@ pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
         data_dir: args.data_dir,
         listen: args.listen,
         gossip: args.gossip,
-        kvdb: args.kvdb,
+        kvdb: args.kvdb.clone(),
+        kvdb_auth: args.kvdb_auth.auth()?,
         zone: args.zone,
         rack: args.rack,
         secret,

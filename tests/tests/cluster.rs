@@ -144,6 +144,42 @@ fn wrong_secret_and_wrong_cluster_are_refused() {
     assert_eq!(c.states(0).len(), 1);
 }
 
+/// The flags for a secured etcd are checked before anything starts, with messages that
+/// name what is missing (the TLS handshake and the user are tested against a real etcd in
+/// blockd/tests/meta_conformance.rs).
+#[test]
+fn etcd_tls_and_user_flags_are_checked_at_start() {
+    require_root!();
+    let c = Cluster::start(1, Opts::default());
+    let err = refused_start(&c, 1, "--kvdb", "https://127.0.0.1:2379");
+    assert!(err.contains("--kvdb-ca"), "{err}");
+    let start_with = |extra: &[&str]| {
+        let mut args = c.node_args(1);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = std::process::Command::new(shoal_tests::shoal_bin())
+            .args(&args)
+            .env_remove("SHOAL_KVDB_PASSWORD")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = start_with(&["--kvdb-user", "shoal"]);
+    assert!(err.contains("needs a password"), "{err}");
+    let key = c.path().join("etcd-client.key");
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let cert = c.path().join("etcd-client.crt");
+    std::fs::write(&cert, "not a cert").unwrap();
+    let err = start_with(&[
+        "--kvdb-cert",
+        cert.to_str().unwrap(),
+        "--kvdb-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--kvdb-key") && err.contains("chmod 600"), "{err}");
+}
+
 #[test]
 fn single_node_runs_on_the_embedded_store() {
     require_root!();

@@ -16,6 +16,29 @@ use crate::error::{Error, Result};
 /// How long one etcd call may take before the store reports etcd unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a node proves itself to etcd and checks etcd: TLS (the CA that signed etcd's
+/// certificate, and a client certificate when etcd asks for one) and a user.
+#[derive(Clone, Default)]
+pub struct EtcdAuth {
+    /// PEM of the CA to trust for etcd's certificate (`https://` endpoints).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM of the client certificate and its key, for etcd's `--client-cert-auth`.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password, for etcd's `auth enable`.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    // Never prints the password or the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 /// See the module doc.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -26,10 +49,26 @@ pub struct EtcdStore {
 impl EtcdStore {
     /// Connects to etcd at `endpoints` (URLs such as `http://127.0.0.1:2379`).
     pub async fn connect(endpoints: &[String]) -> Result<Self> {
+        Self::connect_with(endpoints, &EtcdAuth::default()).await
+    }
+
+    /// Connects to etcd at `endpoints` with TLS and a user as `auth` says.
+    pub async fn connect_with(endpoints: &[String], auth: &EtcdAuth) -> Result<Self> {
         let names = endpoints.join(",");
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(CALL_TIMEOUT);
+        if let Some(ca) = &auth.ca_pem {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(ca));
+            if let Some((cert, key)) = &auth.client {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some((user, password)) = &auth.user {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
         let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(endpoints, Some(opts)))
             .await
             .map_err(|_| Error::MetaUnavailable(format!("etcd at {names}: connect timed out")))?

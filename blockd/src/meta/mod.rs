@@ -14,7 +14,7 @@ mod embedded;
 mod etcd;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdAuth, EtcdStore};
 
 use std::time::Duration;
 
