@@ -719,6 +719,19 @@ impl VolumeIo {
                         pending.remove(&node);
                     }
                 }
+                // Its node restarted meanwhile: the late write can no longer arrive (the
+                // process that had it is gone), and what it had not flushed may be lost.
+                // It leaves the in-sync set from the last flush instead of failing every
+                // write from now on.
+                Ok(Err(status)) if status.message().contains(RESTARTED) => {
+                    let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
+                    warn!(volume = %self.volume_id, %node, left_at = durable, "replica node restarted: resynced from the last flush");
+                    self.remove_from_in_sync(std::slice::from_ref(&node), durable)?;
+                    self.pending_floor
+                        .lock()
+                        .expect("pending floor")
+                        .remove(&node);
+                }
                 Ok(Err(status)) => return Err(Error::from(status)),
                 Err(_) => {
                     return Err(Error::NodeUnreachable {

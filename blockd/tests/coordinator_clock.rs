@@ -267,6 +267,31 @@ async fn a_write_that_failed_everywhere_cannot_land_after_a_newer_one() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replica_owed_a_floor_whose_node_restarted_leaves_instead_of_failing_writes() {
+    let s = setup(2, Some(vec!["r0", "r1"])).await;
+    s.set(0, Mode::HangWriteAt(0));
+    s.set(1, Mode::HangWriteAt(0));
+    let before: Vec<u32> = (0..2)
+        .map(|i| s.fakes[i].arrived.load(Ordering::SeqCst))
+        .collect();
+    let w1 = s.write(0, 1);
+    s.arrived(0, before[0] + 1).await;
+    s.arrived(1, before[1] + 1).await;
+    tokio::time::advance(TIMEOUT).await;
+    assert!(finished(w1).await.is_err(), "no in-sync replica answered");
+    // r0's node restarts before the next write: its floor cannot be raised.
+    s.set(0, Mode::Restarted);
+    s.set(1, Mode::Answer);
+    finished(s.write(8192, 2))
+        .await
+        .expect("the write goes on with r1");
+    let rec = s.record().await;
+    assert_eq!(rec.in_sync(), vec!["r1".to_string()]);
+    assert!(rec.left_at.contains_key("r0"), "{rec:?}");
+    finished(s.write(16384, 3)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn one_fails_one_hangs_one_answers_both_leave_in_one_update() {
     let s = setup(3, None).await;
     s.set(0, Mode::Fail);

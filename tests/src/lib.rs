@@ -579,6 +579,43 @@ pub fn can_netns() -> bool {
     can_mount() && works("ip", &["netns", "list"]) && works("nsenter", &["--version"])
 }
 
+/// `n` nodes, each in its own network namespace (so a test can cut one off), with a
+/// replica timeout of 2 s; None, after saying why, where namespaces cannot be made.
+pub fn netns_cluster(n: usize) -> Option<Cluster> {
+    if !can_netns() {
+        eprintln!("SKIPPED: needs root, iproute2 and nsenter for network namespaces");
+        return None;
+    }
+    Some(Cluster::start(
+        n,
+        Opts {
+            netns: true,
+            extra_args: vec!["--replica-timeout".into(), "2".into()],
+            ..Opts::default()
+        },
+    ))
+}
+
+/// An fcntl (POSIX) lock of the whole file: `typ` F_RDLCK, F_WRLCK or F_UNLCK; `wait`
+/// blocks until granted (F_SETLKW).
+pub fn fcntl_lock(f: &std::fs::File, typ: i32, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fl = libc::flock {
+        l_type: typ as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
+    // SAFETY: fcntl on a descriptor the file owns, with a valid flock.
+    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl HostNet {
     fn create(net: &str) -> HostNet {
         let h = HostNet {

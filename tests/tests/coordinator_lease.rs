@@ -5,30 +5,12 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shoal_tests::{require_root, wait_until, Cluster, Opts};
-
-fn fcntl(f: &fs::File, typ: i32, wait: bool) -> std::io::Result<()> {
-    let fl = libc::flock {
-        l_type: typ as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
-    // SAFETY: fcntl on an fd we own with a valid flock.
-    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
+use shoal_tests::{fcntl_lock, require_root, wait_until};
 
 fn read_counter(f: &mut fs::File) -> std::io::Result<u64> {
     let mut s = String::new();
@@ -53,7 +35,7 @@ fn increment_under_lock(path: PathBuf, n: u64, written: Arc<AtomicU64>) -> u64 {
         .unwrap();
     let mut retries = 0;
     for _ in 0..n {
-        while let Err(e) = fcntl(&f, libc::F_WRLCK, true) {
+        while let Err(e) = fcntl_lock(&f, libc::F_WRLCK, true) {
             retries += 1;
             assert!(retries < 600, "the lock never came back: {e}");
             std::thread::sleep(Duration::from_millis(100));
@@ -63,7 +45,7 @@ fn increment_under_lock(path: PathBuf, n: u64, written: Arc<AtomicU64>) -> u64 {
         f.write_all(format!("{v:<12}").as_bytes())
             .expect("write under the lock");
         written.fetch_max(v, Ordering::SeqCst);
-        fcntl(&f, libc::F_UNLCK, false).expect("unlock");
+        fcntl_lock(&f, libc::F_UNLCK, false).expect("unlock");
     }
     retries
 }
@@ -71,18 +53,9 @@ fn increment_under_lock(path: PathBuf, n: u64, written: Arc<AtomicU64>) -> u64 {
 #[test]
 fn a_cut_off_coordinator_stops_before_its_successor_starts() {
     require_root!();
-    if !shoal_tests::can_netns() {
-        eprintln!("SKIPPED: needs root, iproute2 and nsenter for network namespaces");
+    let Some(c) = shoal_tests::netns_cluster(4) else {
         return;
-    }
-    let c = Cluster::start(
-        4,
-        Opts {
-            netns: true,
-            extra_args: vec!["--replica-timeout".into(), "2".into()],
-            ..Opts::default()
-        },
-    );
+    };
     // Node 0 coordinates (mounted first) and holds no replica; all four mount.
     let pinned = format!("{},{}", c.nodes[1].id(), c.nodes[2].id());
     c.shoal(

@@ -36,6 +36,23 @@ fn dd(dir: &Path, device: &str, byte: u8, at_mib: u64, fsync: bool) {
     );
 }
 
+/// Reads `count` MiB at `skip` MiB from the raw device with O_DIRECT.
+fn dd_read(device: &str, skip: u64, count: u64) -> Vec<u8> {
+    let out = Command::new("dd")
+        .arg(format!("if={device}"))
+        .args(["bs=1M", "iflag=direct", "status=none"])
+        .arg(format!("skip={skip}"))
+        .arg(format!("count={count}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// The first byte of each MiB of a replica file in `[at_mib, at_mib + 4)`.
 fn replica_bytes(img: &Path, at_mib: u64) -> Vec<u8> {
     let f = std::fs::File::open(img).unwrap();
@@ -165,36 +182,12 @@ fn a_read_is_never_served_by_a_replica_that_lost_power() {
     // read cache): they must not be served by node 1 (the first may find node 1's old
     // connection broken and go to node 2; the next reach node 1, which must refuse).
     for _ in 0..3 {
-        let out = Command::new("dd")
-            .arg(format!("if={device}"))
-            .args([
-                "bs=1M",
-                "skip=64",
-                "count=64",
-                "iflag=direct",
-                "status=none",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        dd_read(&device, 64, 64);
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = Command::new("dd")
-        .arg(format!("if={device}"))
-        .args(["bs=1M", "skip=8", "count=4", "iflag=direct", "status=none"])
-        .output()
-        .unwrap();
+    let got = dd_read(&device, 8, 4);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.stdout.len() == 4 * MIB as usize && out.stdout.iter().all(|b| *b == b'b'),
+        got.len() == 4 * MIB as usize && got.iter().all(|b| *b == b'b'),
         "a read returned what node 1 lost instead of B"
     );
     // Node 1 left the in-sync set for it, and its resync brings B back.

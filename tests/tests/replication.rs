@@ -516,18 +516,9 @@ fn a_hung_coordinator_is_replaced_and_can_no_longer_write() {
 #[test]
 fn a_coordinator_cut_off_the_network_is_replaced_and_fenced() {
     require_root!();
-    if !shoal_tests::can_netns() {
-        eprintln!("SKIPPED: needs root, iproute2 and nsenter for network namespaces");
+    let Some(c) = shoal_tests::netns_cluster(3) else {
         return;
-    }
-    let c = Cluster::start(
-        3,
-        Opts {
-            netns: true,
-            extra_args: vec!["--replica-timeout".into(), "2".into()],
-            ..Opts::default()
-        },
-    );
+    };
     let id = replaced_coordinator_is_fenced(&c, || c.cut(0), || c.heal(0));
     // The returning node's replica is resynced by the new coordinator: replicas converge.
     wait_until(

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use shoal_tests::{mounts, require_root, Cluster, Opts};
+use shoal_tests::{fcntl_lock, mounts, require_root, Cluster, Opts};
 
 /// A shared volume with repl 2 on three nodes, mounted on every node.
 fn mounted_everywhere(name: &str) -> (Cluster, Vec<PathBuf>) {
@@ -239,23 +239,6 @@ fn increment(f: &mut fs::File) {
     let n: u64 = s.trim().parse().unwrap_or(0);
     f.seek(SeekFrom::Start(0)).unwrap();
     f.write_all(format!("{:<12}", n + 1).as_bytes()).unwrap();
-}
-
-fn fcntl_lock(f: &fs::File, typ: i32, wait: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fl = libc::flock {
-        l_type: typ as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
-    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, &fl) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn flock(f: &fs::File, op: i32) {
