@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_proto::block::{ChangedRequest, OpenRequest, RegionRequest, WriteRegionRequest};
+use shoal_proto::block::{
+    ChangedRequest, FlushRequest, OpenRequest, RegionRequest, WriteRegionRequest,
+};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -336,6 +338,23 @@ impl<'a> Side<'a> {
         self.call(async move { c.write_region(req).await.map(|_| ()) })
     }
 
+    /// Makes what was copied to this replica so far durable: the saved progress says
+    /// those regions are done, and a resync resumed after the replica's node lost power
+    /// does not copy them again.
+    fn flush(&self) -> Result<()> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().flush(&io.volume_id, io.size(), io.epoch, 0);
+        }
+        let mut c = self.client()?;
+        let req = FlushRequest {
+            replica: Some(io.replica_ref()),
+            epoch: io.epoch,
+            complete_below: 0,
+        };
+        self.call(async move { c.flush(req).await.map(|_| ()) })
+    }
+
     fn client(&self) -> Result<crate::peers::PeerBlockClient> {
         self.io
             .remote(&self.node)
@@ -501,6 +520,9 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
         }
         progress.cursor = batch.last().expect("chunks are not empty") + 1;
         if last_save.elapsed() >= PROGRESS_EVERY {
+            // The copies before the cursor reach the target's disk before the record
+            // says they are done.
+            target.flush()?;
             save_progress(io, node, &progress)?;
             last_save = Instant::now();
         }
