@@ -355,9 +355,8 @@ impl Pool {
         drop(guards);
         if fua {
             let durable = r.versions.complete_below();
-            let taken = r.versions.pending();
             r.file.sync_data()?;
-            r.versions.sync(taken, durable)?;
+            r.versions.sync(durable)?;
             self.synced(volume_id);
         } else {
             // Outside the region lock: this may wait for an older range's write-out.
@@ -601,10 +600,8 @@ impl Pool {
         // The watermark written is the one known before the data was synced: a write
         // arriving meanwhile may raise it, and its data may not be on disk yet.
         let durable = r.versions.complete_below();
-        // Versions reach the file only after their data: taken before the data sync.
-        let taken = r.versions.pending();
         r.file.sync_data()?;
-        r.versions.sync(taken, durable)?;
+        r.versions.sync(durable)?;
         self.synced(volume_id);
         Ok(())
     }

@@ -83,16 +83,7 @@ pub struct RegionVersions {
     complete_below: AtomicU64,
     /// Serializes epoch changes (rare) so the header is written in order.
     epoch_lock: Mutex<()>,
-    /// Region versions set since the last sync, not yet in the file. A version reaches
-    /// the file only at a sync that follows the sync of its data (see [`Self::sync`]):
-    /// after a power loss the file never says a region holds a version whose data did
-    /// not reach the disk (a torn region). Data newer than its version is harmless: a
-    /// region is copied whenever its version is behind.
-    pending: Mutex<std::collections::BTreeMap<u64, u64>>,
 }
-
-/// The versions set before a data sync began, to write after it ([`RegionVersions::sync`]).
-pub struct Pending(std::collections::BTreeMap<u64, u64>);
 
 impl RegionVersions {
     /// Opens the version file at `path`; `create` makes it when missing. Without
@@ -152,7 +143,6 @@ impl RegionVersions {
             epoch: AtomicU64::new(epoch),
             complete_below: AtomicU64::new(complete_below),
             epoch_lock: Mutex::new(()),
-            pending: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -279,52 +269,29 @@ impl RegionVersions {
 
     /// The version of one region (0 if never written).
     pub fn get(&self, region: u64) -> Result<u64> {
-        if let Some(v) = self.pending.lock().expect("pending").get(&region) {
-            return Ok(*v);
-        }
-        self.get_durable(region)
-    }
-
-    /// The version of one region as the file has it.
-    fn get_durable(&self, region: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         let n = self.file.read_at(&mut b, HEADER_BYTES + region * 8)?;
         Ok(if n == 8 { u64::from_le_bytes(b) } else { 0 })
     }
 
-    /// Sets regions to `version` (callers hold the region's lock, and wrote the data
-    /// first). Kept in memory until a [`Self::sync`].
+    /// Sets regions to `version` (callers hold the region's lock).
     pub fn set(&self, regions: std::ops::Range<u64>, version: u64, keep_newer: bool) -> Result<()> {
         for r in regions {
             if keep_newer && self.get(r)? >= version {
                 continue;
             }
-            self.pending.lock().expect("pending").insert(r, version);
+            self.file
+                .write_all_at(&version.to_le_bytes(), HEADER_BYTES + r * 8)?;
         }
         Ok(())
     }
 
-    /// The versions set so far: take this *before* syncing the data, and give it to
-    /// [`Self::sync`] after. A version set meanwhile (its data maybe not synced) waits
-    /// for the next sync.
-    pub fn pending(&self) -> Pending {
-        Pending(self.pending.lock().expect("pending").clone())
-    }
-
-    /// Writes the versions in `taken` (their data is synced) and the completion
-    /// watermark `durable` (known before that data was synced), durably.
-    pub fn sync(&self, taken: Pending, durable: u64) -> Result<()> {
-        for (r, v) in &taken.0 {
-            self.file
-                .write_all_at(&v.to_le_bytes(), HEADER_BYTES + r * 8)?;
-        }
-        self.file.write_all_at(&durable.to_le_bytes(), 24)?;
+    /// Makes every recorded version durable, and the completion watermark with them.
+    /// `durable`: the watermark to record, known before the data it covers was synced.
+    pub fn sync(&self, durable: u64) -> Result<()> {
+        let w = durable;
+        self.file.write_all_at(&w.to_le_bytes(), 24)?;
         self.file.sync_data()?;
-        // Written: forget them, unless set again meanwhile.
-        self.pending
-            .lock()
-            .expect("pending")
-            .retain(|r, v| taken.0.get(r) != Some(v));
         Ok(())
     }
 
@@ -342,18 +309,6 @@ impl RegionVersions {
     /// Every region whose version is above `after`, in ascending order, with its version.
     /// Skips holes in the file, so the cost follows the written part of the volume.
     pub fn newer_than(&self, after: u64) -> Result<Vec<(u64, u64)>> {
-        let pending = self.pending.lock().expect("pending").clone();
-        if pending.is_empty() {
-            return self.newer_than_durable(after);
-        }
-        let mut all: std::collections::BTreeMap<u64, u64> =
-            self.newer_than_durable(0)?.into_iter().collect();
-        all.extend(pending);
-        Ok(all.into_iter().filter(|(_, v)| *v > after).collect())
-    }
-
-    /// [`Self::newer_than`] as the file has it.
-    fn newer_than_durable(&self, after: u64) -> Result<Vec<(u64, u64)>> {
         let fd = self.file.as_raw_fd();
         let len = self.file.metadata()?.len();
         let mut out = Vec::new();
@@ -435,7 +390,6 @@ mod tests {
 
         v.admit(3).unwrap();
         assert!(v.admit(2).is_err(), "older epoch refused");
-        v.sync(v.pending(), 0).unwrap();
         drop(v);
         let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.epoch(), 3, "epoch survives reopen");
@@ -452,41 +406,11 @@ mod tests {
         v.note_complete(50);
         v.note_complete(40); // an older write's watermark arriving late
         assert_eq!(v.complete_below(), 50);
-        v.sync(v.pending(), v.complete_below()).unwrap();
+        v.sync(v.complete_below()).unwrap();
         v.note_complete(60); // not synced: may be lost, which only widens a reconcile
         drop(v);
         let v = RegionVersions::open(&p, true).unwrap();
         assert_eq!(v.complete_below(), 50);
         assert_eq!(v.epoch(), 0, "the watermark does not touch the epoch");
-    }
-
-    #[test]
-    fn a_version_reaches_the_file_only_at_a_sync_that_followed_its_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("v.ver");
-        let v = RegionVersions::open(&p, true).unwrap();
-        v.set(1..2, 10, true).unwrap();
-        assert_eq!(v.get(1).unwrap(), 10, "seen at once by this process");
-        assert_eq!(v.newer_than(0).unwrap(), vec![(1, 10)]);
-        // A power loss now (the file as it is): the version is not there, so it can never
-        // claim data that did not reach the disk.
-        assert_eq!(RegionVersions::open(&p, false).unwrap().get(1).unwrap(), 0);
-        // Taken before the data sync; a write landing during the data sync waits.
-        let taken = v.pending();
-        v.set(2..3, 11, true).unwrap();
-        v.set(1..2, 12, true).unwrap();
-        v.sync(taken, 0).unwrap();
-        let on_disk = RegionVersions::open(&p, false).unwrap();
-        assert_eq!(
-            on_disk.get(1).unwrap(),
-            10,
-            "the version whose data was synced"
-        );
-        assert_eq!(on_disk.get(2).unwrap(), 0, "not the one set after");
-        assert_eq!(v.get(1).unwrap(), 12);
-        assert_eq!(v.newer_than(10).unwrap(), vec![(1, 12), (2, 11)]);
-        v.sync(v.pending(), 0).unwrap();
-        let on_disk = RegionVersions::open(&p, false).unwrap();
-        assert_eq!(on_disk.newer_than(0).unwrap(), vec![(1, 12), (2, 11)]);
     }
 }
