@@ -91,6 +91,11 @@ impl NodeConfig {
                 }));
             }
         }
+        if self.kvdb_auth.client.is_some() && self.kvdb_auth.ca_pem.is_none() {
+            return Err(Error::InvalidArgument(
+                "--kvdb-cert and --kvdb-key are a TLS client certificate: they need --kvdb-ca and https:// endpoints".into(),
+            ));
+        }
         if self.kvdb.is_empty()
             && (self.kvdb_auth.ca_pem.is_some()
                 || self.kvdb_auth.client.is_some()
@@ -227,6 +232,12 @@ mod tests {
         };
         let err = cfg(&[], user).validate().unwrap_err();
         assert!(err.to_string().contains("need --kvdb"), "{err}");
+        let cert_only = EtcdAuth {
+            client: Some((b"c".to_vec(), b"k".to_vec())),
+            ..EtcdAuth::default()
+        };
+        let err = cfg(&["http://e:2379"], cert_only).validate().unwrap_err();
+        assert!(err.to_string().contains("--kvdb-ca"), "{err}");
     }
 
     #[test]

@@ -524,9 +524,9 @@ impl Pool {
         size: u64,
         after: u64,
     ) -> Result<Vec<(u64, u64)>> {
-        self.replica(volume_id, size, false)?
-            .versions
-            .newer_than(after)
+        let r = self.replica(volume_id, size, false)?;
+        self.check_opened(volume_id)?;
+        r.versions.newer_than(after)
     }
 
     /// Byte range of a region, clipped to the volume size.
@@ -544,6 +544,9 @@ impl Pool {
     pub fn read_region(&self, volume_id: &str, size: u64, region: u64) -> Result<(Vec<u8>, u64)> {
         let (start, len) = Self::region_range(size, region)?;
         let r = self.replica(volume_id, size, false)?;
+        // A resync or reconcile source whose node restarted may have lost what it says
+        // it holds.
+        self.check_opened(volume_id)?;
         let _g = r.lock(region..region + 1);
         let data = self.read(volume_id, size, start, len as u32)?;
         Ok((data, r.versions.get(region)?))

@@ -537,15 +537,17 @@ impl VolumeIo {
                         warn!(volume = %self.volume_id, node = %n, error = %e, "replica failed; leaving the in-sync set");
                     }
                 }
-                let at = watermark.unwrap_or_else(|| {
-                    let min = self.inflight.lock().expect("inflight").first().copied();
-                    replication::left_at(min, self.next_version())
-                });
                 // A replica that stopped answering may have lost power, and with it what
                 // it acknowledged but had not flushed: it holds at most what the last
-                // complete flush made durable.
-                let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
-                self.remove_from_in_sync(&failed, at.min(durable))
+                // complete flush made durable. (At open the caller's watermark already
+                // goes back to the previous epoch, whose writes were flushed by the
+                // open that ended it.)
+                let at = watermark.unwrap_or_else(|| {
+                    let min = self.inflight.lock().expect("inflight").first().copied();
+                    let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
+                    replication::left_at(min, self.next_version()).min(durable)
+                });
+                self.remove_from_in_sync(&failed, at)
             }
             Outcome::Failed { errors } => {
                 warn!(volume = %self.volume_id, ?errors, "every in-sync replica failed");
@@ -934,7 +936,14 @@ impl VolumeIo {
                     if status.message().contains(RESTARTED) {
                         let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
                         warn!(volume = %self.volume_id, node = %r.node, left_at = durable, "replica node restarted: resynced from the last flush");
-                        self.remove_from_in_sync(std::slice::from_ref(&r.node), durable)?;
+                        // Not recorded (the store unreachable, or it is the last in-sync
+                        // replica): it is not read from all the same; its next write
+                        // fails and tries again.
+                        if let Err(e) =
+                            self.remove_from_in_sync(std::slice::from_ref(&r.node), durable)
+                        {
+                            warn!(volume = %self.volume_id, node = %r.node, error = %e, "cannot record that the replica left the in-sync set");
+                        }
                     }
                     last_err = Some(status.into());
                 }

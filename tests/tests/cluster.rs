@@ -177,7 +177,10 @@ fn etcd_tls_and_user_flags_are_checked_at_start() {
         "--kvdb-key",
         key.to_str().unwrap(),
     ]);
-    assert!(err.contains("--kvdb-key") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("--kvdb-key") && err.contains("chmod 600"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -67,7 +67,11 @@ impl EtcdStore {
             opts = opts.with_tls(tls);
         }
         if let Some((user, password)) = &auth.user {
-            opts = opts.with_user(user.clone(), password.clone());
+            // A token that expires (or is revoked by an auth change) is taken again
+            // instead of failing every call until the node restarts.
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(endpoints, Some(opts)))
             .await
