@@ -276,8 +276,13 @@ impl Pool {
     /// missing is an error, never zeros.
     pub fn read(&self, volume_id: &str, size: u64, offset: u64, len: u32) -> Result<Vec<u8>> {
         Self::check_range(size, offset, len as u64)?;
-        let mut buf = vec![0u8; len as usize];
         let r = self.replica(volume_id, size, false)?;
+        Self::read_from(&r, offset, len)
+    }
+
+    /// Reads a checked range of an open replica file; past its end reads as zeros.
+    fn read_from(r: &ReplicaFile, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
         let mut done = 0usize;
         while done < buf.len() {
             let n = r.file.read_at(&mut buf[done..], offset + done as u64)?;
@@ -301,14 +306,16 @@ impl Pool {
         len: u32,
         epoch: u64,
     ) -> Result<Vec<u8>> {
-        let cur = self.replica(volume_id, size, false)?.versions.epoch();
+        Self::check_range(size, offset, len as u64)?;
+        let r = self.replica(volume_id, size, false)?;
+        let cur = r.versions.epoch();
         if epoch < cur {
             return Err(Error::Fenced(format!(
                 "read at stale epoch {epoch}: replica {volume_id} follows epoch {cur}"
             )));
         }
         self.check_opened(volume_id)?;
-        self.read(volume_id, size, offset, len)
+        Self::read_from(&r, offset, len)
     }
 
     /// Writes `data` at `offset` as `stamp`; with `fua` the write is durable before this
@@ -548,7 +555,7 @@ impl Pool {
         // it holds.
         self.check_opened(volume_id)?;
         let _g = r.lock(region..region + 1);
-        let data = self.read(volume_id, size, start, len as u32)?;
+        let data = Self::read_from(&r, start, len as u32)?;
         Ok((data, r.versions.get(region)?))
     }
 

@@ -521,9 +521,7 @@ impl VolumeIo {
             .map(|(n, _)| n.clone())
             .collect();
         if !restarted.is_empty() {
-            let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
-            warn!(volume = %self.volume_id, ?restarted, left_at = durable, "replica nodes restarted: resynced from their last flush");
-            self.remove_from_in_sync(&restarted, durable)?;
+            self.leave_restarted(&restarted, "write")?;
         }
         let summary: Vec<(String, Result<(), String>)> = in_sync_answers
             .iter()
@@ -544,8 +542,7 @@ impl VolumeIo {
                 // open that ended it.)
                 let at = watermark.unwrap_or_else(|| {
                     let min = self.inflight.lock().expect("inflight").first().copied();
-                    let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
-                    replication::left_at(min, self.next_version()).min(durable)
+                    replication::left_at(min, self.next_version()).min(self.last_flush())
                 });
                 self.remove_from_in_sync(&failed, at)
             }
@@ -556,6 +553,21 @@ impl VolumeIo {
                 Err(first.unwrap_or_else(|| Error::Internal("no in-sync replica".into())))
             }
         }
+    }
+
+    /// The highest version every in-sync replica holds durably: below the watermark of
+    /// the last complete flush.
+    fn last_flush(&self) -> u64 {
+        self.flushed_below.load(Ordering::SeqCst).saturating_sub(1)
+    }
+
+    /// `nodes` answered (to a `cause` request) that their node restarted since this
+    /// coordinator opened them: what they had not flushed may be lost, so they leave the
+    /// in-sync set holding only what the last flush made durable.
+    fn leave_restarted(&self, nodes: &[String], cause: &str) -> Result<()> {
+        let left_at = self.last_flush();
+        warn!(volume = %self.volume_id, ?nodes, cause, left_at, "replica node restarted: resynced from the last flush");
+        self.remove_from_in_sync(nodes, left_at)
     }
 
     /// Records in the metadata store that `failed` left the in-sync set, holding every
@@ -726,9 +738,7 @@ impl VolumeIo {
                 // It leaves the in-sync set from the last flush instead of failing every
                 // write from now on.
                 Ok(Err(status)) if status.message().contains(RESTARTED) => {
-                    let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
-                    warn!(volume = %self.volume_id, %node, left_at = durable, "replica node restarted: resynced from the last flush");
-                    self.remove_from_in_sync(std::slice::from_ref(&node), durable)?;
+                    self.leave_restarted(std::slice::from_ref(&node), "floor")?;
                     self.pending_floor
                         .lock()
                         .expect("pending floor")
@@ -934,13 +944,10 @@ impl VolumeIo {
                     // writes. It leaves the in-sync set like a restarted replica that
                     // refused a write, and another replica answers.
                     if status.message().contains(RESTARTED) {
-                        let durable = self.flushed_below.load(Ordering::SeqCst).saturating_sub(1);
-                        warn!(volume = %self.volume_id, node = %r.node, left_at = durable, "replica node restarted: resynced from the last flush");
                         // Not recorded (the store unreachable, or it is the last in-sync
                         // replica): it is not read from all the same; its next write
                         // fails and tries again.
-                        if let Err(e) =
-                            self.remove_from_in_sync(std::slice::from_ref(&r.node), durable)
+                        if let Err(e) = self.leave_restarted(std::slice::from_ref(&r.node), "read")
                         {
                             warn!(volume = %self.volume_id, node = %r.node, error = %e, "cannot record that the replica left the in-sync set");
                         }

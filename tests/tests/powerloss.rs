@@ -12,37 +12,11 @@ use shoal_tests::{require_root, sha256_file, wait_until, Cluster, Opts};
 
 const MIB: u64 = 1 << 20;
 
-/// Writes 4 MiB of `byte` at `at_mib` into the raw device with O_DIRECT (so the write
-/// reaches the replicas before dd goes on), with an fsync at the end when `fsync`.
-fn dd(dir: &Path, device: &str, byte: u8, at_mib: u64, fsync: bool) {
-    let src = dir.join(format!("pattern-{byte}"));
-    std::fs::write(&src, vec![byte; 4 * MIB as usize]).unwrap();
-    let conv = if fsync {
-        "conv=notrunc,fsync"
-    } else {
-        "conv=notrunc"
-    };
+/// Runs `dd` (1 MiB blocks, no status) with `args`; returns what it wrote to stdout.
+fn run_dd(args: &[String]) -> Vec<u8> {
     let out = Command::new("dd")
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={device}"))
-        .args(["bs=1M", "count=4", "oflag=direct", conv, "status=none"])
-        .arg(format!("seek={at_mib}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Reads `count` MiB at `skip` MiB from the raw device with O_DIRECT.
-fn dd_read(device: &str, skip: u64, count: u64) -> Vec<u8> {
-    let out = Command::new("dd")
-        .arg(format!("if={device}"))
-        .args(["bs=1M", "iflag=direct", "status=none"])
-        .arg(format!("skip={skip}"))
-        .arg(format!("count={count}"))
+        .args(["bs=1M", "status=none"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -51,6 +25,32 @@ fn dd_read(device: &str, skip: u64, count: u64) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// Writes 4 MiB of `byte` at `at_mib` into the raw device with O_DIRECT (so the write
+/// reaches the replicas before dd goes on), with an fsync at the end when `fsync`.
+fn dd(dir: &Path, device: &str, byte: u8, at_mib: u64, fsync: bool) {
+    let src = dir.join(format!("pattern-{byte}"));
+    std::fs::write(&src, vec![byte; 4 * MIB as usize]).unwrap();
+    let conv = if fsync { "notrunc,fsync" } else { "notrunc" };
+    run_dd(&[
+        format!("if={}", src.display()),
+        format!("of={device}"),
+        "count=4".into(),
+        "oflag=direct".into(),
+        format!("conv={conv}"),
+        format!("seek={at_mib}"),
+    ]);
+}
+
+/// Reads `count` MiB at `skip` MiB from the raw device with O_DIRECT.
+fn dd_read(device: &str, skip: u64, count: u64) -> Vec<u8> {
+    run_dd(&[
+        format!("if={device}"),
+        "iflag=direct".into(),
+        format!("skip={skip}"),
+        format!("count={count}"),
+    ])
 }
 
 /// The first byte of each MiB of a replica file in `[at_mib, at_mib + 4)`.
