@@ -39,6 +39,7 @@ for i in 2 3; do
   echo $! >"$B/node$i.pid"
 done
 export SHOAL_ENDPOINT=127.0.10.2:9710
+export SHOAL_CREDENTIALS="$B/node2/admin.pem"  # written by the node at start
 online() { "$SHOAL" status --json 2>/dev/null | grep -c '"online"' || true; }
 for _ in $(seq 100); do [ "$(online)" = 2 ] && break; sleep 0.2; done
 "$SHOAL" volume create mem --size 20G --repl 2 --shared >/dev/null

@@ -47,6 +47,7 @@ for i in 2 3 4; do
   echo $! >"$B/node$i.pid"
 done
 export SHOAL_ENDPOINT=127.0.8.2:9710
+export SHOAL_CREDENTIALS="$B/node2/admin.pem"  # written by the node at start
 online() { "$SHOAL" status --json 2>/dev/null | grep -c '"online"' || true; }
 for _ in $(seq 100); do [ "$(online)" = 3 ] && break; sleep 0.2; done
 n2=$(cat "$B/node2/node-id"); n3=$(cat "$B/node3/node-id")

@@ -41,6 +41,8 @@ for i in 2 3 4; do
     >"$DEMO/node$i.log" 2>&1 &
 done
 export SHOAL_ENDPOINT=127.0.0.2:9710
+# Every node writes an admin credential (mode 0600) for the CLI to its data dir.
+export SHOAL_CREDENTIALS="$DEMO/node2/admin.pem"
 for _ in $(seq 100); do
   n=$("$SHOAL" status --json 2>/dev/null | grep -c '"online"' || true)
   [ "$n" = 3 ] && break; sleep 0.2
@@ -96,5 +98,5 @@ else
   echo "== (no Docker engine answering here: skipped docker run -v site:/site; see docs/docker.md)"
 fi
 echo
-echo "The cluster is still running (logs in $DEMO). Try: SHOAL_ENDPOINT=127.0.0.2:9710 $SHOAL status"
+echo "The cluster is still running (logs in $DEMO). Try: SHOAL_ENDPOINT=127.0.0.2:9710 SHOAL_CREDENTIALS=$DEMO/node2/admin.pem $SHOAL status"
 echo "Stop it with: bash tests/demo.sh stop"

@@ -18,6 +18,7 @@
 //! Nothing here knows about files inside a volume: that is `sharedfs`.
 
 pub mod attach;
+pub mod auth;
 pub mod cluster_join;
 pub mod config;
 pub mod coordinator_role;

@@ -16,13 +16,14 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::attach::Attachment;
+use crate::auth::Role;
 use crate::cluster_join;
 use crate::config::{NodeConfig, PoolKind};
 use crate::error::{Error, Result};
 use crate::host;
 use crate::membership::Membership;
 use crate::meta::{EmbeddedStore, EtcdStore, MetaStore};
-use crate::peers::{cluster_token, Peers, FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
+use crate::peers::{cluster_token, PeerTls, Peers, FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::pool::Pool;
 use crate::records::{self, Keys, NodeRecord, VolumeRecord, RECORD_VERSION};
 use crate::services::{BlockService, ControlService};
@@ -33,6 +34,9 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
 const MAX_STREAMS: u32 = 4096;
 /// How often a node deletes replica files of volumes that no longer exist.
 const GC_EVERY: Duration = Duration::from_secs(30);
+
+/// The admin credential a node writes in its data dir (mode 0600), for the CLI.
+pub const ADMIN_CREDENTIAL_FILE: &str = "admin.pem";
 
 /// How long a stopping node waits for open calls (callback streams of shared mounts
 /// never end by themselves) before it detaches its volumes and exits.
@@ -50,6 +54,9 @@ pub struct Node {
     pub membership: Membership,
     pub peers: Arc<Peers>,
     pub token: String,
+    /// This node's certificate and key (issued at start by the cluster CA, kept only in
+    /// memory): the server side of every connection to it.
+    pub credential: crate::auth::Credential,
     /// Volumes attached on this node, by volume id.
     pub attachments: tokio::sync::Mutex<HashMap<String, Attachment>>,
     /// Serializes finding (and taking over) shared volumes' coordinators.
@@ -157,6 +164,22 @@ impl Node {
         pinned(&cfg.data_dir, "cluster-uuid", || cluster_uuid.clone())?;
 
         let token = cluster_token(&cfg.cluster_id, &cfg.secret);
+        // Every connection is mutual TLS under the cluster CA: this node's certificate
+        // lives in memory; the admin credential for the CLI is written to the data dir.
+        let ca = crate::auth::load_or_create(&meta, &keys, &cfg.cluster_id, &cfg.secret).await?;
+        let credential = ca.issue(Role::Node, &id)?;
+        let admin = ca.issue(Role::Admin, &format!("issued by node {id}"))?;
+        let admin_path = cfg.data_dir.join(ADMIN_CREDENTIAL_FILE);
+        admin.write(&admin_path).map_err(|e| {
+            Error::Internal(format!(
+                "writing the admin credential {}: {e}",
+                admin_path.display()
+            ))
+        })?;
+        let peer_tls = PeerTls {
+            node: credential.client_tls(),
+            admin: admin.client_tls(),
+        };
         let record = NodeRecord {
             v: RECORD_VERSION,
             id: id.clone(),
@@ -182,7 +205,8 @@ impl Node {
         info!(node = %id, cluster = %cfg.cluster_id, store = meta.kind(), "node joined");
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            peers: Arc::new(Peers::new(&token)),
+            peers: Arc::new(Peers::with_tls(&token, Some(peer_tls))),
+            credential,
             cfg,
             id,
             meta,
@@ -211,8 +235,11 @@ impl Node {
         tokio::spawn(gc_loop(self.clone()));
         tokio::spawn(crate::detached::upkeep_loop(self.clone()));
 
-        let control = ControlServer::new(ControlService(self.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let control = tonic::service::interceptor::InterceptedService::new(
+            ControlServer::new(ControlService(self.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            crate::auth::require_admin,
+        );
         let block = crate::write_http::BlockRoutes::new(BlockService(self.clone()));
         // Small block requests must not wait for Nagle's algorithm (40 ms with delayed ACKs).
         let incoming =
@@ -223,6 +250,8 @@ impl Node {
         // connections found by keepalive (no request timeout: lock waits and a mount's
         // callback stream legitimately last).
         let server = tonic::transport::Server::builder()
+            .tls_config(self.credential.server_tls())
+            .map_err(|e| Error::Internal(format!("TLS settings: {e}")))?
             .tcp_nodelay(true)
             .max_concurrent_streams(Some(MAX_STREAMS))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -1,8 +1,10 @@
 //! Connections to other nodes, and the cluster token that proves membership.
 //!
-//! Node-to-node calls carry a token derived from the cluster id and the join secret in
-//! a metadata header; the block service refuses calls without the right one, so a
-//! stranger on the network cannot read or write replicas.
+//! A node's connections to other nodes are mutual TLS with its node certificate
+//! ([`crate::auth`]); forwarded control calls go on connections of their own with the
+//! admin credential the node issued itself. Node-to-node calls also carry a token derived
+//! from the cluster id and the join secret in a metadata header; the block service
+//! refuses calls without the right one.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,7 +17,7 @@ use shoal_proto::ns::namespace_client::NamespaceClient;
 use shoal_proto::CLUSTER_TOKEN_HEADER;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{Error, Result};
 
@@ -92,17 +94,36 @@ impl std::ops::DerefMut for PeerBlockClient {
 }
 pub type PeerNamespaceClient = NamespaceClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// The TLS a node's connections use: its node certificate, and for forwarded control
+/// calls its admin credential.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub node: ClientTlsConfig,
+    pub admin: ClientTlsConfig,
+}
+
 /// A cache of channels to other nodes, by gRPC address.
 pub struct Peers {
     token: TokenInterceptor,
+    /// None only in tests that talk to in-process servers over plain HTTP/2.
+    tls: Option<PeerTls>,
     channels: Mutex<HashMap<String, Channel>>,
+    admin_channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Peers {
+    /// Peers over plain HTTP/2: only for tests against in-process servers.
     pub fn new(token: &str) -> Self {
+        Self::with_tls(token, None)
+    }
+
+    /// Peers over mutual TLS (what a node uses).
+    pub fn with_tls(token: &str, tls: Option<PeerTls>) -> Self {
         Self {
             token: TokenInterceptor(token.parse().expect("hex token is valid ASCII")),
+            tls,
             channels: Mutex::new(HashMap::new()),
+            admin_channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -111,15 +132,23 @@ impl Peers {
         if let Some(c) = map.get(address) {
             return Ok(c.clone());
         }
-        let ch = Self::new_channel(address)?;
+        let ch = self.new_channel(address)?;
         map.insert(address.to_string(), ch.clone());
         Ok(ch)
     }
 
     /// A channel of its own (not shared through the cache), driven by the runtime that
     /// is current when it is made.
-    fn new_channel(address: &str) -> Result<Channel> {
-        let ep = Endpoint::from_shared(format!("http://{address}"))
+    fn new_channel(&self, address: &str) -> Result<Channel> {
+        connect_lazy(address, self.tls.as_ref().map(|t| &t.node))
+    }
+}
+
+/// A lazily connecting channel to the node at `address`, over TLS when `tls` is given.
+fn connect_lazy(address: &str, tls: Option<&ClientTlsConfig>) -> Result<Channel> {
+    {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| Error::InvalidArgument(format!("node address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
@@ -130,9 +159,16 @@ impl Peers {
             .max_frame_size(FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .map_err(|e| Error::Internal(format!("TLS settings for {address}: {e}")))?;
+        }
         Ok(ep.connect_lazy())
     }
+}
 
+impl Peers {
     /// A block API client for the node at `address`.
     pub fn block(&self, address: &str) -> Result<PeerBlockClient> {
         Ok(self.block_over(self.channel(address)?))
@@ -153,7 +189,7 @@ impl Peers {
     /// A block client on a connection of its own, driven by the runtime current when it
     /// is made (a thread's own runtime: see `thread_io.rs`).
     pub fn block_private(&self, address: &str) -> Result<PeerBlockClient> {
-        Ok(self.block_over(Self::new_channel(address)?))
+        Ok(self.block_over(self.new_channel(address)?))
     }
 
     /// A namespace API client for the coordinator at `address` (sharedfs mounts).
@@ -169,7 +205,7 @@ impl Peers {
     /// runtime (a FUSE thread: its calls then need no hand-off to another thread).
     pub fn namespace_private(&self, address: &str) -> Result<PeerNamespaceClient> {
         Ok(
-            NamespaceClient::with_interceptor(Self::new_channel(address)?, self.token.clone())
+            NamespaceClient::with_interceptor(self.new_channel(address)?, self.token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -184,6 +220,15 @@ impl Peers {
 
     /// A control API client for the node at `address` (forwarded CLI requests).
     pub fn control(&self, address: &str) -> Result<ControlClient<Channel>> {
-        Ok(ControlClient::new(self.channel(address)?))
+        let mut map = self.admin_channels.lock().expect("peers lock poisoned");
+        let ch = match map.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let ch = connect_lazy(address, self.tls.as_ref().map(|t| &t.admin))?;
+                map.insert(address.to_string(), ch.clone());
+                ch
+            }
+        };
+        Ok(ControlClient::new(ch))
     }
 }

@@ -30,6 +30,11 @@ impl Keys {
     pub fn cluster(&self) -> String {
         format!("{}cluster", self.root)
     }
+    /// The cluster CA: its certificate, and its key sealed under the cluster secret
+    /// (see [`crate::auth::ca`]).
+    pub fn ca(&self) -> String {
+        format!("{}ca", self.root)
+    }
     pub fn nodes(&self) -> String {
         format!("{}nodes/", self.root)
     }

@@ -8,6 +8,7 @@ mod output;
 mod table;
 mod volume_cmd;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -21,6 +22,11 @@ struct Cli {
     /// Node to talk to (host:port or URL).
     #[arg(long, global = true, env = "SHOAL_ENDPOINT", default_value = shoal_blockd::config::DEFAULT_LISTEN)]
     endpoint: String,
+    /// Admin credential (key and certificates, mode 0600) for the node's control API.
+    /// Default: /etc/shoal/admin.pem, then /var/lib/shoal/admin.pem (every node writes
+    /// one to <data-dir>/admin.pem).
+    #[arg(long, global = true, env = "SHOAL_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -59,17 +65,52 @@ enum NodeCmd {
 /// How long a CLI call may take; attach and mount may format a filesystem.
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Connects to the node at `endpoint`, failing in seconds (not hanging) if it is down.
-async fn connect(endpoint: &str) -> anyhow::Result<ControlClient<Channel>> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
+/// Where the CLI looks for an admin credential when none is named.
+const DEFAULT_CREDENTIALS: [&str; 2] = ["/etc/shoal/admin.pem", "/var/lib/shoal/admin.pem"];
+
+/// The admin credential: `path` (from `--credentials` or `SHOAL_CREDENTIALS`), or the
+/// first default that exists.
+fn admin_credential(path: Option<&Path>) -> anyhow::Result<shoal_blockd::auth::Credential> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => DEFAULT_CREDENTIALS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no admin credential: pass --credentials FILE (or set SHOAL_CREDENTIALS); \
+                     every node writes one to <data-dir>/admin.pem, and {} are looked at \
+                     by default",
+                    DEFAULT_CREDENTIALS.join(" and ")
+                )
+            })?,
     };
-    let ep = Endpoint::from_shared(url.clone())
+    let text = node_cmd::read_private_file("credentials", &path)?;
+    Ok(shoal_blockd::auth::Credential::parse(
+        &text,
+        &format!("--credentials {}", path.display()),
+    )?)
+}
+
+/// Connects to the node at `endpoint` with the admin credential at `credentials` (or
+/// the default one), failing in seconds (not hanging) if it is down.
+async fn connect(
+    endpoint: &str,
+    credentials: Option<&Path>,
+) -> anyhow::Result<ControlClient<Channel>> {
+    let cred = admin_credential(credentials)?;
+    // Always TLS: an `http://` or `https://` prefix only names the address.
+    let address = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .unwrap_or(endpoint);
+    let ep = Endpoint::from_shared(format!("https://{address}"))
         .map_err(|e| anyhow!("endpoint {endpoint:?} is not a valid address: {e}"))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(CALL_TIMEOUT);
+        .timeout(CALL_TIMEOUT)
+        .tls_config(cred.client_tls())
+        .map_err(|e| anyhow!("TLS settings: {e}"))?;
     let ch = ep.connect().await.map_err(|e| {
         anyhow!(
             "cannot reach a Shoal node at {endpoint}: {}",
@@ -144,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?;
             rt.block_on(async {
-                let mut client = connect(&cli.endpoint).await?;
+                let mut client = connect(&cli.endpoint, cli.credentials.as_deref()).await?;
                 match cmd {
                     Cmd::Status => output::status(&mut client, cli.json).await,
                     Cmd::Volume(v) => volume_cmd::run(v, &mut client, cli.json).await,

@@ -4,7 +4,8 @@
 //! volume there, exactly as `shoal volume mount VOLUME DIR` does.
 //!
 //! Options: `endpoint=HOST:PORT` picks the node (default `SHOAL_ENDPOINT` or the node's
-//! default address); the usual generic options (`rw`, `defaults`, `_netdev`, `nofail`,
+//! default address); `credentials=FILE` the admin credential (default
+//! `SHOAL_CREDENTIALS`, then the CLI's default files); the usual generic options (`rw`, `defaults`, `_netdev`, `nofail`,
 //! `noauto`, `user`, ...) are accepted and ignored. `remount` (with `ro` or `rw`) changes
 //! the mount's read-only flag in the kernel, as `mount -o remount,ro DIR` expects.
 
@@ -23,6 +24,7 @@ struct Args {
     volume: String,
     dir: String,
     endpoint: Option<String>,
+    credentials: Option<String>,
     /// `-o remount`: Some(read-only wanted: Some(ro) when `ro`/`rw` was given, None to keep
     /// the current mode) instead of a new mount.
     remount: Option<Option<bool>>,
@@ -31,6 +33,7 @@ struct Args {
 fn parse(args: &[String]) -> anyhow::Result<Args> {
     let mut pos = Vec::new();
     let mut endpoint = None;
+    let mut credentials = None;
     let (mut remount, mut read_only) = (false, None);
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -40,6 +43,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
                 for o in opts.split(',').filter(|o| !o.is_empty()) {
                     match o.split_once('=') {
                         Some(("endpoint", v)) => endpoint = Some(v.to_string()),
+                        Some(("credentials", v)) => credentials = Some(v.to_string()),
                         _ if o == "remount" => remount = true,
                         _ if o == "ro" => read_only = Some(true),
                         _ if o == "rw" => read_only = Some(false),
@@ -64,6 +68,7 @@ fn parse(args: &[String]) -> anyhow::Result<Args> {
         volume,
         dir,
         endpoint,
+        credentials,
         remount: remount.then_some(read_only),
     })
 }
@@ -74,7 +79,9 @@ pub fn main(args: &[String]) -> i32 {
         Ok(a) => a,
         Err(e) => {
             eprintln!("mount.fuse.shoal: {e}");
-            eprintln!("usage: mount -t fuse.shoal [-o endpoint=HOST:PORT] VOLUME DIR");
+            eprintln!(
+                "usage: mount -t fuse.shoal [-o endpoint=HOST:PORT,credentials=FILE] VOLUME DIR"
+            );
             return 1;
         }
     };
@@ -135,7 +142,12 @@ pub fn main(args: &[String]) -> i32 {
         }
     };
     let res = rt.block_on(async {
-        let mut c = crate::connect(&endpoint).await?;
+        let creds = a
+            .credentials
+            .clone()
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("SHOAL_CREDENTIALS").map(std::path::PathBuf::from));
+        let mut c = crate::connect(&endpoint, creds.as_deref()).await?;
         c.mount_volume(MountRequest {
             name: a.volume.clone(),
             path: dir.clone(),
@@ -164,11 +176,15 @@ mod tests {
     #[test]
     fn parses_what_mount_passes() {
         assert_eq!(
-            parse(&args("web /mnt/web -o rw,_netdev,endpoint=10.0.0.2:9710")).unwrap(),
+            parse(&args(
+                "web /mnt/web -o rw,_netdev,endpoint=10.0.0.2:9710,credentials=/etc/a.pem"
+            ))
+            .unwrap(),
             Args {
                 volume: "web".into(),
                 dir: "/mnt/web".into(),
                 endpoint: Some("10.0.0.2:9710".into()),
+                credentials: Some("/etc/a.pem".into()),
                 remount: None,
             }
         );

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod docker;
+pub mod tls;
 
 /// The `shoal` binary under test.
 pub fn shoal_bin() -> PathBuf {
@@ -400,7 +401,10 @@ impl Cluster {
         node.child = Some(child);
         let ep = node.endpoint();
         let mut waited = Duration::ZERO;
-        while std::net::TcpStream::connect(&ep).is_err() {
+        // Serving, and the admin credential written (the port is bound before the node
+        // has joined and issued it).
+        let creds = node.data_dir.join("admin.pem");
+        while std::net::TcpStream::connect(&ep).is_err() || !creds.exists() {
             if let Some(st) = self.nodes[i].child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("node {i} exited with {st} during start:\n{}", self.log(i));
             }
@@ -419,11 +423,17 @@ impl Cluster {
         std::fs::read_to_string(self.path().join(format!("node{i}.log"))).unwrap_or_default()
     }
 
+    /// The admin credential node `i` wrote (any node's works for every node).
+    pub fn credentials(&self, i: usize) -> PathBuf {
+        self.nodes[i].data_dir.join("admin.pem")
+    }
+
     /// Runs `shoal ARGS` against node `i`.
     pub fn shoal(&self, i: usize, args: &[&str]) -> CmdOut {
         let out = Command::new(shoal_bin())
             .args(args)
             .env("SHOAL_ENDPOINT", self.nodes[i].endpoint())
+            .env("SHOAL_CREDENTIALS", self.credentials(i))
             .stdin(Stdio::null())
             .output()
             .expect("run shoal");

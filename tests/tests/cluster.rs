@@ -262,8 +262,14 @@ fn etcd_down_is_reported_not_hung() {
 
 #[test]
 fn cli_without_a_node_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("admin.pem");
+    shoal_tests::tls::foreign_credential(shoal_blockd::auth::Role::Admin)
+        .write(&creds)
+        .unwrap();
     let out = std::process::Command::new(shoal_tests::shoal_bin())
         .args(["status", "--endpoint", "127.0.0.1:1"])
+        .env("SHOAL_CREDENTIALS", &creds)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -655,7 +655,11 @@ fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
     fs::create_dir_all(&a).unwrap();
     fs::create_dir_all(&b).unwrap();
     for (dir, node) in [(&a, 0), (&b, 1)] {
-        let opts = format!("rw,_netdev,endpoint={}", c.nodes[node].endpoint());
+        let opts = format!(
+            "rw,_netdev,endpoint={},credentials={}",
+            c.nodes[node].endpoint(),
+            c.credentials(node).display()
+        );
         let out = std::process::Command::new("mount")
             .args(["-t", "fuse.shoal", "-o", &opts, "fstab"])
             .arg(dir)
@@ -676,7 +680,11 @@ fn mount_t_fuse_shoal_and_umount_work_like_any_filesystem() {
             "-t",
             "fuse.shoal",
             "-o",
-            &format!("endpoint={}", c.nodes[0].endpoint()),
+            &format!(
+                "endpoint={},credentials={}",
+                c.nodes[0].endpoint(),
+                c.credentials(0).display()
+            ),
             "nosuch",
         ])
         .arg(c.path())
