@@ -347,6 +347,11 @@ async fn gc_loop(node: Arc<Node>) {
         if let Err(e) = gc_once(&node, &mut orphans_seen).await {
             warn!(error = %e, "replica garbage collection failed");
         }
+        if let Err(e) =
+            crate::auth::join::forget_expired(&node.meta, &node.keys, records::now_unix()).await
+        {
+            warn!(error = %e, "forgetting expired join tokens failed");
+        }
         tokio::time::sleep(GC_EVERY).await;
     }
 }

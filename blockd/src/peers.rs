@@ -112,7 +112,9 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Peers over plain HTTP/2: only for tests against in-process servers.
+    /// Peers over plain HTTP/2: only for tests against in-process servers (a node
+    /// serves TLS only).
+    #[doc(hidden)]
     pub fn new(token: &str) -> Self {
         Self::with_tls(token, None)
     }

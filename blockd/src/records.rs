@@ -35,6 +35,13 @@ impl Keys {
     pub fn ca(&self) -> String {
         format!("{}ca", self.root)
     }
+    /// One-time join tokens (see [`crate::auth::join`]), by an id derived from each.
+    pub fn join_tokens(&self) -> String {
+        format!("{}jointokens/", self.root)
+    }
+    pub fn join_token(&self, id: &str) -> String {
+        format!("{}jointokens/{id}", self.root)
+    }
     pub fn nodes(&self) -> String {
         format!("{}nodes/", self.root)
     }

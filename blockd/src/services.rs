@@ -81,6 +81,23 @@ impl Control for ControlService {
         Ok(Response::new(self.0.fsck(&r.name, r.repair).await?))
     }
 
+    async fn create_join_token(
+        &self,
+        req: Request<cpb::JoinTokenRequest>,
+    ) -> Reply<cpb::JoinTokenReply> {
+        let ttl = match req.into_inner().ttl_secs {
+            0 => std::time::Duration::from_secs(3600),
+            s => std::time::Duration::from_secs(s),
+        };
+        let n = &self.0;
+        let (token, expires_unix) =
+            crate::auth::join::create(&n.meta, &n.keys, &n.cfg.secret, ttl, &n.id).await?;
+        Ok(Response::new(cpb::JoinTokenReply {
+            token,
+            expires_unix,
+        }))
+    }
+
     async fn unmount_volume(&self, req: Request<cpb::UnmountRequest>) -> Reply<cpb::UnmountReply> {
         self.0.unmount(&req.into_inner().path).await?;
         Ok(Response::new(cpb::UnmountReply {}))

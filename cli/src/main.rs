@@ -53,13 +53,41 @@ enum Cmd {
 enum ClusterCmd {
     /// Rebuild lost cluster metadata from this node's replicas. Run it with the flags
     /// the node starts with (the node stopped), on every node that holds replicas.
-    Recover(node_cmd::StartArgs),
+    Recover(Box<node_cmd::StartArgs>),
+    /// Make a one-time token a new node joins with (SHOAL_JOIN_TOKEN on that node)
+    /// instead of being given the cluster secret.
+    JoinToken {
+        /// How long the token may be used: seconds, or with s, m, h or d (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// `90`, `90s`, `15m`, `1h`, `2d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 90s, 15m, 1h, 2d)"))?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(per)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// Run a node in the foreground until SIGTERM.
-    Start(node_cmd::StartArgs),
+    Start(Box<node_cmd::StartArgs>),
 }
 
 /// How long a CLI call may take; attach and mount may format a filesystem.
@@ -112,10 +140,16 @@ async fn connect(
         .tls_config(cred.client_tls())
         .map_err(|e| anyhow!("TLS settings: {e}"))?;
     let ch = ep.connect().await.map_err(|e| {
-        anyhow!(
-            "cannot reach a Shoal node at {endpoint}: {}",
-            source_text(&e)
-        )
+        let text = source_text(&e);
+        if text.contains("certificate") || text.contains("alert") {
+            anyhow!(
+                "the node at {endpoint} and the admin credential are not of one cluster CA \
+                 (another cluster's credential, or one written before the CA was made \
+                 again): {text}"
+            )
+        } else {
+            anyhow!("cannot reach a Shoal node at {endpoint}: {text}")
+        }
     })?;
     Ok(ControlClient::new(ch).max_decoding_message_size(64 << 20))
 }
@@ -132,6 +166,13 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Turns a gRPC status into the one-line message the user sees.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    // TLS 1.3 reports a refused client certificate at the first call, not the handshake.
+    let text = source_text(&s);
+    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && (text.contains("certificate") || text.contains("alert"))
+    {
+        return anyhow!("the node refused the admin credential (not of its cluster's CA?): {text}");
+    }
     if s.message().is_empty() {
         anyhow!("{}", s.code())
     } else {
@@ -177,8 +218,8 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Node(NodeCmd::Start(args)) => node_cmd::start(args),
-        Cmd::Cluster(ClusterCmd::Recover(args)) => node_cmd::recover(args, cli.json),
+        Cmd::Node(NodeCmd::Start(args)) => node_cmd::start(*args),
+        Cmd::Cluster(ClusterCmd::Recover(args)) => node_cmd::recover(*args, cli.json),
         cmd => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -189,7 +230,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 match cmd {
                     Cmd::Status => output::status(&mut client, cli.json).await,
                     Cmd::Volume(v) => volume_cmd::run(v, &mut client, cli.json).await,
-                    Cmd::Node(_) | Cmd::Cluster(_) => unreachable!("handled above"),
+                    Cmd::Cluster(ClusterCmd::JoinToken { ttl }) => {
+                        output::join_token(&mut client, ttl, cli.json).await
+                    }
+                    Cmd::Node(_) | Cmd::Cluster(ClusterCmd::Recover(_)) => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }

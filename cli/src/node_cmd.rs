@@ -49,6 +49,11 @@ pub struct StartArgs {
     /// Refused: a secret on the command line is visible to every user (ps).
     #[arg(long, hide = true)]
     secret: Option<String>,
+    /// File holding a one-time join token (from `shoal cluster join-token`), for a new
+    /// node that has no secret yet: it fetches the secret with it and keeps it in
+    /// <data-dir>/secret. Or set SHOAL_JOIN_TOKEN.
+    #[arg(long, env = "SHOAL_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     /// Directory holding replica data (default: <data-dir>/pool).
     #[arg(long, env = "SHOAL_POOL")]
     pool: Option<PathBuf>,
@@ -82,9 +87,17 @@ pub struct StartArgs {
     docker_socket: String,
 }
 
-/// The cluster secret: from `--secret-file`, SHOAL_SECRET, or (single host on the
-/// embedded store only) one the node made itself. Never from argv, never a default.
-fn secret(args: &StartArgs) -> anyhow::Result<String> {
+/// Where the cluster secret comes from.
+enum SecretSource {
+    Known(String),
+    /// A one-time join token to fetch it with (see [`shoal_blockd::auth::join`]).
+    Join(String),
+}
+
+/// The cluster secret: from `--secret-file`, SHOAL_SECRET, `<data-dir>/secret` (a node
+/// that joined with a token, or a single-host node), a join token, or (single host on
+/// the embedded store only) one the node makes itself. Never from argv, never a default.
+fn secret(args: &StartArgs) -> anyhow::Result<SecretSource> {
     if args.secret.is_some() {
         anyhow::bail!(
             "--secret is not accepted: a secret on the command line is visible to every \
@@ -93,20 +106,59 @@ fn secret(args: &StartArgs) -> anyhow::Result<String> {
         );
     }
     if let Some(path) = &args.secret_file {
-        return read_private_file("secret-file", path);
+        return read_private_file("secret-file", path).map(SecretSource::Known);
     }
     if let Ok(s) = std::env::var("SHOAL_SECRET") {
         if !s.is_empty() {
-            return Ok(s);
+            return Ok(SecretSource::Known(s));
         }
     }
+    let own = args.data_dir.join("secret");
+    if own.exists() {
+        return read_private_file("secret-file", &own).map(SecretSource::Known);
+    }
+    let token = match (&args.join_token_file, std::env::var("SHOAL_JOIN_TOKEN")) {
+        (Some(path), _) => Some(read_private_file("join-token-file", path)?),
+        (None, Ok(t)) if !t.is_empty() => Some(t),
+        _ => None,
+    };
+    if let Some(token) = token {
+        if args.kvdb.is_empty() {
+            anyhow::bail!(
+                "a join token needs --kvdb: it joins a cluster on etcd (a single-host node \
+                 makes its own secret)"
+            );
+        }
+        return Ok(SecretSource::Join(token));
+    }
     if args.kvdb.is_empty() {
-        return own_secret(&args.data_dir.join("secret"));
+        return own_secret(&own).map(SecretSource::Known);
     }
     anyhow::bail!(
         "no cluster secret: a node on etcd needs the cluster's secret; give --secret-file \
-         PATH (a file of mode 0600) or set SHOAL_SECRET"
+         PATH (a file of mode 0600), set SHOAL_SECRET, or join with a one-time token \
+         (SHOAL_JOIN_TOKEN or --join-token-file, from `shoal cluster join-token`)"
     )
+}
+
+/// Fetches the cluster secret with a one-time join token and keeps it in the data dir.
+fn redeem_join_token(cfg: &NodeConfig, token: &str) -> anyhow::Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let secret = rt
+        .block_on(async {
+            let meta = shoal_blockd::node::open_store(cfg).await?;
+            let keys = shoal_blockd::records::Keys::new(&cfg.cluster_id);
+            let now = shoal_blockd::records::now_unix();
+            shoal_blockd::auth::join::redeem(&meta, &keys, &cfg.cluster_id, token, now).await
+        })
+        .context("joining with the join token")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    write_private_file(&cfg.data_dir.join("secret"), &secret)?;
+    Ok(secret)
 }
 
 /// Reads a file only its owner may read (a secret, a password, a key), refusing one
@@ -141,8 +193,6 @@ pub(crate) fn read_private_file(flag: &str, path: &std::path::Path) -> anyhow::R
 
 /// A single-host node's own secret: read, or made once (random, mode 0600).
 fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
         return read_private_file("secret-file", path);
     }
@@ -154,7 +204,15 @@ fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    // Written aside and renamed into place: a crash never leaves an empty secret.
+    write_private_file(path, &secret)?;
+    Ok(secret)
+}
+
+/// Writes `text` to a new file of mode 0600 at `path`, aside and renamed into place: a
+/// crash never leaves it empty.
+fn write_private_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -163,10 +221,10 @@ fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("making {}", tmp.display()))?;
-    f.write_all(secret.as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("making {}", path.display()))?;
-    Ok(secret)
+    Ok(())
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -176,8 +234,11 @@ pub fn parse_size_arg(s: &str) -> Result<u64, String> {
 /// The node configuration the flags describe.
 pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
     let args = args.clone();
-    let secret = secret(&args)?;
-    Ok(NodeConfig {
+    let (secret, join) = match secret(&args)? {
+        SecretSource::Known(s) => (s, None),
+        SecretSource::Join(token) => (String::new(), Some(token)),
+    };
+    let mut cfg = NodeConfig {
         cluster_id: args.cluster_id,
         data_dir: args.data_dir,
         listen: args.listen,
@@ -206,7 +267,11 @@ pub fn config(args: &StartArgs) -> anyhow::Result<NodeConfig> {
             },
         )?,
         coordinator_lease: std::time::Duration::from_secs(args.coordinator_lease),
-    })
+    };
+    if let Some(token) = join {
+        cfg.secret = redeem_join_token(&cfg, &token)?;
+    }
+    Ok(cfg)
 }
 
 pub fn start(args: StartArgs) -> anyhow::Result<()> {

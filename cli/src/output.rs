@@ -197,3 +197,34 @@ fn percent(done: u64, total: u64) -> f64 {
         (done as f64 * 1000.0 / total as f64).round() / 10.0
     }
 }
+
+/// `shoal cluster join-token`: the token on stdout (the only line, for scripts), how to
+/// use it on stderr.
+pub async fn join_token(
+    client: &mut ControlClient<Channel>,
+    ttl: std::time::Duration,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let r = client
+        .create_join_token(shoal_proto::control::JoinTokenRequest {
+            ttl_secs: ttl.as_secs(),
+        })
+        .await
+        .map_err(crate::status_error)?
+        .into_inner();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::json!({"token": r.token, "expires_unix": r.expires_unix})
+        );
+        return Ok(());
+    }
+    println!("{}", r.token);
+    eprintln!(
+        "One node may join with this token within {} s: start it with SHOAL_JOIN_TOKEN set \
+         to the token (or --join-token-file FILE) and the cluster's --kvdb and --cluster-id; \
+         it keeps the secret in its data dir.",
+        ttl.as_secs()
+    );
+    Ok(())
+}

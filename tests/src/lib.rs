@@ -352,8 +352,14 @@ impl Cluster {
 
     /// Starts one more node and waits until it answers.
     pub fn add_node(&mut self) -> usize {
+        let args = self.node_args(self.nodes.len());
+        self.add_node_with(args, Vec::new())
+    }
+
+    /// Starts one more node with these arguments and environment, and waits until it
+    /// answers.
+    pub fn add_node_with(&mut self, args: Vec<String>, env: Vec<(String, String)>) -> usize {
         let i = self.nodes.len();
-        let args = self.node_args(i);
         let ip = format!("{}.{}", self.net, i + 2);
         let data_dir = self.path().join(format!("node{i}"));
         if let Some(h) = &mut self.hostnet {
@@ -364,7 +370,7 @@ impl Cluster {
             ip,
             data_dir,
             args,
-            env: Vec::new(),
+            env,
         });
         self.spawn(i);
         i
@@ -388,6 +394,9 @@ impl Cluster {
             None => Command::new(shoal_bin()),
         };
         let node = &mut self.nodes[i];
+        // Written again at every start (after the join): a stale one from an earlier
+        // run, maybe of another CA, must not look like readiness.
+        let _ = std::fs::remove_file(node.data_dir.join("admin.pem"));
         let child = cmd
             .args(&node.args)
             .env("RUST_LOG", "info")

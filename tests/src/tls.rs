@@ -3,7 +3,7 @@
 use shoal_blockd::auth::{CaRecord, ClusterCa, Credential, Role};
 use shoal_blockd::meta::{EtcdAuth, EtcdStore, MetaStore};
 use shoal_blockd::records::Keys;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::Cluster;
 
@@ -50,4 +50,16 @@ pub async fn channel(
         ep = ep.tls_config(cred.client_tls())?;
     }
     ep.connect().await
+}
+
+/// A TLS channel to `endpoint` with settings made by the test.
+pub async fn channel_with(
+    endpoint: &str,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://{endpoint}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tls_config(tls)?
+        .connect()
+        .await
 }

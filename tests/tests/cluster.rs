@@ -279,3 +279,56 @@ fn cli_without_a_node_fails_fast() {
         "{err}"
     );
 }
+
+/// A new node joins with a one-time token instead of the secret: it fetches the secret,
+/// keeps it (0600) and serves; the token cannot be used twice, nor after it expired.
+#[test]
+fn a_new_node_joins_with_a_one_time_token() {
+    require_root!();
+    let mut c = Cluster::start(1, Opts::default());
+    let token = |ttl: &str| {
+        let out = c.shoal(0, &["cluster", "join-token", "--ttl", ttl]);
+        out.stdout.trim().to_string()
+    };
+    let t = token("10m");
+    assert!(t.starts_with("shoal-join-"), "{t}");
+    let without_secret = |c: &Cluster, i: usize| {
+        let mut args = c.node_args(i);
+        let at = args.iter().position(|a| a == "--secret-file").unwrap();
+        args.drain(at..at + 2);
+        args
+    };
+    let expired = token("1s");
+    let args = without_secret(&c, 1);
+    let joined = c.add_node_with(args, vec![("SHOAL_JOIN_TOKEN".into(), t.clone())]);
+    c.wait_all_online();
+    let kept = c.nodes[joined].data_dir.join("secret");
+    let mode = std::fs::metadata(&kept).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), c.opts.secret);
+    // It restarts from the kept secret (the token is spent).
+    c.restart(joined);
+    c.wait_all_online();
+    c.shoal(joined, &["volume", "create", "joined", "--size", "4M"])
+        .expect_ok("create on the joined node");
+
+    // The same token again, and an expired one, are refused with the reason.
+    std::thread::sleep(Duration::from_millis(1500));
+    for (tok, why) in [(&t, "used already"), (&expired, "expired")] {
+        let args = without_secret(&c, 2);
+        let out = std::process::Command::new(shoal_tests::shoal_bin())
+            .args(&args)
+            .env("SHOAL_JOIN_TOKEN", tok)
+            .env_remove("SHOAL_SECRET")
+            .env_remove("SHOAL_SECRET_FILE")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{why}: {err}");
+        assert!(!c.path().join("node2/secret").exists());
+    }
+}

@@ -468,6 +468,42 @@ fn every_rpc_needs_the_cluster_ca_and_the_right_role() {
                 }
             }
         }
+        // Trusting the cluster's CA (so the client accepts the node) but showing another
+        // CA's certificate, or none: the node refuses the connection or every call.
+        let cluster_ca = admin_credential(&c, 0).ca_pem;
+        let foreign = foreign_credential(Role::Admin);
+        let tls = [
+            Some(tonic::transport::Identity::from_pem(
+                &foreign.cert_pem,
+                &foreign.key_pem,
+            )),
+            None,
+        ];
+        for identity in tls {
+            let what = if identity.is_some() {
+                "another CA's client certificate"
+            } else {
+                "no client certificate"
+            };
+            let mut cfg = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&cluster_ca))
+                .domain_name(shoal_blockd::auth::NODE_NAME);
+            if let Some(id) = identity {
+                cfg = cfg.identity(id);
+            }
+            if let Ok(ch) = shoal_tests::tls::channel_with(&ep, cfg).await {
+                for (service, method) in &rpcs {
+                    let err = call(&ch, service, method).await.unwrap_err();
+                    assert!(
+                        matches!(
+                            err.code(),
+                            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                        ),
+                        "{what}: {service}/{method}: {err}"
+                    );
+                }
+            }
+        }
         // The cluster's node certificate: no control call; block and namespace calls
         // without the token are refused before their (empty) bodies are read.
         let node = node_credential(&c).await;
@@ -503,7 +539,7 @@ fn every_rpc_needs_the_cluster_ca_and_the_right_role() {
     });
     let list = c.json(0, &["volume", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    // The CLI without a credential is refused by the node, and says what to pass.
+    // The CLI without a credential stops before it connects, and says what to pass.
     let out = std::process::Command::new(shoal_tests::shoal_bin())
         .args(["volume", "list", "--endpoint", &ep])
         .env("SHOAL_CREDENTIALS", c.path().join("nothing-here.pem"))

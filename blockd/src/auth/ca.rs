@@ -9,8 +9,6 @@
 //! credential for the CLI, while the store alone (an etcd backup, a reader of etcd) does
 //! not give the CA key away, and a node with a wrong secret cannot open it.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::Aes256Gcm;
 use hmac::{Hmac, Mac};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -38,7 +36,7 @@ pub struct CaRecord {
     /// The CA's common name (its subject); certificates it issues name it as issuer.
     pub name: String,
     pub cert_pem: String,
-    /// `hex(nonce | AES-256-GCM(key PEM))`, the certificate as associated data.
+    /// `hex(nonce | AES-256-GCM(key PEM))`, the name and certificate as associated data.
     pub sealed_key: String,
     pub created_unix: u64,
 }
@@ -84,6 +82,12 @@ fn seal_key(cluster_id: &str, secret: &str) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// What the sealed key is bound to: the CA's name (the issuer it signs as) and its
+/// certificate, so neither can be changed in the store without the key failing to open.
+fn bound_to(name: &str, cert_pem: &str) -> Vec<u8> {
+    format!("{name}\0{cert_pem}").into_bytes()
+}
+
 impl ClusterCa {
     /// A new CA for cluster `cluster_id`.
     pub fn generate(cluster_id: &str) -> Result<Self> {
@@ -103,25 +107,15 @@ impl ClusterCa {
 
     /// Seals the CA for the store.
     pub fn seal(&self, cluster_id: &str, secret: &str) -> Result<CaRecord> {
-        let cipher = Aes256Gcm::new_from_slice(&seal_key(cluster_id, secret))
-            .expect("a 32-byte key fits AES-256");
-        let nonce: [u8; 12] = rand::random();
-        let sealed = cipher
-            .encrypt(
-                &nonce.into(),
-                Payload {
-                    msg: self.key.serialize_pem().as_bytes(),
-                    aad: self.cert_pem.as_bytes(),
-                },
-            )
-            .map_err(|_| Error::Internal("sealing the cluster CA key failed".into()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
         Ok(CaRecord {
             v: RECORD_VERSION,
             name: self.name.clone(),
             cert_pem: self.cert_pem.clone(),
-            sealed_key: hex::encode(out),
+            sealed_key: super::seal::seal(
+                &seal_key(cluster_id, secret),
+                self.key.serialize_pem().as_bytes(),
+                &bound_to(&self.name, &self.cert_pem),
+            ),
             created_unix: records::now_unix(),
         })
     }
@@ -132,29 +126,17 @@ impl ClusterCa {
             key: "ca".into(),
             reason: why.into(),
         };
-        let raw = hex::decode(&rec.sealed_key).map_err(|_| corrupt("sealed key is not hex"))?;
-        if raw.len() < 12 + 16 {
-            return Err(corrupt("sealed key is too short"));
-        }
-        let (nonce, sealed) = raw.split_at(12);
-        let nonce: [u8; 12] = nonce.try_into().expect("split at 12");
-        let cipher = Aes256Gcm::new_from_slice(&seal_key(cluster_id, secret))
-            .expect("a 32-byte key fits AES-256");
-        let pem = cipher
-            .decrypt(
-                &nonce.into(),
-                Payload {
-                    msg: sealed,
-                    aad: rec.cert_pem.as_bytes(),
-                },
-            )
-            .map_err(|_| {
-                Error::PermissionDenied(format!(
-                    "the cluster secret does not open cluster {cluster_id:?}'s certificate \
-                     authority: this node's secret differs from the one the cluster was made \
-                     with"
-                ))
-            })?;
+        let pem = super::seal::open(
+            &seal_key(cluster_id, secret),
+            &rec.sealed_key,
+            &bound_to(&rec.name, &rec.cert_pem),
+        )
+        .ok_or_else(|| {
+            Error::PermissionDenied(format!(
+                "the cluster secret does not open cluster {cluster_id:?}'s certificate \
+                 authority: this node's secret differs from the one the cluster was made with"
+            ))
+        })?;
         let pem = String::from_utf8(pem).map_err(|_| corrupt("CA key is not PEM"))?;
         let key = KeyPair::from_pem(&pem).map_err(|e| corrupt(&format!("CA key: {e}")))?;
         Ok(Self {
@@ -239,5 +221,8 @@ mod tests {
         let mut swapped = rec.clone();
         swapped.cert_pem = ClusterCa::generate("c1").unwrap().cert_pem;
         assert!(ClusterCa::unseal(&swapped, "c1", "s3cret").is_err());
+        let mut renamed = rec.clone();
+        renamed.name = "Someone else".into();
+        assert!(ClusterCa::unseal(&renamed, "c1", "s3cret").is_err());
     }
 }

@@ -4,12 +4,18 @@
 //! client without a certificate of that CA gets no connection at all. Two roles are told
 //! apart by the certificate's DNS name:
 //! - [`Role::Node`] (`node.shoal.internal`): nodes, on both ends of block and namespace
-//!   calls. Block and namespace calls also carry the cluster token.
+//!   calls. Those calls are checked by the cluster token, which only holders of the
+//!   cluster secret (nodes) can make; the certificate's role is not checked per call.
 //! - [`Role::Admin`] (`admin.shoal.internal`): the CLI's credential, the only one the
 //!   control API accepts ([`require_admin`]).
+//!
+//! [`join`] has the one-time tokens a new node joins with; [`seal`] the sealing of the
+//! secrets both keep in the store.
 
 pub mod ca;
 pub mod credential;
+pub mod join;
+pub mod seal;
 
 use tonic::{Request, Status};
 
