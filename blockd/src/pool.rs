@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tracing::warn;
+
 use crate::error::{Error, Result};
 use crate::versions::{regions_of, Descriptor, RegionVersions, REGION_BYTES};
 use crate::writeback::Window;
@@ -44,6 +46,10 @@ pub struct Opened {
     /// The highest completion watermark any coordinator sent it.
     pub complete_below: u64,
     pub state: OpenState,
+    /// Some when its host rebooted since it was last used (its unsynced writes lost,
+    /// maybe torn) and no resync has caught it up since: the watermark below which it
+    /// surely holds every version. It must not count in sync while another replica does.
+    pub reboot_below: Option<u64>,
 }
 
 /// Whether an opened replica's files were there.
@@ -437,6 +443,7 @@ impl Pool {
                     epoch: 0,
                     complete_below: 0,
                     state: OpenState::Missing,
+                    reboot_below: None,
                 })
             }
             Err(e) => return Err(e),
@@ -455,6 +462,21 @@ impl Pool {
                 )));
             }
             r.versions.admit(epoch)?;
+            // Last used in another boot, its page cache is gone: unsynced writes lost,
+            // and data and versions possibly torn apart on disk. At its first open in
+            // this boot (nothing wrote to it yet, so its watermark is still the one its
+            // last sync wrote) it is marked, durably and before anything else, so no
+            // coordinator counts it in sync and every resync of it starts from that
+            // watermark at the latest; the mark outlives a crash of whoever opened it.
+            let boot = crate::versions::boot_tag();
+            if r.versions.boot()? != boot {
+                if !created {
+                    let durable = r.versions.complete_below();
+                    warn!(volume = volume_id, durable, "replica last used before this host rebooted: it is resynced before it counts in sync");
+                    r.versions.flag_reboot(durable)?;
+                }
+                r.versions.set_boot(boot)?;
+            }
             opened.insert(volume_id.to_string());
         }
         if let Some(d) = desc {
@@ -471,6 +493,7 @@ impl Pool {
         Ok(Opened {
             epoch: r.versions.epoch(),
             complete_below: r.versions.complete_below(),
+            reboot_below: r.versions.reboot_below()?,
             state: if created {
                 OpenState::Created
             } else {

@@ -7,7 +7,12 @@
 //! [`power_off`] every replica file is put back to its copy, so every write the pool
 //! accepted but never synced is gone, as after a power cut with the page cache lost,
 //! and the process ends at once. Writes the kernel may have written back by itself are
-//! dropped too: the worst case for anything acknowledged without an `fsync`.
+//! dropped too: the worst case for anything acknowledged without an `fsync`. The version
+//! files are then stamped as last opened in another boot, as after a real power cut.
+//!
+//! `lose-unsynced-data` does the same but puts back only the data files: the version
+//! files keep what was written to them, as when the kernel wrote the versions back but
+//! not the data (a torn region: versions that claim data the disk does not hold).
 
 use std::fs;
 use std::path::Path;
@@ -18,10 +23,11 @@ const DIR: &str = ".powerloss";
 /// Whether the failpoint is on for this process.
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("SHOAL_FAILPOINTS")
-            .is_ok_and(|spec| spec.split(',').any(|p| p == "lose-unsynced"))
-    })
+    *ON.get_or_init(|| named("lose-unsynced") || named("lose-unsynced-data"))
+}
+
+fn named(point: &str) -> bool {
+    std::env::var("SHOAL_FAILPOINTS").is_ok_and(|spec| spec.split(',').any(|p| p == point))
 }
 
 /// The replica `volume_id` in `pool_dir` was just made durable: remember what it holds.
@@ -50,11 +56,19 @@ pub fn power_off(pool_dir: &Path) -> usize {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.ends_with(".tmp") {
+        if name.ends_with(".tmp") || (name.ends_with(".ver") && named("lose-unsynced-data")) {
             continue;
         }
         if fs::rename(e.path(), pool_dir.join(name.as_ref())).is_ok() {
             restored += 1;
+        }
+    }
+    // The host "rebooted": every version file was last opened in another boot.
+    if let Ok(entries) = fs::read_dir(pool_dir) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "ver") {
+                let _ = crate::versions::forget_boot(&e.path());
+            }
         }
     }
     restored

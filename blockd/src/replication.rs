@@ -69,6 +69,57 @@ pub fn plan(
     want.into_keys().collect()
 }
 
+/// What one in-sync replica answered when a new coordinator opened (fenced) it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAnswer {
+    pub node: String,
+    /// Its completion watermark (see `RegionVersions::complete_below`).
+    pub complete_below: u64,
+    /// Some when its host rebooted since it was last used and no resync caught it up
+    /// since: it may have lost or torn what it had not synced, and holds for sure only
+    /// the versions below this (its last sync's watermark).
+    pub reboot_below: Option<u64>,
+}
+
+/// What a new coordinator does with the answers of its in-sync replicas' opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterOpen {
+    /// Replicas that leave the in-sync set, each at its `left_at`.
+    pub leave: Vec<(String, u64)>,
+    /// The watermark reconcile compares above: the lowest of the replicas that stay.
+    pub reconcile_above: u64,
+    /// Rebooted replicas that stay in sync (every answer was one: no better copy
+    /// exists); their marks are cleared once reconcile made them equal and durable.
+    pub clear_marks: Vec<String>,
+}
+
+/// Decides [`AfterOpen`]. A rebooted replica never counts in sync while one that did not
+/// reboot answered: it leaves at the lower of what it surely holds and
+/// `prev_epoch_below` (the start of the previous epoch, which covers that coordinator's
+/// unacknowledged writes). When every answer rebooted (a whole-cluster power cut), all
+/// stay: each holds everything ever synced, which is all a power cut may not take.
+pub fn after_open(answers: &[OpenAnswer], prev_epoch_below: u64) -> AfterOpen {
+    let healthy = answers.iter().any(|a| a.reboot_below.is_none());
+    let (leave, stay): (Vec<&OpenAnswer>, Vec<&OpenAnswer>) = answers
+        .iter()
+        .partition(|a| healthy && a.reboot_below.is_some());
+    AfterOpen {
+        leave: leave
+            .iter()
+            .map(|a| {
+                let held = a.reboot_below.unwrap_or(0).saturating_sub(1);
+                (a.node.clone(), held.min(prev_epoch_below))
+            })
+            .collect(),
+        reconcile_above: stay.iter().map(|a| a.complete_below).min().unwrap_or(0),
+        clear_marks: stay
+            .iter()
+            .filter(|a| a.reboot_below.is_some())
+            .map(|a| a.node.clone())
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +166,45 @@ mod tests {
         assert_eq!(plan(&source, &target, 0, 3, 8), vec![2, 3, 7]);
         // A write of exactly the first live version may be the one that was missed.
         assert_eq!(plan(&source, &target, 0, 3, 9), vec![2, 3, 7]);
+    }
+
+    fn ans(node: &str, below: u64, reboot_below: Option<u64>) -> OpenAnswer {
+        OpenAnswer {
+            node: node.into(),
+            complete_below: below,
+            reboot_below,
+        }
+    }
+
+    #[test]
+    fn a_rebooted_replica_leaves_while_a_healthy_one_answered() {
+        // b rebooted: it holds for sure only below 40 (its last sync), whatever its
+        // versions say.
+        let a = after_open(&[ans("a", 90, None), ans("b", 40, Some(40))], 70);
+        assert_eq!(a.leave, vec![("b".to_string(), 39)]);
+        assert_eq!(
+            a.reconcile_above, 90,
+            "the rebooted replica does not lower it"
+        );
+        assert!(a.clear_marks.is_empty());
+        // The previous epoch's start bounds it too.
+        let a = after_open(&[ans("a", 90, None), ans("b", 80, Some(80))], 70);
+        assert_eq!(a.leave, vec![("b".to_string(), 70)]);
+        // Never synced with a watermark: resynced in full.
+        let a = after_open(&[ans("a", 90, None), ans("b", 0, Some(0))], 70);
+        assert_eq!(a.leave, vec![("b".to_string(), 0)]);
+    }
+
+    #[test]
+    fn when_every_replica_rebooted_all_stay_and_their_marks_go() {
+        let a = after_open(&[ans("a", 50, Some(50)), ans("b", 40, Some(40))], 70);
+        assert!(a.leave.is_empty());
+        assert_eq!(a.reconcile_above, 40);
+        assert_eq!(a.clear_marks, vec!["a".to_string(), "b".to_string()]);
+        // No reboot at all: nothing changes.
+        let a = after_open(&[ans("a", 50, None), ans("b", 60, None)], 70);
+        assert!(a.leave.is_empty() && a.clear_marks.is_empty());
+        assert_eq!(a.reconcile_above, 50);
+        assert_eq!(after_open(&[], 70).reconcile_above, 0);
     }
 }

@@ -224,8 +224,10 @@ impl<'a> Side<'a> {
     /// Fences the replica at this coordinator's epoch; from now on it refuses writes
     /// below `min_version`. Makes it (empty) when missing: it is out of sync. Marks it
     /// catching up (see [`crate::versions::RegionVersions::set_catching_up`]). Returns
-    /// whether it was made just now (then it holds nothing, whatever the record says).
-    fn open(&self, min_version: u64) -> Result<bool> {
+    /// whether it was made just now (then it holds nothing, whatever the record says),
+    /// and the watermark below which a replica whose host rebooted surely holds what it
+    /// had (Some only then).
+    fn open(&self, min_version: u64) -> Result<(bool, Option<u64>)> {
         let io = self.io;
         if io.is_local(&self.node) {
             io.pool().allow_reopen(&io.volume_id);
@@ -238,7 +240,7 @@ impl<'a> Side<'a> {
                 io.descriptor(),
             )?;
             io.pool().set_catching_up(&io.volume_id, true)?;
-            return Ok(o.state == OpenState::Created);
+            return Ok((o.state == OpenState::Created, o.reboot_below));
         }
         let mut c = self.client()?;
         let req = OpenRequest {
@@ -247,8 +249,8 @@ impl<'a> Side<'a> {
             min_version,
             mark: 1,
         };
-        let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = created.clone();
+        let answer = std::sync::Arc::new(std::sync::Mutex::new((false, None)));
+        let seen = answer.clone();
         self.call(async move {
             let r = c.open(req).await?.into_inner();
             if r.missing {
@@ -256,10 +258,11 @@ impl<'a> Side<'a> {
                     "the replica is missing and its node would not make it",
                 ));
             }
-            seen.store(r.created, Ordering::SeqCst);
+            *seen.lock().expect("open answer") = (r.created, r.rebooted.then_some(r.reboot_below));
             Ok(())
         })?;
-        Ok(created.load(Ordering::SeqCst))
+        let answer = *answer.lock().expect("open answer");
+        Ok(answer)
     }
 
     /// Clears the replica's catching-up mark once it rejoined the in-sync set. A mark
@@ -456,7 +459,18 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     let source = Side::new(io, &source_node);
     // Every write below this version that could still reach the target is one that
     // timed out before it left the write set: it must not land over what is copied.
-    if target.open(io.next_version())? {
+    let (created, reboot_below) = target.open(io.next_version())?;
+    if let Some(held) = reboot_below {
+        // Its host rebooted since it was last used: whatever it acknowledged after its
+        // last sync may be lost or torn, so the copy starts from that sync at the latest.
+        let from = held.saturating_sub(1);
+        if from < since {
+            warn!(volume = %io.volume_id, %node, since, from, "replica's host rebooted: resync starts from its last sync");
+            since = from;
+            previous = None;
+        }
+    }
+    if created {
         // Its files were lost and made again empty: whatever the record says it held,
         // it holds nothing. Everything is copied, and the record says so before the
         // first copy, so a resync that stops and resumes still copies everything.

@@ -337,6 +337,8 @@ impl Block for BlockService {
             complete_below: opened.complete_below,
             created: opened.state == OpenState::Created,
             missing: opened.state == OpenState::Missing,
+            rebooted: opened.reboot_below.is_some(),
+            reboot_below: opened.reboot_below.unwrap_or(0),
         }))
     }
 

@@ -30,10 +30,36 @@ const MAGIC: &[u8; 8] = b"SHOALVER";
 const FORMAT_VERSION: u32 = 1;
 /// Where the "catching up" mark (u64, 1: set) lives in the header.
 const CATCHING_UP_AT: u64 = 32;
+/// Where the durable watermark at the moment a reboot was found (u64) lives: what a
+/// replica flagged by [`RegionVersions::flag_reboot`] surely holds below.
+const REBOOT_BELOW_AT: u64 = 40;
+/// Where the tag of the boot (u64, see [`boot_tag`]) of the last process that opened the
+/// replica lives: another boot's tag means the page cache it wrote through is gone.
+const BOOT_AT: u64 = 48;
 /// Where the descriptor (a u32 length, then JSON) starts in the header.
 const DESCRIPTOR_AT: u64 = 64;
 /// Bits of a version below the epoch.
 const SEQ_BITS: u32 = 40;
+
+/// A tag of the running kernel's boot (from `/proc/sys/kernel/random/boot_id`; never
+/// 0): a replica last opened under another tag lost its page cache since.
+pub fn boot_tag() -> u64 {
+    static TAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TAG.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let h = Sha256::digest(id.trim().as_bytes());
+        u64::from_le_bytes(h[..8].try_into().expect("8 bytes")).max(1)
+    })
+}
+
+/// Failpoint `lose-unsynced`: makes the version file at `path` look last opened in
+/// another boot, as after a real power cut.
+pub fn forget_boot(path: &Path) -> Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(&0u64.to_le_bytes(), BOOT_AT)?;
+    Ok(())
+}
 
 /// The first version a coordinator of `epoch` hands out.
 pub fn first_version(epoch: u64) -> u64 {
@@ -215,11 +241,56 @@ impl RegionVersions {
     /// sync. Set before a resync copies anything, cleared after the replica rejoined the
     /// in-sync set.
     pub fn set_catching_up(&self, on: bool) -> Result<()> {
-        if self.catching_up()? == on {
-            return Ok(());
+        if on {
+            if self.catching_up()? {
+                return Ok(());
+            }
+            self.file
+                .write_all_at(&1u64.to_le_bytes(), CATCHING_UP_AT)?;
+        } else {
+            if !self.catching_up()? && self.reboot_below()?.is_none() {
+                return Ok(());
+            }
+            // Caught up: a reboot recorded before is dealt with too.
+            self.file.write_all_at(&[0u8; 16], CATCHING_UP_AT)?;
         }
-        self.file
-            .write_all_at(&u64::from(on).to_le_bytes(), CATCHING_UP_AT)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Marks the replica as catching up because its host rebooted (its page cache, with
+    /// writes not yet synced, is gone, and what reached disk may be torn between data and
+    /// versions): durably, with the watermark it surely holds below (`durable_below`,
+    /// the one its last sync wrote), so whoever resyncs it starts there at the latest.
+    /// Cleared with the catching-up mark.
+    pub fn flag_reboot(&self, durable_below: u64) -> Result<()> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&1u64.to_le_bytes());
+        // Kept plus one: 0 means no reboot is recorded.
+        b[8..].copy_from_slice(&(durable_below + 1).to_le_bytes());
+        self.file.write_all_at(&b, CATCHING_UP_AT)?;
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// The watermark [`RegionVersions::flag_reboot`] recorded, while the mark lasts.
+    pub fn reboot_below(&self) -> Result<Option<u64>> {
+        let mut b = [0u8; 8];
+        let n = self.file.read_at(&mut b, REBOOT_BELOW_AT)?;
+        let v = if n == 8 { u64::from_le_bytes(b) } else { 0 };
+        Ok(v.checked_sub(1))
+    }
+
+    /// The boot tag recorded by the last process that opened the replica (0: none).
+    pub fn boot(&self) -> Result<u64> {
+        let mut b = [0u8; 8];
+        let n = self.file.read_at(&mut b, BOOT_AT)?;
+        Ok(if n == 8 { u64::from_le_bytes(b) } else { 0 })
+    }
+
+    /// Records `tag` as the boot this replica is used in, durably.
+    pub fn set_boot(&self, tag: u64) -> Result<()> {
+        self.file.write_all_at(&tag.to_le_bytes(), BOOT_AT)?;
         self.file.sync_data()?;
         Ok(())
     }

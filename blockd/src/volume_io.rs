@@ -16,6 +16,8 @@
 //! The methods are synchronous: they run on FUSE session threads and drive async gRPC
 //! and metadata calls on the node's runtime through a handle.
 
+mod open;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,7 +30,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::meta::MetaStore;
 use crate::peers::{PeerBlockClient, Peers};
-use crate::pool::{OpenState, Pool, Stamp, RESTARTED};
+use crate::pool::{Pool, Stamp, RESTARTED};
 use crate::range_lock::{RangeGuard, RangeLock};
 use crate::read_cache::ReadCache;
 use crate::records::{self, Keys, VolumeRecord};
@@ -263,82 +265,6 @@ impl VolumeIo {
         self.ranges.lock(offset, len)
     }
 
-    /// Fences every in-sync replica at this coordinator's epoch. Replicas that do not
-    /// answer leave the in-sync set; at least one must answer.
-    /// Then makes the in-sync replicas equal where the previous coordinator's unfinished
-    /// writes may have left them different (`reconcile`).
-    pub fn open(&self) -> Result<()> {
-        let replica = Some(self.replica_ref());
-        let epoch = self.epoch;
-        // The lowest watermark of the answering replicas: one that lost power comes back
-        // with the one of its last flush, and what it lost is all at or above that.
-        let complete_below = Arc::new(AtomicU64::new(u64::MAX));
-        // In-sync replicas whose files are gone: they hold nothing, so they leave the
-        // in-sync set holding no version at all (a full resync rebuilds them).
-        let missing = Arc::new(Mutex::new(Vec::<String>::new()));
-        let local_node = self.local_node.clone();
-        let answers = self.fan_out(
-            &self.in_sync(),
-            |mut c| {
-                let req = OpenRequest {
-                    replica: replica.clone(),
-                    epoch,
-                    min_version: 0,
-                    mark: 0,
-                };
-                let seen = complete_below.clone();
-                async move {
-                    let r = c.open(req).await?.into_inner();
-                    if r.missing {
-                        return Err(tonic::Status::not_found(MISSING));
-                    }
-                    seen.fetch_min(r.complete_below, Ordering::SeqCst);
-                    Ok(())
-                }
-            },
-            || {
-                let r = self.pool.open_replica(
-                    &self.volume_id,
-                    self.size,
-                    epoch,
-                    0,
-                    self.create_in_sync,
-                    self.descriptor.get(),
-                )?;
-                if r.state == OpenState::Missing {
-                    missing.lock().expect("missing").push(local_node.clone());
-                    return Err(Error::ReplicaMissing(MISSING.into()));
-                }
-                complete_below.fetch_min(r.complete_below, Ordering::SeqCst);
-                Ok(())
-            },
-        );
-        let mut missing = std::mem::take(&mut *missing.lock().expect("missing"));
-        for (node, res) in &answers {
-            if matches!(res, Err(e) if e.to_string().contains(MISSING)) && !missing.contains(node) {
-                missing.push(node.clone());
-            }
-        }
-        if !missing.is_empty() {
-            warn!(volume = %self.volume_id, ?missing, "in-sync replicas whose files are missing: rebuilt by a full resync");
-            if missing.len() < self.in_sync().len() {
-                self.remove_from_in_sync(&missing, 0)?;
-            }
-        }
-        // Writes of the previous coordinator that were not acknowledged may have reached
-        // only some replicas: a replica that left now is resynced from the start of the
-        // previous epoch, which covers them.
-        let watermark = first_version(self.epoch.saturating_sub(1)).saturating_sub(1);
-        self.settle(answers, Some(watermark))?;
-        let lowest = complete_below.load(Ordering::SeqCst);
-        crate::reconcile::reconcile(self, if lowest == u64::MAX { 0 } else { lowest })?;
-        // Durable on every in-sync replica before anything is served: the reconciled
-        // regions, and whatever the previous coordinator left unflushed. This flush's
-        // watermark is where a replica whose node restarts later is resynced from.
-        self.flush()?;
-        Ok(())
-    }
-
     /// Runs `call` against every remote replica among `nodes` in parallel, and `local`
     /// on this thread when the local replica is among them; returns every answer.
     fn fan_out<F, Fut>(
@@ -348,7 +274,7 @@ impl VolumeIo {
         local: impl FnOnce() -> Result<()>,
     ) -> Vec<Answer>
     where
-        F: Fn(PeerBlockClient) -> Fut,
+        F: Fn(&str, PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
         self.fan_out_sized(nodes, call, local, usize::MAX)
@@ -363,7 +289,7 @@ impl VolumeIo {
         len: usize,
     ) -> Vec<Answer>
     where
-        F: Fn(PeerBlockClient) -> Fut,
+        F: Fn(&str, PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
         let mut local = Some(local);
@@ -385,7 +311,7 @@ impl VolumeIo {
         local: impl FnOnce() -> Result<()>,
     ) -> Vec<Answer>
     where
-        F: Fn(PeerBlockClient) -> Fut,
+        F: Fn(&str, PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
         let timeout = self.timeout;
@@ -396,7 +322,7 @@ impl VolumeIo {
             match &r.target {
                 Target::Local => local_wanted = true,
                 Target::Remote(client) => {
-                    let fut = call((**client).clone());
+                    let fut = call(&r.node, (**client).clone());
                     let timed = async move { tokio::time::timeout(timeout, fut).await };
                     pending.push((r.node.clone(), self.rt.spawn(timed)));
                 }
@@ -422,7 +348,7 @@ impl VolumeIo {
         local: &mut Option<L>,
     ) -> Option<Vec<Answer>>
     where
-        F: Fn(PeerBlockClient) -> Fut,
+        F: Fn(&str, PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
         L: FnOnce() -> Result<()>,
     {
@@ -444,8 +370,8 @@ impl VolumeIo {
         let (mut answers, retry) = thread_io::with_clients(&tp.peers, &addrs, |rt, clients| {
             rt.block_on(async {
                 let mut calls = Vec::with_capacity(clients.len());
-                for c in clients {
-                    let fut = call(c);
+                for ((node, _), c) in remotes.iter().zip(clients) {
+                    let fut = call(node, c);
                     calls.push(tokio::spawn(async move {
                         tokio::time::timeout(timeout, fut).await
                     }));
@@ -646,7 +572,7 @@ impl VolumeIo {
         on_cache: impl FnOnce(&ReadCache, bool),
     ) -> Result<()>
     where
-        F: Fn(PeerBlockClient) -> Fut,
+        F: Fn(&str, PeerBlockClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     {
         self.check_fenced()?;
@@ -776,7 +702,7 @@ impl VolumeIo {
             |stamp| {
                 let payload = payload.clone();
                 let replica = replica.clone();
-                move |c: PeerBlockClient| {
+                move |_: &str, c: PeerBlockClient| {
                     let (replica, data) = (replica.clone(), payload.clone());
                     async move {
                         let header = write_wire::Header {
@@ -814,7 +740,7 @@ impl VolumeIo {
             len,
             |stamp| {
                 let replica = replica.clone();
-                move |mut c: PeerBlockClient| {
+                move |_: &str, mut c: PeerBlockClient| {
                     let req = DiscardRequest {
                         replica: replica.clone(),
                         offset,
@@ -851,7 +777,7 @@ impl VolumeIo {
         };
         let answers = self.fan_out(
             &self.write_set(),
-            |mut c| {
+            |_, mut c| {
                 let req = FlushRequest {
                     replica: replica.clone(),
                     epoch,

@@ -1,7 +1,8 @@
 //! A replica node that loses power (its page cache with it) loses the writes it
 //! acknowledged but had not flushed. It must not count in sync again until a resync put
 //! them back, and nothing acknowledged by an `fsync` may be lost. Real node processes,
-//! etcd and FUSE; the power cut is the `lose-unsynced` failpoint (blockd/src/powerloss.rs).
+//! etcd and FUSE; the power cut is the `lose-unsynced` failpoint (blockd/src/powerloss.rs),
+//! or `lose-unsynced-data`, which tears regions apart (versions kept, data lost).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,11 @@ fn replica_bytes(img: &Path, at_mib: u64) -> Vec<u8> {
 /// Three nodes, node 1 able to lose power; a raw volume `pl` with its replicas on nodes 1
 /// and 2 (in that order), attached on node 0. Returns the device and the replica files.
 fn setup() -> (Cluster, String, Vec<PathBuf>) {
+    setup_with("lose-unsynced", 0)
+}
+
+/// [`setup`] with node 1's failpoint `failpoint`, the volume attached on node `on`.
+fn setup_with(failpoint: &str, on: usize) -> (Cluster, String, Vec<PathBuf>) {
     let mut c = Cluster::start(
         3,
         Opts {
@@ -82,7 +88,7 @@ fn setup() -> (Cluster, String, Vec<PathBuf>) {
     );
     c.nodes[1]
         .env
-        .push(("SHOAL_FAILPOINTS".into(), "lose-unsynced".into()));
+        .push(("SHOAL_FAILPOINTS".into(), failpoint.into()));
     c.restart(1);
     c.wait_all_online();
     let pinned = format!("{},{}", c.nodes[1].id(), c.nodes[2].id());
@@ -94,7 +100,7 @@ fn setup() -> (Cluster, String, Vec<PathBuf>) {
         ],
     )
     .expect_ok("create");
-    let v = c.json(0, &["volume", "attach", "pl"]);
+    let v = c.json(on, &["volume", "attach", "pl"]);
     let device = v["device_path"].as_str().unwrap().to_string();
     let id = v["id"].as_str().unwrap().to_string();
     let imgs = c
@@ -204,5 +210,42 @@ fn a_read_is_never_served_by_a_replica_that_lost_power() {
     assert!(
         c.log(0).contains("replica node restarted"),
         "node 1 was taken out for the read"
+    );
+}
+
+/// The coordinator's own node loses power with its versions written back but not its
+/// data (a torn region: its version file claims B, its data file does not hold it). When
+/// it attaches the volume again it must not count its own replica in sync (it would win
+/// the tie with node 2 and serve, or copy, what it lost): reads return B, and a resync
+/// brings B back to it.
+#[test]
+fn a_torn_replica_of_a_coordinator_that_lost_power_is_not_trusted_at_takeover() {
+    require_root!();
+    let (mut c, device, imgs) = setup_with("lose-unsynced-data", 1);
+    write_then_cut_power(&mut c, &device, &imgs);
+    c.restart(1);
+    c.wait_all_online();
+    let v = c.json(1, &["volume", "attach", "pl"]);
+    let device = v["device_path"].as_str().unwrap().to_string();
+    let got = dd_read(&device, 8, 4);
+    assert!(
+        got.len() == 4 * MIB as usize && got.iter().all(|b| *b == b'b'),
+        "a read after the takeover returned what the torn replica lost instead of B"
+    );
+    assert_eq!(dd_read(&device, 0, 4), vec![b'a'; 4 * MIB as usize], "A");
+    assert!(
+        c.log(1).contains("rebooted"),
+        "node 1 took its replica out: {}",
+        c.log(1)
+    );
+    wait_until(Duration::from_secs(90), "node 1 resynced", || {
+        all_in_sync(&c)
+    });
+    c.shoal(1, &["volume", "detach", "pl"]).expect_ok("detach");
+    assert_eq!(replica_bytes(&imgs[1], 8), vec![b'b'; 4], "B recopied");
+    assert_eq!(
+        sha256_file(&imgs[1]),
+        sha256_file(&imgs[2]),
+        "replicas equal"
     );
 }

@@ -112,8 +112,7 @@ impl Block for FakeReplica {
         Ok(Response::new(OpenReply {
             epoch: r.into_inner().epoch,
             complete_below: 0,
-            created: false,
-            missing: false,
+            ..Default::default()
         }))
     }
     type ChangedRegionsStream = shoal_blockd::services::ChangedStream;

@@ -128,6 +128,8 @@ impl Block for PoolReplica {
             complete_below: o.complete_below,
             created: o.state == shoal_blockd::pool::OpenState::Created,
             missing: o.state == shoal_blockd::pool::OpenState::Missing,
+            rebooted: o.reboot_below.is_some(),
+            reboot_below: o.reboot_below.unwrap_or(0),
         }))
     }
     type ChangedRegionsStream = shoal_blockd::services::ChangedStream;
