@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 B=${BENCH_DIR:-/var/tmp/shoal-bench-memory}
 FILES=${FILES:-100000}
 LEASE_LIMIT=${LEASE_LIMIT:-100000}
-SHOAL=$PWD/target/release/shoal
+# SHOAL_BIN: an already-built binary to measure (another commit's, say); else a release build.
+SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 source tests/cluster-lib.sh
@@ -21,7 +22,7 @@ trap cleanup EXIT
 
 bash tests/setup.sh >/dev/null
 log "building (release)"
-cargo build --release -p shoal 2>&1 | tail -1 >&2
+[ -n "${SHOAL_BIN:-}" ] || cargo build --release -p shoal 2>&1 | tail -1 >&2
 cleanup; rm -rf "$B"; mkdir -p "$B"
 
 etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:24090 \

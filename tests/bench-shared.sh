@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 B=${BENCH_DIR:-/var/tmp/shoal-bench-shared}
 PEERS=${PEERS:-ext4 bindfs}
 PEERS_SCRIPTS=${PEERS_SCRIPTS:-$(cd .. && pwd)/shared/bench/peers}
-SHOAL=$PWD/target/release/shoal
+# SHOAL_BIN: an already-built binary to measure (another commit's, say); else a release build.
+SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 export PEERS_DIR=${PEERS_DIR:-/tmp/peers}
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
@@ -29,7 +30,7 @@ trap cleanup EXIT
 bash tests/setup.sh >/dev/null
 command -v bindfs >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bindfs >/dev/null || true; }
 log "building (release)"
-cargo build --release -p shoal 2>&1 | tail -1 >&2
+[ -n "${SHOAL_BIN:-}" ] || cargo build --release -p shoal 2>&1 | tail -1 >&2
 cleanup; rm -rf "$B"; mkdir -p "$B"
 
 log "starting etcd and three nodes"

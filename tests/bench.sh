@@ -27,7 +27,8 @@ RAND_RUNTIME=${RAND_RUNTIME:-20}
 DSYNC_RUNTIME=${DSYNC_RUNTIME:-10}
 RESYNC_MIB=${RESYNC_MIB:-512}
 TARGETS=${TARGETS:-local shoal-r1 shoal-r1-remote shoal-r2 shoal-r3}
-SHOAL=$PWD/target/release/shoal
+# SHOAL_BIN: an already-built binary to measure (another commit's, say); else a release build.
+SHOAL=${SHOAL_BIN:-$PWD/target/release/shoal}
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 source tests/cluster-lib.sh
@@ -36,7 +37,7 @@ trap cleanup EXIT
 
 bash tests/setup.sh >/dev/null
 log "building (release)"
-cargo build --release -p shoal 2>&1 | tail -1 >&2
+[ -n "${SHOAL_BIN:-}" ] || cargo build --release -p shoal 2>&1 | tail -1 >&2
 cleanup; rm -rf "$B"; mkdir -p "$B/local" "$B/out"
 
 log "starting etcd and three nodes"

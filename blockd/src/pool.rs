@@ -470,12 +470,13 @@ impl Pool {
             // watermark at the latest; the mark outlives a crash of whoever opened it.
             let boot = crate::versions::boot_tag();
             if r.versions.boot()? != boot {
-                if !created {
+                if created {
+                    r.versions.set_boot(boot)?;
+                } else {
                     let durable = r.versions.complete_below();
                     warn!(volume = volume_id, durable, "replica last used before this host rebooted: it is resynced before it counts in sync");
-                    r.versions.flag_reboot(durable)?;
+                    r.versions.flag_reboot(durable, boot)?;
                 }
-                r.versions.set_boot(boot)?;
             }
             opened.insert(volume_id.to_string());
         }
@@ -522,6 +523,14 @@ impl Pool {
             .lock()
             .expect("opened lock")
             .insert(volume_id.to_string());
+    }
+
+    /// Forgets the replica's recorded reboot (see
+    /// [`crate::versions::RegionVersions::clear_reboot`]).
+    pub fn clear_reboot(&self, volume_id: &str) -> Result<()> {
+        self.replica(volume_id, 0, false)?.versions.clear_reboot()?;
+        self.synced(volume_id);
+        Ok(())
     }
 
     /// Marks a replica as being caught up, or no longer (see

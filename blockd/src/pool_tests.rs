@@ -381,3 +381,45 @@ fn after_a_restart_a_replica_refuses_changes_until_opened_again() {
     pool.write("v", size, 0, b"new!", true, S).unwrap();
     assert_eq!(pool.read_at_epoch("v", size, 0, 4, 1).unwrap(), b"new!");
 }
+
+#[test]
+fn a_replica_first_opened_in_another_boot_is_marked_until_its_resync_forgets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let synced = Stamp {
+        epoch: 1,
+        version: 7,
+        complete_below: 6,
+    };
+    {
+        let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+        made(&pool, "v", size);
+        pool.write("v", size, 0, b"x", false, synced).unwrap();
+        pool.flush("v", size, 1, 7).unwrap();
+        let o = pool.open_replica("v", size, 2, 0, false, None).unwrap();
+        assert_eq!(o.reboot_below, None, "same boot: trusted");
+    }
+    // The node restarts in the same boot: still trusted.
+    let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+    let o = pool.open_replica("v", size, 3, 0, false, None).unwrap();
+    assert_eq!(o.reboot_below, None);
+    drop(pool);
+    // The host rebooted: marked with the watermark of its last sync, durably.
+    let ver = dir.path().join("replicas/v.ver");
+    crate::versions::forget_boot(&ver).unwrap();
+    let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+    let o = pool.open_replica("v", size, 4, 0, false, None).unwrap();
+    assert_eq!(o.reboot_below, Some(7));
+    drop(pool);
+    let pool = Pool::open(dir.path(), Some(64 * MIB)).unwrap();
+    let o = pool.open_replica("v", size, 5, 0, false, None).unwrap();
+    assert_eq!(o.reboot_below, Some(7), "the mark outlives another restart");
+    // A resync forgets the reboot (the catching-up mark stays until it rejoined), then
+    // clears the mark.
+    pool.clear_reboot("v").unwrap();
+    let o = pool.open_replica("v", size, 5, 0, false, None).unwrap();
+    assert_eq!(o.reboot_below, None);
+    assert!(pool.describe("v").unwrap().catching_up);
+    pool.set_catching_up("v", false).unwrap();
+    assert!(!pool.describe("v").unwrap().catching_up);
+}

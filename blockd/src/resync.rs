@@ -265,6 +265,24 @@ impl<'a> Side<'a> {
         Ok(answer)
     }
 
+    /// Forgets a reboot the replica recorded: everything since its last sync was copied
+    /// and made durable. Before it rejoins: a reboot record left on an in-sync replica
+    /// would make a later takeover distrust it, or trust it with another rebooted one.
+    fn copied_since_reboot(&self) -> Result<()> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().clear_reboot(&io.volume_id);
+        }
+        let mut c = self.client()?;
+        let req = OpenRequest {
+            replica: Some(io.replica_ref()),
+            epoch: io.epoch,
+            min_version: 0,
+            mark: 3,
+        };
+        self.call(async move { c.open(req).await.map(|_| ()) })
+    }
+
     /// Clears the replica's catching-up mark once it rejoined the in-sync set. A mark
     /// left behind only makes a later recovery copy it again: never unsafe.
     fn caught_up(&self) -> Result<()> {
@@ -549,6 +567,7 @@ pub(crate) fn resync_one(io: &VolumeIo, node: &str, stop: &AtomicBool) -> Result
     // The copies are durable before the replica counts as in sync (a detached volume's
     // upkeep has no later flush to rely on).
     io.flush()?;
+    target.copied_since_reboot()?;
     io.rejoin(node, progress.done_bytes)?;
     if let Err(e) = target.caught_up() {
         warn!(volume = %io.volume_id, %node, error = %e, "cannot clear the replica's catching-up mark");

@@ -311,8 +311,10 @@ impl Block for BlockService {
                     rec.id
                 )))
             }
+            3 => None,
             m => return Err(Status::invalid_argument(format!("unknown mark {m}"))),
         };
+        let clear_reboot = r.mark == 3;
         let opened = self
             .blocking(move |n| {
                 if mark == Some(true) {
@@ -328,6 +330,9 @@ impl Block for BlockService {
                 )?;
                 if let (Some(on), true) = (mark, o.state != OpenState::Missing) {
                     n.pool.set_catching_up(&rep.volume_id, on)?;
+                }
+                if clear_reboot && o.state != OpenState::Missing {
+                    n.pool.clear_reboot(&rep.volume_id)?;
                 }
                 Ok(o)
             })

@@ -47,7 +47,13 @@ pub fn boot_tag() -> u64 {
     static TAG: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *TAG.get_or_init(|| {
         use sha2::{Digest, Sha256};
-        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let id = match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/sys/kernel/random/boot_id: a reboot of this host will not be told from a restart of the node");
+                String::new()
+            }
+        };
         let h = Sha256::digest(id.trim().as_bytes());
         u64::from_le_bytes(h[..8].try_into().expect("8 bytes")).max(1)
     })
@@ -263,22 +269,41 @@ impl RegionVersions {
     /// versions): durably, with the watermark it surely holds below (`durable_below`,
     /// the one its last sync wrote), so whoever resyncs it starts there at the latest.
     /// Cleared with the catching-up mark.
-    pub fn flag_reboot(&self, durable_below: u64) -> Result<()> {
-        let mut b = [0u8; 16];
+    pub fn flag_reboot(&self, durable_below: u64, boot: u64) -> Result<()> {
+        // One write, one sync: the mark, the watermark, and the boot it was found in.
+        let mut b = [0u8; 24];
         b[..8].copy_from_slice(&1u64.to_le_bytes());
         // Kept plus one: 0 means no reboot is recorded.
-        b[8..].copy_from_slice(&(durable_below + 1).to_le_bytes());
+        b[8..16].copy_from_slice(&(durable_below + 1).to_le_bytes());
+        b[16..].copy_from_slice(&boot.to_le_bytes());
         self.file.write_all_at(&b, CATCHING_UP_AT)?;
         self.file.sync_data()?;
         Ok(())
     }
 
-    /// The watermark [`RegionVersions::flag_reboot`] recorded, while the mark lasts.
+    /// The watermark [`RegionVersions::flag_reboot`] recorded, while the catching-up mark
+    /// lasts (a build that cleared the mark without it left it behind: ignored).
     pub fn reboot_below(&self) -> Result<Option<u64>> {
+        if !self.catching_up()? {
+            return Ok(None);
+        }
         let mut b = [0u8; 8];
         let n = self.file.read_at(&mut b, REBOOT_BELOW_AT)?;
         let v = if n == 8 { u64::from_le_bytes(b) } else { 0 };
         Ok(v.checked_sub(1))
+    }
+
+    /// Forgets a reboot recorded by [`RegionVersions::flag_reboot`] (its resync copied
+    /// everything since), durably; the catching-up mark stays until it rejoined.
+    pub fn clear_reboot(&self) -> Result<()> {
+        let mut b = [0u8; 8];
+        let n = self.file.read_at(&mut b, REBOOT_BELOW_AT)?;
+        if n < 8 || b == [0u8; 8] {
+            return Ok(());
+        }
+        self.file.write_all_at(&[0u8; 8], REBOOT_BELOW_AT)?;
+        self.file.sync_data()?;
+        Ok(())
     }
 
     /// The boot tag recorded by the last process that opened the replica (0: none).

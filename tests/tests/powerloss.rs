@@ -234,7 +234,8 @@ fn a_torn_replica_of_a_coordinator_that_lost_power_is_not_trusted_at_takeover() 
     );
     assert_eq!(dd_read(&device, 0, 4), vec![b'a'; 4 * MIB as usize], "A");
     assert!(
-        c.log(1).contains("rebooted"),
+        c.log(1)
+            .contains("it leaves the in-sync set and is resynced"),
         "node 1 took its replica out: {}",
         c.log(1)
     );

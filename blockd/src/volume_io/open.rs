@@ -23,6 +23,7 @@ impl VolumeIo {
     pub fn open(&self) -> Result<()> {
         let replica = Some(self.replica_ref());
         let epoch = self.epoch;
+        let in_sync_before = self.in_sync();
         // What each answering replica said: its watermark, and whether its host rebooted
         // since it was last used (see `replication::after_open`).
         let opened = Arc::new(Mutex::new(Vec::<OpenAnswer>::new()));
@@ -107,8 +108,19 @@ impl VolumeIo {
         // regions, and whatever the previous coordinator left unflushed. This flush's
         // watermark is where a replica whose node restarts later is resynced from.
         self.flush()?;
-        if !plan.clear_marks.is_empty() {
-            self.clear_marks(&plan.clear_marks);
+        // Rebooted replicas that stayed are trusted only because no replica that did not
+        // reboot was there to say otherwise; one that was in sync but did not answer may
+        // be such a one, so their marks stay (a later takeover that reaches it resyncs
+        // them from it).
+        let everyone = self.in_sync() == in_sync_before;
+        let clear: Vec<String> = plan
+            .clear_marks
+            .iter()
+            .filter(|n| self.in_sync().contains(*n))
+            .cloned()
+            .collect();
+        if everyone && !clear.is_empty() {
+            self.clear_marks(&clear);
         }
         Ok(())
     }
