@@ -4,9 +4,9 @@
 # etcd (pid in DIR/etcd.pid), and releases every mount and loop device below DIR.
 stop_cluster() {
   local id=$1 dir=$2 l loops=()
-  pkill -TERM -f "shoal node start --cluster-id $id" 2>/dev/null || true
+  pkill -TERM -f " node start --cluster-id $id " 2>/dev/null || true
   sleep 1
-  pkill -KILL -f "shoal node start --cluster-id $id" 2>/dev/null || true
+  pkill -KILL -f " node start --cluster-id $id " 2>/dev/null || true
   if [ -f "$dir/etcd.pid" ]; then kill "$(cat "$dir/etcd.pid")" 2>/dev/null || true; fi
   # Find the loop devices before unmounting: once the device file's FUSE mount is gone,
   # the kernel shows their backing file as "/disk" and they can no longer be told apart.

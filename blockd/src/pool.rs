@@ -69,6 +69,9 @@ pub struct Described {
     pub descriptor: Option<Descriptor>,
     /// Being caught up: it may lack regions below its highest version.
     pub catching_up: bool,
+    /// Its host rebooted since it was last used (a recorded reboot, or another boot's
+    /// tag): what it had not synced may be lost or torn, whatever its versions say.
+    pub rebooted: bool,
     pub epoch: u64,
     pub complete_below: u64,
     pub max_version: u64,
@@ -550,6 +553,8 @@ impl Pool {
         Ok(Described {
             descriptor: r.versions.descriptor()?,
             catching_up: r.versions.catching_up()?,
+            rebooted: r.versions.reboot_below()?.is_some()
+                || r.versions.boot()? != crate::versions::boot_tag(),
             epoch: r.versions.epoch(),
             complete_below: r.versions.complete_below(),
             max_version: r.versions.max_version()?,

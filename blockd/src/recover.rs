@@ -37,17 +37,22 @@ pub struct Evidence {
     /// The replica was being caught up: it may lack regions below its highest version.
     #[serde(default)]
     pub catching_up: bool,
+    /// Its host rebooted since it was last used: its versions may claim data a power
+    /// cut took (see `Pool::open_replica`).
+    #[serde(default)]
+    pub rebooted: bool,
 }
 
 /// The volume record the evidence of its replicas supports (None: no evidence).
 pub fn plan(evidence: &[Evidence]) -> Option<VolumeRecord> {
     let mut ev: Vec<&Evidence> = evidence.iter().collect();
     // Freshest first: complete replicas before ones being caught up (which may lack old
-    // regions whatever their highest version), then highest version, then highest
-    // epoch, then node id (a stable order).
+    // regions whatever their highest version), replicas whose host did not reboot before
+    // ones whose did (whose versions may claim data a power cut took), then highest
+    // version, then highest epoch, then node id (a stable order).
     ev.sort_by(|a, b| {
-        (!b.catching_up, b.max_version, b.epoch)
-            .cmp(&(!a.catching_up, a.max_version, a.epoch))
+        (!b.catching_up, !b.rebooted, b.max_version, b.epoch)
+            .cmp(&(!a.catching_up, !a.rebooted, a.max_version, a.epoch))
             .then(a.node.cmp(&b.node))
     });
     let top = *ev.first()?;
@@ -58,7 +63,11 @@ pub fn plan(evidence: &[Evidence]) -> Option<VolumeRecord> {
     // taken: there is nothing better.)
     let in_sync: Vec<String> = ev
         .iter()
-        .filter(|e| e.max_version == top.max_version && e.catching_up == top.catching_up)
+        .filter(|e| {
+            e.max_version == top.max_version
+                && e.catching_up == top.catching_up
+                && e.rebooted == top.rebooted
+        })
         .map(|e| e.node.clone())
         .collect();
     let keep = (d.repl as usize).max(in_sync.len());
@@ -175,6 +184,7 @@ pub async fn recover(cfg: &NodeConfig) -> Result<Vec<Recovered>> {
             complete_below: d.complete_below,
             max_version: d.max_version,
             catching_up: d.catching_up,
+            rebooted: d.rebooted,
         };
         out.push(recover_one(&meta, &keys, ev).await?);
     }
@@ -329,7 +339,23 @@ mod tests {
             complete_below: 0,
             max_version,
             catching_up: false,
+            rebooted: false,
         }
+    }
+
+    #[test]
+    fn a_replica_whose_host_rebooted_is_in_sync_only_when_every_one_did() {
+        // b's host rebooted: its higher version may be one whose data a power cut took.
+        let mut b = ev("b", 3, 120);
+        b.rebooted = true;
+        let rec = plan(&[b.clone(), ev("a", 3, 100)]).unwrap();
+        assert_eq!(rec.in_sync(), ["a"]);
+        assert_eq!(rec.left_at["b"], 0);
+        // Every host rebooted: the freshest of them are taken (there is nothing better).
+        let mut a = ev("a", 3, 100);
+        a.rebooted = true;
+        let rec = plan(&[b, a]).unwrap();
+        assert_eq!(rec.in_sync(), ["b"]);
     }
 
     #[test]
