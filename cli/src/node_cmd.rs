@@ -208,23 +208,11 @@ fn own_secret(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
-/// Writes `text` to a new file of mode 0600 at `path`, aside and renamed into place: a
-/// crash never leaves it empty.
+/// Writes `text` to a new file of mode 0600 at `path` (see
+/// [`shoal_blockd::auth::credential::write_private`]).
 fn write_private_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("making {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("making {}", path.display()))?;
-    Ok(())
+    shoal_blockd::auth::credential::write_private(path, text.as_bytes())
+        .with_context(|| format!("making {}", path.display()))
 }
 
 pub fn parse_size_arg(s: &str) -> Result<u64, String> {

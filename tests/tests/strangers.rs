@@ -426,6 +426,20 @@ async fn call(
         .map(|_| ())
 }
 
+/// Every call of `rpcs` on `ch` fails in the transport, before any service answers.
+async fn no_service_answers(ch: &tonic::transport::Channel, rpcs: &[(String, String)], what: &str) {
+    for (service, method) in rpcs {
+        let err = call(ch, service, method).await.unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+            ),
+            "{what}: {service}/{method}: {err}"
+        );
+    }
+}
+
 /// No connection without a certificate of the cluster's CA, on any RPC of any service;
 /// a node certificate cannot make control calls; block and namespace calls need the
 /// cluster token besides a certificate. Nothing changes on the node.
@@ -456,16 +470,7 @@ fn every_rpc_needs_the_cluster_ca_and_the_right_role() {
                 Some(_) => "another CA's certificate",
             };
             if let Ok(ch) = channel(&ep, cred.as_ref()).await {
-                for (service, method) in &rpcs {
-                    let err = call(&ch, service, method).await.unwrap_err();
-                    assert!(
-                        matches!(
-                            err.code(),
-                            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-                        ),
-                        "{what}: {service}/{method}: {err}"
-                    );
-                }
+                no_service_answers(&ch, &rpcs, what).await;
             }
         }
         // Trusting the cluster's CA (so the client accepts the node) but showing another
@@ -492,16 +497,7 @@ fn every_rpc_needs_the_cluster_ca_and_the_right_role() {
                 cfg = cfg.identity(id);
             }
             if let Ok(ch) = shoal_tests::tls::channel_with(&ep, cfg).await {
-                for (service, method) in &rpcs {
-                    let err = call(&ch, service, method).await.unwrap_err();
-                    assert!(
-                        matches!(
-                            err.code(),
-                            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-                        ),
-                        "{what}: {service}/{method}: {err}"
-                    );
-                }
+                no_service_answers(&ch, &rpcs, what).await;
             }
         }
         // The cluster's node certificate: no control call; block and namespace calls

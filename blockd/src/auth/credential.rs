@@ -30,6 +30,22 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// Writes `bytes` to `path` as a new file of mode 0600, aside and renamed into place (a
+/// crash never leaves it empty or half written), replacing what was there.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// The PEM blocks of `text`, in order, as (label, whole block).
 fn pem_blocks(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -93,17 +109,7 @@ impl Credential {
 
     /// Writes the credential to `path` (mode 0600, replacing it whole).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(self.to_text().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        write_private(path, self.to_text().as_bytes())
     }
 
     /// TLS for connecting to nodes with this credential: the server must show a node
