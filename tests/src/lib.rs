@@ -513,6 +513,21 @@ impl Cluster {
             .set_link(i, false);
     }
 
+    /// Cuts node `i` off the metadata store only (etcd on the host's bridge address):
+    /// it still reaches the other nodes, and they it (gossip says it is alive).
+    pub fn cut_store(&self, i: usize) {
+        let h = self.hostnet.as_ref().expect("a netns cluster");
+        let store = format!("{}.1/32", self.net);
+        ip(&["-n", &h.ns_name(i), "route", "add", "blackhole", &store]);
+    }
+
+    /// Gives node `i` its metadata store back (see [`Cluster::cut_store`]).
+    pub fn heal_store(&self, i: usize) {
+        let h = self.hostnet.as_ref().expect("a netns cluster");
+        let store = format!("{}.1/32", self.net);
+        ip(&["-n", &h.ns_name(i), "route", "del", "blackhole", &store]);
+    }
+
     /// Puts node `i` back on the network.
     pub fn heal(&self, i: usize) {
         self.hostnet

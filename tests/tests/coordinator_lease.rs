@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shoal_tests::{fcntl_lock, require_root, wait_until};
+use shoal_tests::{fcntl_lock, require_root, wait_until, Cluster};
 
 fn read_counter(f: &mut fs::File) -> std::io::Result<u64> {
     let mut s = String::new();
@@ -52,6 +52,20 @@ fn increment_under_lock(path: PathBuf, n: u64, written: Arc<AtomicU64>) -> u64 {
 
 #[test]
 fn a_cut_off_coordinator_stops_before_its_successor_starts() {
+    coordinator_cut_off(Cluster::cut, Cluster::heal);
+}
+
+/// The coordinator loses only the metadata store: gossip still says it is alive, but it
+/// cannot renew its role, so it stops serving, and the others take the volume over once
+/// its role key has been gone for a whole lease.
+#[test]
+fn a_coordinator_cut_off_etcd_only_is_replaced_and_serves_nothing_stale() {
+    coordinator_cut_off(Cluster::cut_store, Cluster::heal_store);
+}
+
+/// Node 0 coordinates a shared volume that hosts 1 and 2 increment a counter on under
+/// fcntl locks while hosts 3 and 0 read it; `cut(node 0)` partway, then `heal`.
+fn coordinator_cut_off(cut: fn(&Cluster, usize), heal: fn(&Cluster, usize)) {
     require_root!();
     let Some(c) = shoal_tests::netns_cluster(4) else {
         return;
@@ -134,7 +148,7 @@ fn a_cut_off_coordinator_stops_before_its_successor_starts() {
         written.load(Ordering::SeqCst) >= 40
     });
     let cut_at = Instant::now();
-    c.cut(0);
+    cut(&c, 0);
     // A successor serves the volume; the workers carry on there.
     wait_until(Duration::from_secs(120), "a new coordinator", || {
         let v = c.json(1, &["volume", "inspect", "ctr"]);
@@ -145,7 +159,7 @@ fn a_cut_off_coordinator_stops_before_its_successor_starts() {
     eprintln!("lock retries during the failover: {retries:?}");
     // The cut-off host's mount could not have served anything newer meanwhile; heal and
     // it follows the successor.
-    c.heal(0);
+    heal(&c, 0);
     wait_until(
         Duration::from_secs(60),
         "the healed host reads again",
