@@ -8,6 +8,9 @@
 //! of running twice (changes that cannot safely run twice also record their outcome in
 //! the volume, see [`crate::replies`], so this holds across a failover too). A session
 //! that stops renewing expires after the lease.
+//!
+//! Here: the served volume's state and rules ([`Served`]); `grpc.rs` is the tonic shell
+//! ([`NamespaceService`]), `tests.rs` the unit tests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
