@@ -13,10 +13,15 @@
 //! [`VolumeIo::rejoin`] to let a returning replica receive new writes while old regions
 //! are copied, and to return it to the in-sync set under a write barrier.
 //!
+//! Beside this file: `open.rs` (a new coordinator's fence and reconcile), `fan_out.rs`
+//! (one request to several replicas) and `read.rs` (where a read is served from).
+//!
 //! The methods are synchronous: they run on FUSE session threads and drive async gRPC
 //! and metadata calls on the node's runtime through a handle.
 
+mod fan_out;
 mod open;
+mod read;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -263,160 +268,6 @@ impl VolumeIo {
     /// Holds the byte range `[offset, offset + len)` against overlapping writes.
     pub fn lock_range(&self, offset: u64, len: u64) -> RangeGuard<'_> {
         self.ranges.lock(offset, len)
-    }
-
-    /// Runs `call` against every remote replica among `nodes` in parallel, and `local`
-    /// on this thread when the local replica is among them; returns every answer.
-    fn fan_out<F, Fut>(
-        &self,
-        nodes: &BTreeSet<String>,
-        call: F,
-        local: impl FnOnce() -> Result<()>,
-    ) -> Vec<Answer>
-    where
-        F: Fn(&str, PeerBlockClient) -> Fut,
-        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
-    {
-        self.fan_out_sized(nodes, call, local, usize::MAX)
-    }
-
-    /// `fan_out` for a request of `len` bytes: small ones go from this thread.
-    fn fan_out_sized<F, Fut>(
-        &self,
-        nodes: &BTreeSet<String>,
-        call: F,
-        local: impl FnOnce() -> Result<()>,
-        len: usize,
-    ) -> Vec<Answer>
-    where
-        F: Fn(&str, PeerBlockClient) -> Fut,
-        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
-    {
-        let mut local = Some(local);
-        if len <= THREAD_IO_MAX {
-            if let Some(answers) = self.fan_out_here(nodes, &call, &mut local) {
-                return answers;
-            }
-        }
-        let local = local.expect("only taken when answered here");
-        self.fan_out_shared(nodes, &call, local)
-    }
-
-    /// `fan_out` through the node's runtime: the remote calls are spawned there and run
-    /// while this thread writes the local replica.
-    fn fan_out_shared<F, Fut>(
-        &self,
-        nodes: &BTreeSet<String>,
-        call: &F,
-        local: impl FnOnce() -> Result<()>,
-    ) -> Vec<Answer>
-    where
-        F: Fn(&str, PeerBlockClient) -> Fut,
-        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
-    {
-        let timeout = self.timeout;
-        let mut pending = Vec::new();
-        let mut local_wanted = false;
-        let replicas = self.replicas();
-        for r in replicas.iter().filter(|r| nodes.contains(&r.node)) {
-            match &r.target {
-                Target::Local => local_wanted = true,
-                Target::Remote(client) => {
-                    let fut = call(&r.node, (**client).clone());
-                    let timed = async move { tokio::time::timeout(timeout, fut).await };
-                    pending.push((r.node.clone(), self.rt.spawn(timed)));
-                }
-            }
-        }
-        let mut answers = Vec::with_capacity(pending.len() + 1);
-        if local_wanted {
-            answers.push((self.local_node.clone(), local()));
-        }
-        for (node, handle) in pending {
-            let res = remote_answer(&node, self.rt.block_on(handle), timeout);
-            answers.push((node, res));
-        }
-        answers
-    }
-
-    /// `fan_out` on this thread's own runtime and connections (`thread_io`). None (and
-    /// `local` not run) when that is not set up for every remote target.
-    fn fan_out_here<F, Fut, L>(
-        &self,
-        nodes: &BTreeSet<String>,
-        call: &F,
-        local: &mut Option<L>,
-    ) -> Option<Vec<Answer>>
-    where
-        F: Fn(&str, PeerBlockClient) -> Fut,
-        Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
-        L: FnOnce() -> Result<()>,
-    {
-        let guard = self.thread_peers.read().expect("thread peers");
-        let tp = guard.as_ref()?;
-        let replicas = self.replicas();
-        let mut local_wanted = false;
-        let mut remotes: Vec<(String, String)> = Vec::new();
-        for r in replicas.iter().filter(|r| nodes.contains(&r.node)) {
-            match &r.target {
-                Target::Local => local_wanted = true,
-                Target::Remote(_) => {
-                    remotes.push((r.node.clone(), tp.addresses.get(&r.node)?.clone()))
-                }
-            }
-        }
-        let addrs: Vec<&str> = remotes.iter().map(|(_, a)| a.as_str()).collect();
-        let timeout = self.timeout;
-        let (mut answers, retry) = thread_io::with_clients(&tp.peers, &addrs, |rt, clients| {
-            rt.block_on(async {
-                let mut calls = Vec::with_capacity(clients.len());
-                for ((node, _), c) in remotes.iter().zip(clients) {
-                    let fut = call(node, c);
-                    calls.push(tokio::spawn(async move {
-                        tokio::time::timeout(timeout, fut).await
-                    }));
-                }
-                // Let the requests reach the wire before the local write (a few polls
-                // of this thread's tasks: the call, the channel, the connection).
-                for _ in 0..4 {
-                    tokio::task::yield_now().await;
-                }
-                let mut answers = Vec::with_capacity(calls.len() + 1);
-                if local_wanted {
-                    let l = local.take().expect("local runs once");
-                    answers.push((self.local_node.clone(), l()));
-                }
-                let mut retry = Vec::new();
-                for ((node, addr), call) in remotes.iter().zip(calls) {
-                    let res = call.await;
-                    // The connection broke (it may have idled out): once more on the
-                    // node's shared one before calling the replica failed.
-                    if let Ok(Ok(Err(status))) = &res {
-                        if matches!(
-                            status.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::Unknown
-                                | tonic::Code::Cancelled
-                        ) {
-                            retry.push((node.clone(), addr.clone()));
-                            continue;
-                        }
-                    }
-                    answers.push((node.clone(), remote_answer(node, res, timeout)));
-                }
-                (answers, retry)
-            })
-        })?;
-        drop(guard);
-        if !retry.is_empty() {
-            let again: BTreeSet<String> = retry.iter().map(|(n, _)| n.clone()).collect();
-            for (_, addr) in &retry {
-                thread_io::forget(addr);
-            }
-            // Only remote nodes are in `again`: the local write is not repeated.
-            answers.extend(self.fan_out_shared(&again, call, || Ok(())));
-        }
-        Some(answers)
     }
 
     /// Acts on the answers of the in-sync replicas (and of those catching up): a
@@ -794,102 +645,6 @@ impl VolumeIo {
         self.flushed_below
             .fetch_max(complete_below, Ordering::SeqCst);
         Ok(())
-    }
-
-    /// Reads `len` bytes at `offset` from an in-sync replica.
-    pub fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>> {
-        self.check_fenced()?;
-        let in_sync = self.in_sync();
-        if in_sync.contains(&self.local_node) && self.is_local(&self.local_node) {
-            let read = self
-                .pool
-                .read_at_epoch(&self.volume_id, self.size, offset, len, self.epoch);
-            if let Err(Error::Fenced(_)) = &read {
-                self.fence();
-            }
-            return read;
-        }
-        let Some(cache) = &self.cache else {
-            return self.read_remote(&in_sync, offset, len);
-        };
-        // Region locks keep a write from landing between the remote read and the fill.
-        let _range = self.lock_range(offset, len as u64);
-        if let Some(hit) = cache.get(offset, len) {
-            return Ok(hit);
-        }
-        let data = self.read_remote(&in_sync, offset, len)?;
-        cache.put(offset, &data);
-        Ok(data)
-    }
-
-    /// Reads from the first in-sync remote replica that answers.
-    fn read_remote(&self, in_sync: &BTreeSet<String>, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let mut last_err = None;
-        for r in self.replicas().iter().filter(|r| in_sync.contains(&r.node)) {
-            let Target::Remote(client) = &r.target else {
-                continue;
-            };
-            let mut c = (**client).clone();
-            let req = ReadRequest {
-                replica: Some(self.replica_ref()),
-                offset,
-                length: len,
-                epoch: self.epoch,
-            };
-            let timeout = self.timeout;
-            let res = self
-                .rt
-                .block_on(async move { tokio::time::timeout(timeout, c.read(req)).await });
-            match res {
-                Ok(Ok(reply)) => {
-                    let data = reply.into_inner().data;
-                    if data.len() == len as usize {
-                        return Ok(data.to_vec());
-                    }
-                    last_err = Some(Error::Internal(format!(
-                        "replica on {} returned {} bytes, asked {len}",
-                        r.node,
-                        data.len()
-                    )));
-                }
-                Ok(Err(status)) => {
-                    // A replica fenced at a newer epoch: this coordinator was replaced.
-                    // No other replica may answer instead (one the successor did not
-                    // reach would serve what the successor may have overwritten).
-                    if status.code() == tonic::Code::FailedPrecondition
-                        && status.message().contains("stale epoch")
-                    {
-                        self.fence();
-                        return Err(Error::Fenced(format!(
-                            "replica on {}: {}",
-                            r.node,
-                            status.message()
-                        )));
-                    }
-                    // Its node restarted (maybe a power loss): it may lack acknowledged
-                    // writes. It leaves the in-sync set like a restarted replica that
-                    // refused a write, and another replica answers.
-                    if status.message().contains(RESTARTED) {
-                        // Not recorded (the store unreachable, or it is the last in-sync
-                        // replica): it is not read from all the same; its next write
-                        // fails and tries again.
-                        if let Err(e) = self.leave_restarted(std::slice::from_ref(&r.node), "read")
-                        {
-                            warn!(volume = %self.volume_id, node = %r.node, error = %e, "cannot record that the replica left the in-sync set");
-                        }
-                    }
-                    last_err = Some(status.into());
-                }
-                Err(_) => {
-                    last_err = Some(Error::NodeUnreachable {
-                        node: r.node.clone(),
-                        reason: "read timed out".into(),
-                    })
-                }
-            }
-            warn!(volume = %self.volume_id, node = %r.node, "replica read failed, trying next");
-        }
-        Err(last_err.unwrap_or_else(|| Error::Internal("no in-sync replica to read".into())))
     }
 
     /// Starts sending every new write to `node` too (a resync begins). Returns the
