@@ -18,7 +18,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod docker;
+mod netns;
 pub mod tls;
+
+use netns::ip;
+pub use netns::{can_netns, netns_cluster, HostNet};
 
 /// The `shoal` binary under test.
 pub fn shoal_bin() -> PathBuf {
@@ -585,51 +589,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Hosts with their own addresses: one network namespace per node, each linked by a veth
-/// pair to a bridge in this namespace, which also carries etcd's address (`.1`).
-pub struct HostNet {
-    tag: String,
-    hosts: Vec<usize>,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("ip (iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-/// Whether network namespaces can be made here (root with iproute2 and nsenter).
-pub fn can_netns() -> bool {
-    let works = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    can_mount() && works("ip", &["netns", "list"]) && works("nsenter", &["--version"])
-}
-
-/// `n` nodes, each in its own network namespace (so a test can cut one off), with a
-/// replica timeout of 2 s; None, after saying why, where namespaces cannot be made.
-pub fn netns_cluster(n: usize) -> Option<Cluster> {
-    if !can_netns() {
-        eprintln!("SKIPPED: needs root, iproute2 and nsenter for network namespaces");
-        return None;
-    }
-    Some(Cluster::start(
-        n,
-        Opts {
-            netns: true,
-            extra_args: vec!["--replica-timeout".into(), "2".into()],
-            ..Opts::default()
-        },
-    ))
-}
-
 /// An fcntl (POSIX) lock of the whole file: `typ` F_RDLCK, F_WRLCK or F_UNLCK; `wait`
 /// blocks until granted (F_SETLKW).
 pub fn fcntl_lock(f: &std::fs::File, typ: i32, wait: bool) -> std::io::Result<()> {
@@ -647,71 +606,6 @@ pub fn fcntl_lock(f: &std::fs::File, typ: i32, wait: bool) -> std::io::Result<()
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-impl HostNet {
-    fn create(net: &str) -> HostNet {
-        let h = HostNet {
-            tag: format!("{:04x}", rand::random::<u16>()),
-            hosts: Vec::new(),
-        };
-        let br = h.bridge();
-        ip(&["link", "add", &br, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &br]);
-        ip(&["link", "set", &br, "up"]);
-        h
-    }
-
-    fn bridge(&self) -> String {
-        format!("sbr{}", self.tag)
-    }
-
-    fn ns_name(&self, i: usize) -> String {
-        format!("shoal-{}-{i}", self.tag)
-    }
-
-    fn veth(&self, i: usize) -> String {
-        format!("sv{}{i}", self.tag)
-    }
-
-    fn add_host(&mut self, i: usize, addr: &str) {
-        let (ns, veth, peer) = (self.ns_name(i), self.veth(i), format!("sp{}{i}", self.tag));
-        ip(&["netns", "add", &ns]);
-        self.hosts.push(i);
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
-        ip(&["link", "set", &peer, "netns", &ns]);
-        ip(&["link", "set", &veth, "master", &self.bridge()]);
-        ip(&["link", "set", &veth, "up"]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            &peer,
-        ]);
-        ip(&["-n", &ns, "link", "set", &peer, "up"]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-    }
-
-    fn set_link(&self, i: usize, up: bool) {
-        ip(&["link", "set", &self.veth(i), if up { "up" } else { "down" }]);
-    }
-
-    fn destroy(self) {
-        for i in &self.hosts {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns_name(*i)])
-                .status();
-            let _ = Command::new("ip")
-                .args(["link", "del", &self.veth(*i)])
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge()])
-            .status();
     }
 }
 
