@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use crate::error::{Error, Result};
 use crate::membership::Membership;
 use crate::peers::Peers;
-use crate::pool::{OpenState, Pool, Stamp};
+use crate::pool::{OpenState, Stamp};
 use crate::records::{self, NodeRecord, ResyncProgress, VolumeRecord};
 use crate::replication;
 use crate::versions::REGION_BYTES;
@@ -269,28 +269,33 @@ impl<'a> Side<'a> {
     /// and made durable. Before it rejoins: a reboot record left on an in-sync replica
     /// would make a later takeover distrust it, or trust it with another rebooted one.
     fn copied_since_reboot(&self) -> Result<()> {
-        self.mark(3, |pool, id| pool.clear_reboot(id))
-    }
-
-    /// Clears the replica's catching-up mark once it rejoined the in-sync set. A mark
-    /// left behind only makes a later recovery copy it again: never unsafe.
-    fn caught_up(&self) -> Result<()> {
-        self.mark(2, |pool, id| pool.set_catching_up(id, false))
-    }
-
-    /// Changes the replica's header marks: `local` on this node's pool, or an `Open` at
-    /// this epoch carrying `mark` (see `OpenRequest.mark`).
-    fn mark(&self, mark: u32, local: impl FnOnce(&Pool, &str) -> Result<()>) -> Result<()> {
         let io = self.io;
         if io.is_local(&self.node) {
-            return local(io.pool(), &io.volume_id);
+            return io.pool().clear_reboot(&io.volume_id);
         }
         let mut c = self.client()?;
         let req = OpenRequest {
             replica: Some(io.replica_ref()),
             epoch: io.epoch,
             min_version: 0,
-            mark,
+            mark: 3,
+        };
+        self.call(async move { c.open(req).await.map(|_| ()) })
+    }
+
+    /// Clears the replica's catching-up mark once it rejoined the in-sync set. A mark
+    /// left behind only makes a later recovery copy it again: never unsafe.
+    fn caught_up(&self) -> Result<()> {
+        let io = self.io;
+        if io.is_local(&self.node) {
+            return io.pool().set_catching_up(&io.volume_id, false);
+        }
+        let mut c = self.client()?;
+        let req = OpenRequest {
+            replica: Some(io.replica_ref()),
+            epoch: io.epoch,
+            min_version: 0,
+            mark: 2,
         };
         self.call(async move { c.open(req).await.map(|_| ()) })
     }

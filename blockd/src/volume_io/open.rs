@@ -112,9 +112,15 @@ impl VolumeIo {
         // reboot was there to say otherwise; one that was in sync but did not answer may
         // be such a one, so their marks stay (a later takeover that reaches it resyncs
         // them from it).
-        // (With the set unchanged, every replica that stayed is still in it.)
-        if self.in_sync() == in_sync_before && !plan.clear_marks.is_empty() {
-            self.clear_marks(&plan.clear_marks);
+        let everyone = self.in_sync() == in_sync_before;
+        let clear: Vec<String> = plan
+            .clear_marks
+            .iter()
+            .filter(|n| self.in_sync().contains(*n))
+            .cloned()
+            .collect();
+        if everyone && !clear.is_empty() {
+            self.clear_marks(&clear);
         }
         Ok(())
     }
