@@ -458,15 +458,35 @@ fn replaced_coordinator_is_fenced(c: &Cluster, isolate: impl Fn(), restore: impl
         f.sync_all()
     };
     write_dev(&old_dev, b'A').unwrap();
+    // On a loaded machine the write may have outlasted the replica timeout and dropped
+    // node 1 for a moment: the takeover needs it back in sync (it is the only copy left).
+    let synced = || {
+        let v = c.json(0, &["volume", "inspect", "raw"]);
+        replica_states(&v).iter().all(|(_, s)| s == "in-sync")
+    };
+    let start = std::time::Instant::now();
+    while !synced() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let v = c.json(0, &["volume", "inspect", "raw"]);
+            panic!(
+                "node 1 not back in sync 60 s after the write: {v}\ncoordinator's log:\n{}",
+                c.log(0)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     isolate();
     let dead = c.nodes[0].id();
+    // The attaching node's own view: it takes the volume over only from a dead node.
     wait_until(
         Duration::from_secs(20),
         "isolated coordinator declared dead",
         || {
-            c.states(1)
-                .iter()
-                .any(|(n, s)| *n == dead && s == "offline")
+            [1, 2].iter().all(|&i| {
+                c.states(i)
+                    .iter()
+                    .any(|(n, s)| *n == dead && s == "offline")
+            })
         },
     );
     let v = c.json(2, &["volume", "attach", "raw"]);

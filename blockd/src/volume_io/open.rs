@@ -15,6 +15,10 @@ use crate::pool::OpenState;
 use crate::replication::{self, OpenAnswer};
 use crate::versions::first_version;
 
+/// How many more times a new coordinator asks in-sync replicas that did not answer its
+/// open in time, while none has.
+const OPEN_RETRIES: usize = 2;
+
 impl VolumeIo {
     /// Fences every in-sync replica at this coordinator's epoch. Replicas that do not
     /// answer leave the in-sync set; at least one must answer.
@@ -31,51 +35,71 @@ impl VolumeIo {
         // in-sync set holding no version at all (a full resync rebuilds them).
         let missing = Arc::new(Mutex::new(Vec::<String>::new()));
         let local_node = self.local_node.clone();
-        let answers = self.fan_out(
-            &self.in_sync(),
-            |node, mut c| {
-                let req = OpenRequest {
-                    replica: replica.clone(),
-                    epoch,
-                    min_version: 0,
-                    mark: 0,
-                };
-                let seen = opened.clone();
-                let node = node.to_string();
-                async move {
-                    let r = c.open(req).await?.into_inner();
-                    if r.missing {
-                        return Err(tonic::Status::not_found(MISSING));
-                    }
-                    seen.lock().expect("opened").push(OpenAnswer {
-                        node,
-                        complete_below: r.complete_below,
-                        reboot_below: r.rebooted.then_some(r.reboot_below),
-                    });
-                    Ok(())
+        let call = |node: &str, mut c: crate::peers::PeerBlockClient| {
+            let req = OpenRequest {
+                replica: replica.clone(),
+                epoch,
+                min_version: 0,
+                mark: 0,
+            };
+            let seen = opened.clone();
+            let node = node.to_string();
+            async move {
+                let r = c.open(req).await?.into_inner();
+                if r.missing {
+                    return Err(tonic::Status::not_found(MISSING));
                 }
-            },
-            || {
-                let r = self.pool.open_replica(
-                    &self.volume_id,
-                    self.size,
-                    epoch,
-                    0,
-                    self.create_in_sync,
-                    self.descriptor.get(),
-                )?;
-                if r.state == OpenState::Missing {
-                    missing.lock().expect("missing").push(local_node.clone());
-                    return Err(Error::ReplicaMissing(MISSING.into()));
-                }
-                opened.lock().expect("opened").push(OpenAnswer {
-                    node: local_node.clone(),
+                seen.lock().expect("opened").push(OpenAnswer {
+                    node,
                     complete_below: r.complete_below,
-                    reboot_below: r.reboot_below,
+                    reboot_below: r.rebooted.then_some(r.reboot_below),
                 });
                 Ok(())
-            },
-        );
+            }
+        };
+        let mut answers = self.fan_out(&self.in_sync(), &call, || {
+            let r = self.pool.open_replica(
+                &self.volume_id,
+                self.size,
+                epoch,
+                0,
+                self.create_in_sync,
+                self.descriptor.get(),
+            )?;
+            if r.state == OpenState::Missing {
+                missing.lock().expect("missing").push(local_node.clone());
+                return Err(Error::ReplicaMissing(MISSING.into()));
+            }
+            opened.lock().expect("opened").push(OpenAnswer {
+                node: local_node.clone(),
+                complete_below: r.complete_below,
+                reboot_below: r.reboot_below,
+            });
+            Ok(())
+        });
+        // A replica that is slow to answer (a busy disk, a new connection on a loaded
+        // host) is not a dead one: while no in-sync replica has answered, those that
+        // timed out are asked again before the open gives up on all of them.
+        for _ in 0..OPEN_RETRIES {
+            if answers.iter().any(|(_, r)| r.is_ok()) {
+                break;
+            }
+            let again: BTreeSet<String> = answers
+                .iter()
+                .filter(|(_, r)| matches!(r, Err(Error::NodeUnreachable { .. })))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if again.is_empty() {
+                break;
+            }
+            warn!(volume = %self.volume_id, ?again, "no in-sync replica answered the open: asking again");
+            // Only remote replicas time out, so the local one is not opened twice.
+            for (node, res) in self.fan_out(&again, &call, || Ok(())) {
+                if let Some(slot) = answers.iter_mut().find(|(n, _)| *n == node) {
+                    slot.1 = res;
+                }
+            }
+        }
         let mut missing = std::mem::take(&mut *missing.lock().expect("missing"));
         for (node, res) in &answers {
             if matches!(res, Err(e) if e.to_string().contains(MISSING)) && !missing.contains(node) {
