@@ -17,6 +17,7 @@
 //!
 //! Nothing here knows about files inside a volume: that is `sharedfs`.
 
+pub mod activity;
 pub mod attach;
 pub mod auth;
 pub mod cluster_join;

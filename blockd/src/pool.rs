@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::warn;
 
+use crate::activity::ActivityLog;
 use crate::error::{Error, Result};
 use crate::versions::{regions_of, Descriptor, RegionVersions, REGION_BYTES};
 use crate::writeback::Window;
@@ -91,6 +92,8 @@ struct ReplicaFile {
     allocated: AtomicI64,
     /// Large writes waiting to be written out and dropped from the page cache.
     writeback: Window,
+    /// The extents that may hold writes not yet durable (see [`crate::activity`]).
+    activity: ActivityLog,
 }
 
 impl ReplicaFile {
@@ -168,6 +171,10 @@ impl Pool {
         self.dir.join(format!("{volume_id}.ver"))
     }
 
+    fn activity_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.al"))
+    }
+
     fn check_id(volume_id: &str) -> Result<()> {
         if volume_id.is_empty()
             || volume_id.len() > 64
@@ -226,9 +233,14 @@ impl Pool {
             }
             Err(e) => return Err(e.into()),
         };
-        if !existed && vpath.exists() {
-            // Versions without data: stale, and about to be made again below.
-            fs::remove_file(&vpath)?;
+        let apath = self.activity_path(volume_id);
+        if !existed {
+            // Versions (or a log) without data: stale, and about to be made again.
+            for stale in [&vpath, &apath] {
+                if stale.exists() {
+                    fs::remove_file(stale)?;
+                }
+            }
         }
         if !existed && file.metadata()?.len() > 0 {
             // Data without versions, made again: what it holds is unknown, so it must
@@ -245,6 +257,7 @@ impl Pool {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             floor: AtomicU64::new(0),
             writeback: Window::default(),
+            activity: ActivityLog::open(&apath)?,
             file,
         });
         open.insert(volume_id.to_string(), r.clone());
@@ -366,11 +379,15 @@ impl Pool {
         self.check_opened(volume_id)?;
         Self::refuse_late(&r, stamp)?;
         self.reserve(&r, offset, len)?;
+        let noted = r
+            .activity
+            .note(offset, len, || self.sync_whole(&r, volume_id))?;
         let res = write_all_at(&r.file, parts, offset);
         self.account(&r)?;
         res.map_err(|e| self.io_error(e))?;
         r.versions.set(regions, stamp.version, true)?;
         r.versions.note_complete(stamp.complete_below);
+        drop(noted);
         drop(guards);
         if fua {
             let durable = r.versions.complete_below();
@@ -381,6 +398,26 @@ impl Pool {
             // Outside the region lock: this may wait for an older range's write-out.
             r.writeback.after_write(&r.file, offset, len);
         }
+        Ok(())
+    }
+
+    /// Whether a write into `[offset, offset + len)` of the replica is quick: it lands
+    /// in logged extents, so it does no I/O beyond the page cache (see
+    /// [`crate::activity`]).
+    pub fn write_is_quick(&self, volume_id: &str, offset: u64, len: u64) -> bool {
+        let open = self.open.lock().expect("pool lock poisoned");
+        open.get(volume_id)
+            .is_some_and(|r| r.activity.covers(offset, len))
+    }
+
+    /// Makes the replica's data and versions durable (with the watermark known before
+    /// the data was synced: a write arriving meanwhile may raise it, and its data may
+    /// not be on disk yet).
+    fn sync_whole(&self, r: &ReplicaFile, volume_id: &str) -> Result<()> {
+        let durable = r.versions.complete_below();
+        r.file.sync_data()?;
+        r.versions.sync(durable)?;
+        self.synced(volume_id);
         Ok(())
     }
 
@@ -452,6 +489,7 @@ impl Pool {
         self.opened.lock().expect("opened lock").remove(volume_id);
         fs::remove_file(&path)?;
         let _ = fs::remove_file(self.versions_path(volume_id));
+        let _ = fs::remove_file(self.activity_path(volume_id));
         self.used
             .fetch_sub(blocks.min(self.used()), Ordering::Relaxed);
         Ok(())
@@ -512,6 +550,35 @@ fn punch(file: &File, offset: u64, len: u64) -> Result<()> {
     .map_err(|e| Error::Io(e.into()))
 }
 
+/// Regions of the first `size` bytes of `file` that hold data (not holes), ascending.
+fn data_regions(file: &File, size: u64) -> Result<Vec<u64>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a file descriptor we own has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data at or after pos
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(size));
+        if data >= hole {
+            break;
+        }
+        let next = hole.div_ceil(REGION_BYTES);
+        // A region may hold the end of one data run and the start of the next.
+        let first = (data / REGION_BYTES).max(out.last().map_or(0, |g| g + 1));
+        out.extend(first..next);
+        pos = hole;
+    }
+    Ok(out)
+}
+
 /// Bytes of `[offset, offset+len)` that are holes in `file` (would take new space).
 fn hole_bytes(file: &File, offset: u64, len: u64) -> Result<u64> {
     let fd = file.as_raw_fd();
@@ -546,3 +613,7 @@ fn hole_bytes(file: &File, offset: u64, len: u64) -> Result<u64> {
 #[cfg(test)]
 #[path = "pool_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "pool/activity_tests.rs"]
+mod activity_tests;

@@ -13,6 +13,12 @@
 //! `lose-unsynced-data` does the same but puts back only the data files: the version
 //! files keep what was written to them, as when the kernel wrote the versions back but
 //! not the data (a torn region: versions that claim data the disk does not hold).
+//! `lose-unsynced-versions` is the other tear: only the version files are put back, the
+//! data files keep every write (the kernel wrote the data back but not the versions:
+//! data the versions do not account for).
+//!
+//! Activity logs (`<volume-id>.al`) are never put back: the pool syncs each write of one
+//! before it returns.
 
 use std::fs;
 use std::path::Path;
@@ -23,7 +29,9 @@ const DIR: &str = ".powerloss";
 /// Whether the failpoint is on for this process.
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| named("lose-unsynced") || named("lose-unsynced-data"))
+    *ON.get_or_init(|| {
+        named("lose-unsynced") || named("lose-unsynced-data") || named("lose-unsynced-versions")
+    })
 }
 
 fn named(point: &str) -> bool {
@@ -56,7 +64,9 @@ pub fn power_off(pool_dir: &Path) -> usize {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.ends_with(".tmp") || (name.ends_with(".ver") && named("lose-unsynced-data")) {
+        let kept = (name.ends_with(".ver") && named("lose-unsynced-data"))
+            || (name.ends_with(".img") && named("lose-unsynced-versions"));
+        if name.ends_with(".tmp") || kept {
             continue;
         }
         if fs::rename(e.path(), pool_dir.join(name.as_ref())).is_ok() {

@@ -180,7 +180,14 @@ impl BlockService {
             version: r.version,
             complete_below: r.complete_below,
         };
-        let inline = !r.fua && r.data_len() <= INLINE_WRITE_MAX;
+        // A write that must log a new extent first waits for a sync of the log: never
+        // on a runtime worker.
+        let inline = !r.fua
+            && r.data_len() <= INLINE_WRITE_MAX
+            && self
+                .0
+                .pool
+                .write_is_quick(&rep.volume_id, r.offset, r.data_len() as u64);
         let write = move |n: &Node| {
             let parts: Vec<&[u8]> = r.data.iter().map(|b| b.as_ref()).collect();
             n.pool.write_parts(

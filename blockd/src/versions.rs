@@ -391,6 +391,13 @@ impl RegionVersions {
         Ok(())
     }
 
+    /// Makes the recorded versions durable and leaves the header's watermark as it was:
+    /// for versions written ahead of data that is not durable yet.
+    pub fn sync_entries(&self) -> Result<()> {
+        self.file.sync_data()?;
+        Ok(())
+    }
+
     /// Notes a coordinator's completion watermark (see `complete_below`); only raises it.
     pub fn note_complete(&self, below: u64) {
         self.complete_below.fetch_max(below, Ordering::AcqRel);

@@ -2,7 +2,8 @@
 //! acknowledged but had not flushed. It must not count in sync again until a resync put
 //! them back, and nothing acknowledged by an `fsync` may be lost. Real node processes,
 //! etcd and FUSE; the power cut is the `lose-unsynced` failpoint (blockd/src/powerloss.rs),
-//! or `lose-unsynced-data`, which tears regions apart (versions kept, data lost).
+//! or `lose-unsynced-data`, which tears regions apart (versions kept, data lost), or
+//! `lose-unsynced-versions`, which tears them the other way (data kept, versions lost).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,12 @@ fn setup() -> (Cluster, String, Vec<PathBuf>) {
 
 /// [`setup`] with node 1's failpoint `failpoint`, the volume attached on node `on`.
 fn setup_with(failpoint: &str, on: usize) -> (Cluster, String, Vec<PathBuf>) {
+    setup_failpoints(&[(1, failpoint)], on)
+}
+
+/// [`setup`] with the failpoints `failpoints` (node, name), the volume attached on node
+/// `on`.
+fn setup_failpoints(failpoints: &[(usize, &str)], on: usize) -> (Cluster, String, Vec<PathBuf>) {
     let mut c = Cluster::start(
         3,
         Opts {
@@ -86,10 +93,12 @@ fn setup_with(failpoint: &str, on: usize) -> (Cluster, String, Vec<PathBuf>) {
             ..Opts::default()
         },
     );
-    c.nodes[1]
-        .env
-        .push(("SHOAL_FAILPOINTS".into(), failpoint.into()));
-    c.restart(1);
+    for &(i, failpoint) in failpoints {
+        c.nodes[i]
+            .env
+            .push(("SHOAL_FAILPOINTS".into(), failpoint.into()));
+        c.restart(i);
+    }
     c.wait_all_online();
     let pinned = format!("{},{}", c.nodes[1].id(), c.nodes[2].id());
     c.shoal(
@@ -121,19 +130,27 @@ fn write_then_cut_power(c: &mut Cluster, device: &str, imgs: &[PathBuf]) {
         vec![b'b'; 4],
         "B reached node 1"
     );
-    c.signal(1, libc::SIGUSR2);
-    let start = std::time::Instant::now();
-    while c.nodes[1].running() {
-        assert!(start.elapsed() < Duration::from_secs(20), "node 1 still up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(c.log(1).contains("power cut"), "{}", c.log(1));
+    cut_power(c, 1);
     assert_eq!(replica_bytes(&imgs[1], 0), vec![b'a'; 4], "A survived");
     assert_ne!(
         replica_bytes(&imgs[1], 8),
         vec![b'b'; 4],
         "the failpoint dropped the unsynced B"
     );
+}
+
+/// Sends node `i` the power cut and waits until it is down.
+fn cut_power(c: &mut Cluster, i: usize) {
+    c.signal(i, libc::SIGUSR2);
+    let start = std::time::Instant::now();
+    while c.nodes[i].running() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node {i} still up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.log(i).contains("power cut"), "{}", c.log(i));
 }
 
 fn all_in_sync(c: &Cluster) -> bool {
@@ -248,5 +265,72 @@ fn a_torn_replica_of_a_coordinator_that_lost_power_is_not_trusted_at_takeover() 
         sha256_file(&imgs[1]),
         sha256_file(&imgs[2]),
         "replicas equal"
+    );
+}
+
+/// Both replicas lose power at once, torn the other way on node 1: the kernel had
+/// written B's data back but not its versions, so node 1's files hold B under the
+/// versions of before; node 2 lost B altogether. Both rebooted, so both stay in sync at
+/// the takeover, and by versions alone they look equal. The activity log names the
+/// extent B was written into: its regions are compared, and the replicas end
+/// byte-identical (B or not B, the same on both), with the fsynced A on both.
+#[test]
+fn replicas_torn_apart_by_a_power_cut_of_every_node_end_equal() {
+    require_root!();
+    let (mut c, device, imgs) =
+        setup_failpoints(&[(1, "lose-unsynced-versions"), (2, "lose-unsynced")], 1);
+    dd(c.path(), &device, b'a', 0, true);
+    dd(c.path(), &device, b'b', 8, false);
+    for i in [1, 2] {
+        assert_eq!(
+            replica_bytes(&imgs[i], 8),
+            vec![b'b'; 4],
+            "B reached node {i}"
+        );
+    }
+    cut_power(&mut c, 1);
+    cut_power(&mut c, 2);
+    assert_eq!(
+        replica_bytes(&imgs[1], 8),
+        vec![b'b'; 4],
+        "node 1 kept B's data"
+    );
+    assert_ne!(replica_bytes(&imgs[2], 8), vec![b'b'; 4], "node 2 lost B");
+    c.restart(1);
+    c.restart(2);
+    c.wait_all_online();
+    let v = c.json(1, &["volume", "attach", "pl"]);
+    let device = v["device_path"].as_str().unwrap().to_string();
+    assert_eq!(dd_read(&device, 0, 4), vec![b'a'; 4 * MIB as usize], "A");
+    let first = dd_read(&device, 8, 4);
+    let log = c.log(1);
+    let raised = log
+        .lines()
+        .filter_map(|l| l.split("raised=").nth(1))
+        .filter_map(|r| {
+            r.split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max();
+    assert!(
+        raised.is_some_and(|n| n >= 8),
+        "the reboot raised node 1's logged regions (A's and B's): {log}"
+    );
+    c.shoal(1, &["volume", "detach", "pl"]).expect_ok("detach");
+    assert_eq!(replica_bytes(&imgs[1], 0), vec![b'a'; 4], "A on node 1");
+    assert_eq!(replica_bytes(&imgs[2], 0), vec![b'a'; 4], "A on node 2");
+    assert_eq!(
+        sha256_file(&imgs[1]),
+        sha256_file(&imgs[2]),
+        "replicas equal after the takeover"
+    );
+    // What was read is what both hold.
+    let held: Vec<u8> = (8..12).map(|m| first[((m - 8) * MIB) as usize]).collect();
+    assert_eq!(
+        replica_bytes(&imgs[2], 8),
+        held,
+        "the read matched the replicas"
     );
 }

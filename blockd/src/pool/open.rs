@@ -42,7 +42,8 @@ impl Pool {
             // same-epoch open (a write floor) of a replica whose node restarted must not
             // let it back in with what it lost.
             let mut opened = self.opened.lock().expect("opened lock");
-            let fence = epoch > r.versions.epoch();
+            let before = r.versions.epoch();
+            let fence = epoch > before;
             if !fence && !created && !opened.contains(volume_id) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {volume_id}: {RESTARTED}; it must be resynced"
@@ -55,15 +56,29 @@ impl Pool {
             // last sync wrote) it is marked, durably and before anything else, so no
             // coordinator counts it in sync and every resync of it starts from that
             // watermark at the latest; the mark outlives a crash of whoever opened it.
+            // Before the mark, the regions its activity log names are raised, so the
+            // ones whose data reached the disk without their version are compared too.
             let boot = crate::versions::boot_tag();
             if r.versions.boot()? != boot {
                 if created {
+                    r.activity.clear()?;
                     r.versions.set_boot(boot)?;
                 } else {
+                    let raised = Self::raise_suspects(&r, size, before)?;
+                    r.activity.clear()?;
                     let durable = r.versions.complete_below();
-                    warn!(volume = volume_id, durable, "replica last used before this host rebooted: it is resynced before it counts in sync");
+                    warn!(volume = volume_id, durable, raised, "replica last used before this host rebooted: it is resynced before it counts in sync");
                     r.versions.flag_reboot(durable, boot)?;
                 }
+            } else if r.activity.lost() {
+                // A replica without a valid log (made by an older build, or its log
+                // never written) in the boot it was written in: what it holds unsynced
+                // is still in this boot's page cache, so one sync makes an empty log
+                // true.
+                let durable = r.versions.complete_below();
+                r.file.sync_data()?;
+                r.versions.sync(durable)?;
+                r.activity.clear()?;
             }
             opened.insert(volume_id.to_string());
         }
@@ -88,6 +103,50 @@ impl Pool {
                 OpenState::Existing
             },
         })
+    }
+
+    /// After a reboot: every region that may hold a write its version does not account
+    /// for (those of the extents in the activity log, or every written one when the log
+    /// is lost), if it holds data or a version, gets the version just below the first of
+    /// the epoch after `epoch` (the one the replica followed): above anything it was
+    /// sent, below anything a newer coordinator sends. Durable on return; how many.
+    pub(super) fn raise_suspects(r: &ReplicaFile, size: u64, epoch: u64) -> Result<usize> {
+        let size = size.max(r.file.metadata()?.len());
+        let last = size.div_ceil(REGION_BYTES);
+        let suspects: Vec<u64> = match r.activity.suspects() {
+            Some(extents) => {
+                let mut v: Vec<u64> = extents
+                    .into_iter()
+                    .flat_map(crate::activity::regions_of_extent)
+                    .filter(|g| *g < last)
+                    .collect();
+                v.sort_unstable();
+                v
+            }
+            None => {
+                let mut v: std::collections::BTreeSet<u64> = r
+                    .versions
+                    .newer_than(0)?
+                    .into_iter()
+                    .map(|(g, _)| g)
+                    .collect();
+                v.extend(data_regions(&r.file, size)?);
+                v.into_iter().collect()
+            }
+        };
+        let raise = crate::versions::first_version(epoch + 1) - 1;
+        let mut raised = 0;
+        for g in suspects {
+            let (start, len) = Self::region_range(size, g)?;
+            if r.versions.get(g)? != 0 || hole_bytes(&r.file, start, len)? < len {
+                r.versions.set(g..g + 1, raise, false)?;
+                raised += 1;
+            }
+        }
+        if raised > 0 {
+            r.versions.sync_entries()?;
+        }
+        Ok(raised)
     }
 
     /// Failpoint `lose-unsynced` ([`crate::powerloss`]): the replica is durable now.

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Extents (of 16 MiB) a discard may span and still go through the activity log; a
+/// wider one syncs its versions before it punches.
+const WIDE_DISCARD: usize = 128;
+
 impl Pool {
     /// Regions whose version is above `after`, with their versions.
     pub fn changed_regions(
@@ -60,6 +64,9 @@ impl Pool {
         let g = r.lock(region..region + 1);
         r.versions.check_epoch(stamp.epoch)?;
         self.check_opened(volume_id)?;
+        let noted = r
+            .activity
+            .note(start, len, || self.sync_whole(&r, volume_id))?;
         let zeros = data.iter().all(|b| *b == 0);
         if zeros {
             punch(&r.file, start, len)?;
@@ -70,6 +77,7 @@ impl Pool {
         }
         self.account(&r)?;
         r.versions.set(region..region + 1, stamp.version, false)?;
+        drop(noted);
         drop(g);
         if !zeros {
             // Outside the region lock: this may wait for an older range's write-out.
@@ -87,13 +95,7 @@ impl Pool {
         r.versions.check_epoch(epoch)?;
         self.check_opened(volume_id)?;
         r.versions.note_complete(complete_below);
-        // The watermark written is the one known before the data was synced: a write
-        // arriving meanwhile may raise it, and its data may not be on disk yet.
-        let durable = r.versions.complete_below();
-        r.file.sync_data()?;
-        r.versions.sync(durable)?;
-        self.synced(volume_id);
-        Ok(())
+        self.sync_whole(&r, volume_id)
     }
 
     /// Gives a range's space back to the pool; it reads as zeros afterwards.
@@ -112,9 +114,25 @@ impl Pool {
         r.versions.check_epoch(stamp.epoch)?;
         self.check_opened(volume_id)?;
         Self::refuse_late(&r, stamp)?;
+        let cold = crate::activity::extents_of(offset, len).count() > WIDE_DISCARD
+            && !r.activity.covers(offset, len);
+        if cold {
+            // Too wide for the log (a mkfs discards the whole volume): the versions are
+            // made durable first, so a power cut can only leave versions that claim a
+            // discard the disk does not hold, which a resync or reconcile compares.
+            r.versions.set(regions, stamp.version, true)?;
+            r.versions.note_complete(stamp.complete_below);
+            r.versions.sync_entries()?;
+            punch(&r.file, offset, len)?;
+            return self.account(&r);
+        }
+        let noted = r
+            .activity
+            .note(offset, len, || self.sync_whole(&r, volume_id))?;
         punch(&r.file, offset, len)?;
         r.versions.set(regions, stamp.version, true)?;
         r.versions.note_complete(stamp.complete_below);
+        drop(noted);
         self.account(&r)
     }
 }

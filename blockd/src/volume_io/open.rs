@@ -57,7 +57,7 @@ impl VolumeIo {
                 Ok(())
             }
         };
-        let mut answers = self.fan_out(&self.in_sync(), &call, || {
+        let mut answers = self.fan_out(&self.in_sync(), call, || {
             let r = self.pool.open_replica(
                 &self.volume_id,
                 self.size,
@@ -94,7 +94,7 @@ impl VolumeIo {
             }
             warn!(volume = %self.volume_id, ?again, "no in-sync replica answered the open: asking again");
             // Only remote replicas time out, so the local one is not opened twice.
-            for (node, res) in self.fan_out(&again, &call, || Ok(())) {
+            for (node, res) in self.fan_out(&again, call, || Ok(())) {
                 if let Some(slot) = answers.iter_mut().find(|(n, _)| *n == node) {
                     slot.1 = res;
                 }
