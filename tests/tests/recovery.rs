@@ -104,7 +104,11 @@ fn an_empty_or_foreign_store_is_refused_and_recover_rebuilds_the_cluster() {
         c.stop(i);
     }
     let before = replica_files(&c);
-    assert_eq!(before.len(), 2 * 5, "data and version files of 5 replicas");
+    assert_eq!(
+        before.len(),
+        3 * 5,
+        "data, version and activity-log files of 5 replicas"
+    );
 
     // 1. An empty etcd: every node refuses and changes nothing.
     wipe_etcd(&mut c);
