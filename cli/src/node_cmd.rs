@@ -11,8 +11,8 @@ use shoal_blockd::{Node, NodeConfig};
 use shoal_docker_plugin::backend::NodeBackend;
 use shoal_docker_plugin::Plugin;
 use shoal_proto::ns::namespace_server::NamespaceServer;
+use shoal_sharedfs::coordinator::service::NamespaceService;
 use shoal_sharedfs::hooks::Shared;
-use shoal_sharedfs::service::NamespaceService;
 
 /// Flags of `shoal node start`; each has a `SHOAL_*` environment fallback.
 #[derive(Args, Debug, Clone)]
@@ -75,11 +75,11 @@ pub struct StartArgs {
     coordinator_lease: u64,
     /// Seconds a shared-volume mount may go without renewing its session before the
     /// coordinator drops it (and frees what it held).
-    #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::service::DEFAULT_LEASE.as_secs_f64())]
+    #[arg(long, env = "SHOAL_SESSION_LEASE", default_value_t = shoal_sharedfs::coordinator::service::DEFAULT_LEASE.as_secs_f64())]
     session_lease: f64,
     /// Attribute leases one shared-volume mount may hold at its coordinator; past it the
     /// least recently used are recalled (bounds the coordinator's memory, not the files).
-    #[arg(long, env = "SHOAL_LEASE_LIMIT", default_value_t = shoal_sharedfs::leases::DEFAULT_LIMIT)]
+    #[arg(long, env = "SHOAL_LEASE_LIMIT", default_value_t = shoal_sharedfs::coordinator::leases::DEFAULT_LIMIT)]
     lease_limit: usize,
     /// Unix socket for the Docker volume plugin (driver name = file name without
     /// `.sock`); "" serves none (several nodes on one host: give one node the socket).

@@ -18,13 +18,13 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::alloc::Alloc;
-use crate::btree::{self, NodeStore, MAX_VALUE};
 use crate::dev::BlockDev;
 use crate::error::{FsError, Result};
-use crate::inode::*;
-use crate::layout::{Checkpoint, FsBlock, Geometry, BLOCK, BLOCK_U64, FS_BLOCK};
-use crate::pages::{Page, PageStore};
+use crate::format::alloc::Alloc;
+use crate::format::btree::{self, NodeStore, MAX_VALUE};
+use crate::format::inode::*;
+use crate::format::layout::{Checkpoint, FsBlock, Geometry, BLOCK, BLOCK_U64, FS_BLOCK};
+use crate::format::pages::{Page, PageStore};
 
 /// Largest file: 2^44 bytes (16 TiB).
 mod data;

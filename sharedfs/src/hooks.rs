@@ -14,11 +14,11 @@ use shoal_blockd::volume_io::VolumeIo;
 use shoal_blockd::{Error, Result};
 use tracing::info;
 
-use crate::client::{Connect, InProcess, Mount};
+use crate::coordinator::service::NamespaceService;
 use crate::dev::BlockDev;
 use crate::error::FsError;
 use crate::fs::Fs;
-use crate::service::NamespaceService;
+use crate::mount::{Connect, InProcess, Mount};
 use crate::volume_dev::VolumeDev;
 
 pub struct Shared {

@@ -1,32 +1,24 @@
 //! The shared namespace: one POSIX filesystem stored in a volume and mounted on many hosts.
 //!
-//! Layers, bottom up: [`dev`] (the volume as a block device), [`layout`] (where things
-//! are), [`journal`] and [`pages`] (atomic metadata transactions), [`btree`] (the one
-//! ordered map every namespace record lives in), [`alloc`] (the free-space bitmap), and
-//! [`fs`] (inodes, directories, extents, xattrs: the POSIX operations). Over the
-//! network: [`service`] (the namespace API on the coordinator; [`replies`] keeps its answers to
-//! changes in the volume), [`client`] (the FUSE
-//! mount on any host), [`hooks`] (what the node calls), [`volume_dev`] (a replicated
-//! volume as the block device).
+//! Layers, one folder each, bottom up:
+//! - [`dev`]: the volume as a block device ([`volume_dev`]: a replicated Shoal volume).
+//! - [`format`]: the on-volume structures (layout, journal and pages, the B-tree, the
+//!   bitmap, inodes, fsck): pure, tested on an in-memory device.
+//! - [`fs`]: the POSIX operations on those structures.
+//! - [`coordinator`]: what runs on the volume's coordinator: the pure tables (leases,
+//!   locks), the reply records, and the namespace service (its tonic shell inside).
+//! - [`mount`]: the FUSE mount on any host: transport and session, the lease-bound
+//!   cache, the FUSE adapter, the kernel mount.
+//! - [`hooks`]: what the node calls to serve and mount namespaces.
 
-pub mod alloc;
-pub mod btree;
-pub mod cache;
-pub mod client;
+pub mod coordinator;
 pub mod dev;
 pub mod error;
 pub mod failpoints;
+pub mod format;
 pub mod fs;
-pub mod fsck;
 pub mod hooks;
-pub mod inode;
-pub mod journal;
-pub mod layout;
-pub mod leases;
-pub mod locks;
-pub mod pages;
-pub mod replies;
-pub mod service;
+pub mod mount;
 pub mod volume_dev;
 
 pub use error::{FsError, Result};

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use shoal_sharedfs::dev::{BlockDev, FileDev};
+use shoal_sharedfs::format::inode::{Kind, ROOT_INO};
 use shoal_sharedfs::fs::{Cred, Fs, RenameMode, SetAttr, FIRST_COOKIE};
-use shoal_sharedfs::inode::{Kind, ROOT_INO};
 use shoal_sharedfs::FsError;
 
 const ME: Cred = Cred {
@@ -389,7 +389,7 @@ fn xattrs_modes_times_and_special_files() {
     assert_eq!(fs.getxattr(f.ino, b"user.a").unwrap(), b"1");
     fs.removexattr(f.ino, b"user.a").unwrap();
     assert_eq!(fs.getxattr(f.ino, b"user.a").unwrap_err(), FsError::NoAttr);
-    let t = shoal_sharedfs::inode::Time {
+    let t = shoal_sharedfs::format::inode::Time {
         sec: 1_234_567_890,
         nsec: 123_456_789,
     };

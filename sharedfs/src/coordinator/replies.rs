@@ -242,7 +242,7 @@ mod tests {
     }
 
     /// A file of 300 one-block extents (every other block): more than one truncate step.
-    fn fragmented(fs: &mut Fs) -> crate::inode::Inode {
+    fn fragmented(fs: &mut Fs) -> crate::format::inode::Inode {
         let cred = Cred { uid: 0, gid: 0 };
         let f = fs
             .create(1, b"big", libc::S_IFREG | 0o644, 0, cred, None)
@@ -293,7 +293,7 @@ mod tests {
             let mut i = fs.getattr(f.ino)?;
             i.size = 0;
             fs.put_inode(&i)?;
-            fs.bt_put(&crate::inode::trim_key(f.ino), &[])
+            fs.bt_put(&crate::format::inode::trim_key(f.ino), &[])
         })
         .unwrap();
         drop(fs);

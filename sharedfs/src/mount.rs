@@ -4,7 +4,7 @@
 //!
 //! Coherence comes from the coordinator, which serializes all changes, and from caching
 //! only under its leases: the kernel caches attributes for the lease's time (recalled by
-//! inode invalidation), names are cached here (`cache.rs`; the kernel's entry timeout is
+//! inode invalidation), names are cached here (`mount/cache.rs`; the kernel's entry timeout is
 //! zero, so it asks us for every name), and files are opened with direct I/O, so every
 //! read and write goes to the coordinator. See `docs/consistency.md`.
 //!
@@ -36,14 +36,14 @@ use shoal_proto::ns::ns_request::Op;
 use shoal_proto::ns::*;
 use tracing::{info, warn};
 
-use crate::cache::{Cache, Effect, Fresh, Name};
+use crate::coordinator::locks::{Held, LockTable, Mode as LockMode, Owner as LockOwnerId};
+use crate::format::inode::Kind;
 use crate::fs::FIRST_COOKIE;
-use crate::inode::Kind;
-use crate::locks::{Held, LockTable, Mode as LockMode, Owner as LockOwnerId};
+use crate::mount::cache::{Cache, Effect, Fresh, Name};
 
 /// Largest read or write the kernel sends.
 const MAX_IO: u32 = 1 << 20;
-/// The kernel's entry timeout: names are cached here, not in the kernel (see `cache.rs`).
+/// The kernel's entry timeout: names are cached here, not in the kernel (see `mount/cache.rs`).
 const TTL: Duration = Duration::ZERO;
 const READDIR_BATCH: u32 = 256;
 /// Entries per `readdirplus` call when the mount reads a whole directory.
@@ -62,7 +62,7 @@ pub type Connect = Arc<dyn Fn(&str) -> Option<PeerNamespaceClient> + Send + Sync
 #[derive(Clone)]
 pub struct InProcess {
     pub address: String,
-    pub service: crate::service::NamespaceService,
+    pub service: crate::coordinator::service::NamespaceService,
 }
 
 /// A FUSE thread's own runtime and connection to the coordinator.
@@ -928,6 +928,7 @@ impl Client {
     }
 }
 
+pub mod cache;
 mod fuse;
-mod mount;
-pub use mount::Mount;
+mod kernel;
+pub use kernel::Mount;

@@ -8,8 +8,8 @@
 use std::collections::{BTreeSet, HashSet};
 
 use crate::error::{FsError, Result};
-use crate::layout::{Geometry, BITMAP_START, BITS_PER_BLOCK, BLOCK};
-use crate::pages::PageStore;
+use crate::format::layout::{Geometry, BITMAP_START, BITS_PER_BLOCK, BLOCK};
+use crate::format::pages::PageStore;
 
 pub struct Alloc {
     geo: Geometry,

@@ -14,12 +14,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 
-use crate::alloc::Alloc;
-use crate::btree;
 use crate::error::{FsError, Result};
+use crate::format::alloc::Alloc;
+use crate::format::btree;
+use crate::format::inode::*;
+use crate::format::layout::{BITMAP_START, BITS_PER_BLOCK};
 use crate::fs::{Cred, Fs};
-use crate::inode::*;
-use crate::layout::{BITMAP_START, BITS_PER_BLOCK};
 
 /// What a check found (and, with repair, fixed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -317,7 +317,7 @@ impl Alloc {
     /// Sets one block's bit (fsck repair), keeping the free counts right.
     pub(crate) fn set_bit(
         &mut self,
-        store: &mut crate::pages::PageStore,
+        store: &mut crate::format::pages::PageStore,
         b: u64,
         used: bool,
     ) -> Result<()> {

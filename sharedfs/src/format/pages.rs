@@ -20,8 +20,8 @@ use tracing::debug;
 
 use crate::dev::BlockDev;
 use crate::error::{FsError, Result};
-use crate::journal::{self, MAX_PER_RECORD};
-use crate::layout::{Checkpoint, BLOCK, BLOCK_U64, CHECKPOINT_BLOCK};
+use crate::format::journal::{self, MAX_PER_RECORD};
+use crate::format::layout::{Checkpoint, BLOCK, BLOCK_U64, CHECKPOINT_BLOCK};
 
 /// Clean blocks kept in memory.
 const CACHE_BLOCKS: usize = 16 << 10;
@@ -286,7 +286,7 @@ impl PageStore {
 mod tests {
     use super::*;
     use crate::dev::FileDev;
-    use crate::layout::Geometry;
+    use crate::format::layout::Geometry;
 
     fn fresh(dir: &tempfile::TempDir) -> Arc<dyn BlockDev> {
         fresh_sized(dir, 16 << 20)

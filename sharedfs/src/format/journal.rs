@@ -17,7 +17,7 @@
 
 use crate::dev::BlockDev;
 use crate::error::Result;
-use crate::layout::{BLOCK, BLOCK_U64};
+use crate::format::layout::{BLOCK, BLOCK_U64};
 
 const MAGIC: &[u8; 4] = b"SJRN";
 const HEADER_FIXED: usize = 28;

@@ -17,8 +17,8 @@
 use std::ops::Bound;
 
 use crate::error::{FsError, Result};
-use crate::layout::BLOCK;
-use crate::pages::Page;
+use crate::format::layout::BLOCK;
+use crate::format::pages::Page;
 
 pub const MAX_KEY: usize = 512;
 pub const MAX_VALUE: usize = 1536;

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::dev::{BlockDev, FileDev};
-use crate::inode::ROOT_INO;
+use crate::format::inode::ROOT_INO;
 
 fn served(dir: &std::path::Path) -> Served {
     served_with_grace(dir, false)

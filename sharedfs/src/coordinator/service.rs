@@ -6,7 +6,7 @@
 //! inodes each mount holds open (an unlinked inode lives until the last close), and the
 //! replies to recent requests, so a retried request returns the first answer instead
 //! of running twice (changes that cannot safely run twice also record their outcome in
-//! the volume, see [`crate::replies`], so this holds across a failover too). A session
+//! the volume, see [`crate::coordinator::replies`], so this holds across a failover too). A session
 //! that stops renewing expires after the lease.
 //!
 //! Here: the served volume's state and rules ([`Served`]); `grpc.rs` is the tonic shell
@@ -25,14 +25,14 @@ use shoal_proto::ns::*;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::coordinator::leases::LeaseTable;
+use crate::coordinator::locks::{Held, LockTable, Mode, Owner};
+use crate::coordinator::replies::{Outcome, ReplyTag};
 use crate::error::FsError;
+use crate::format::inode::{Inode, Time as FsTime};
 use crate::fs::{
     Cred, Fs, RenameMode, SetAttr as FsSetAttr, SERVING, STOPPED_CLEAN, STOPPED_WITH_OPEN_FILES,
 };
-use crate::inode::{Inode, Time as FsTime};
-use crate::leases::LeaseTable;
-use crate::locks::{Held, LockTable, Mode, Owner};
-use crate::replies::{Outcome, ReplyTag};
 
 /// How long a session lives without a heartbeat.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
