@@ -9,10 +9,12 @@
 //! the volume, see [`crate::coordinator::replies`], so this holds across a failover too). A session
 //! that stops renewing expires after the lease.
 //!
-//! Here: the served volume's state and rules ([`Served`]); `grpc.rs` is the tonic shell
+//! Here: the served volume's state and the I/O around the pure tables ([`Served`]: it
+//! reads the clock, does the file system work, sends recalls); the session bookkeeping
+//! is [`crate::coordinator::sessions`]; `grpc.rs` is the tonic shell
 //! ([`NamespaceService`]), `tests.rs` the unit tests.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::coordinator::leases::LeaseTable;
 use crate::coordinator::locks::{Held, LockTable, Mode, Owner};
 use crate::coordinator::replies::{Outcome, ReplyTag};
+use crate::coordinator::sessions::{Grace, Session, Sessions};
 use crate::error::FsError;
 use crate::format::inode::{Inode, Time as FsTime};
 use crate::fs::{
@@ -41,7 +44,6 @@ const REPLAY_DEPTH: usize = 128;
 /// How long the replies recorded for a mount that went away (its session expired, or it
 /// had one at the previous coordinator and has not come back) are kept: a mount cut off
 /// this long retries its last requests as new ones.
-const REPLY_HORIZON: Duration = Duration::from_secs(600);
 /// Unlinked inodes freed per transaction by the expiry tick.
 const DESTROY_BATCH: usize = 64;
 /// Entries with attributes per reply at most (the fs lock is held while they are read).
@@ -73,42 +75,6 @@ struct NameLease {
     parents: Vec<Attr>,
 }
 
-struct Session {
-    /// The mount's id, the same for all its sessions (0: an old mount without one).
-    client: u64,
-    host: String,
-    mountpoint: String,
-    opened: Instant,
-    last_seen: Instant,
-    replies: VecDeque<(u64, NsReply)>,
-    /// Open handles per inode.
-    opens: HashMap<u64, u32>,
-    /// The mount's callback stream, once it listens: only then may it cache.
-    callbacks: Option<tokio::sync::mpsc::UnboundedSender<Result<Recall, Status>>>,
-    /// Recalls sent to it and not answered yet: its heartbeats renew nothing meanwhile.
-    recalling: u32,
-    /// A recall could not reach it or went unanswered: no renewals until it listens again
-    /// (and so has dropped everything it cached).
-    lapsed: bool,
-}
-
-impl Session {
-    fn new(client: u64, host: String, mountpoint: String, now: Instant) -> Self {
-        Session {
-            client,
-            host,
-            mountpoint,
-            opened: now,
-            last_seen: now,
-            replies: VecDeque::new(),
-            opens: HashMap::new(),
-            callbacks: None,
-            recalling: 0,
-            lapsed: false,
-        }
-    }
-}
-
 /// What `inspect` shows of one session.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -125,8 +91,10 @@ pub struct SessionInfo {
 pub struct Served {
     pub volume_id: String,
     fs: Mutex<Fs>,
-    sessions: Mutex<HashMap<u64, Session>>,
-    lease: Duration,
+    /// Sessions, open files, unlinked files kept for now, departed mounts, the grace
+    /// windows (lock order: `fs`, then `sessions`, then `leases`, `locks`, `recalls`,
+    /// `evictions`).
+    sessions: Mutex<Sessions>,
     locks: Mutex<LockTable>,
     /// Wakes F_SETLKW waiters whenever locks are released.
     lock_changed: tokio::sync::Notify,
@@ -138,49 +106,31 @@ pub struct Served {
     /// until acknowledged, the session's heartbeats renew nothing.
     evictions: Mutex<HashMap<u64, u64>>,
     next_recall: std::sync::atomic::AtomicU64,
-    /// When each inode was last handed to a mount (pruned after [`UNLINK_GRACE`]).
-    handed: Mutex<HashMap<u64, Instant>>,
-    /// Unlinked inodes kept for [`UNLINK_GRACE`]; the expiry tick frees them.
-    deferred: Mutex<Vec<u64>>,
-    /// Until then, mounts reclaim the locks they held at the previous coordinator and
-    /// every other lock request waits (set when that coordinator did not stop cleanly).
-    grace_until: Option<Instant>,
-    /// Until then no file that lost its last name is freed: mounts coming from the
-    /// previous coordinator have not all said yet which files they have open (set unless
-    /// that coordinator stopped cleanly with no file open anywhere).
-    files_grace_until: Option<Instant>,
     /// Set under the fs lock when this coordinator stops: every request after that is
     /// refused as "not served here" and asked again at the next coordinator, so nothing
     /// changes after the stop recorded what its successor must wait for.
     closing: std::sync::atomic::AtomicBool,
-    /// Mounts with replies recorded in the volume and no session here, since when: their
-    /// records go after [`REPLY_HORIZON`] unless they come back.
-    departed: Mutex<HashMap<u64, Instant>>,
-    /// Files found unlinked while open when this coordinator started after one that did
-    /// not stop cleanly: freed after the grace period unless a mount said it has them
-    /// open (then at their last close here).
-    inherited_orphans: Mutex<Vec<u64>>,
     /// Open while this node holds the volume's coordinator role: closed, every request
     /// is refused as "not served here" (see `shoal_blockd::coordinator_role`).
     gate: RoleGate,
-    /// Until then operations wait (set when the previous coordinator did not stop
-    /// cleanly): attribute leases it granted, which this one cannot recall, have run out
-    /// by then on every mount.
-    quiet_until: Option<Instant>,
 }
 
 impl Served {
     /// Serves `fs`, which a previous coordinator left in in-service state `found`.
     fn new(volume_id: &str, mut fs: Fs, lease: Duration, found: u64) -> Self {
-        let grace = found == SERVING;
-        let files_grace = found != STOPPED_CLEAN;
-        // Every mount with recorded replies was a previous coordinator's.
         let now = Instant::now();
+        let grace = Grace::after(
+            found == SERVING,
+            found != STOPPED_CLEAN,
+            lease,
+            ATTR_LEASE,
+            now,
+        );
         let orphans = fs.orphans().unwrap_or_else(|e| {
             warn!(volume = volume_id, error = %e, "cannot list the files unlinked while open");
             Vec::new()
         });
-        let inherited_orphans = if files_grace {
+        let inherited_orphans = if grace.files_until.is_some() {
             orphans
         } else {
             // A clean stop before: no mount has any of them open.
@@ -189,33 +139,30 @@ impl Served {
             }
             Vec::new()
         };
-        let departed = match fs.reply_clients() {
-            Ok(c) => c.into_iter().map(|c| (c, now)).collect(),
-            Err(e) => {
-                warn!(volume = volume_id, error = %e, "cannot list the recorded replies");
-                HashMap::new()
-            }
-        };
+        // Every mount with recorded replies was a previous coordinator's.
+        let departed = fs.reply_clients().unwrap_or_else(|e| {
+            warn!(volume = volume_id, error = %e, "cannot list the recorded replies");
+            Vec::new()
+        });
         Served {
-            departed: Mutex::new(departed),
-            inherited_orphans: Mutex::new(inherited_orphans),
-            grace_until: grace.then(|| Instant::now() + lease),
-            quiet_until: grace.then(|| Instant::now() + ATTR_LEASE),
+            sessions: Mutex::new(Sessions::new(
+                lease,
+                UNLINK_GRACE,
+                grace,
+                departed,
+                inherited_orphans,
+                now,
+            )),
             gate: Arc::new(Mutex::new(RoleLease::unbounded())),
-            files_grace_until: files_grace.then(|| Instant::now() + lease),
             closing: std::sync::atomic::AtomicBool::new(false),
             volume_id: volume_id.to_string(),
             fs: Mutex::new(fs),
-            sessions: Mutex::new(HashMap::new()),
-            lease,
             locks: Mutex::new(LockTable::default()),
             lock_changed: tokio::sync::Notify::new(),
             leases: Mutex::new(LeaseTable::new(ATTR_LEASE)),
             recalls: Mutex::new(HashMap::new()),
             evictions: Mutex::new(HashMap::new()),
             next_recall: std::sync::atomic::AtomicU64::new(1),
-            handed: Mutex::new(HashMap::new()),
-            deferred: Mutex::new(Vec::new()),
         }
     }
 
@@ -230,57 +177,23 @@ impl Served {
     fn with_session<T>(&self, id: u64, f: impl FnOnce(&mut Session) -> T) -> Result<T, Status> {
         let mut ss = self.sessions.lock().expect("sessions");
         let s = ss
-            .get_mut(&id)
+            .renew(id, Instant::now())
             .ok_or_else(|| Status::not_found("session expired"))?;
-        s.last_seen = Instant::now();
         Ok(f(s))
-    }
-
-    fn open_count(&self, ino: u64) -> u32 {
-        self.sessions
-            .lock()
-            .expect("sessions")
-            .values()
-            .map(|s| s.opens.get(&ino).copied().unwrap_or(0))
-            .sum()
     }
 
     /// Notes that a mount now knows `ino` (and may open it by number).
     fn hand_out(&self, ino: u64) {
-        self.handed
+        self.sessions
             .lock()
-            .expect("handed")
-            .insert(ino, Instant::now());
-    }
-
-    /// Whether an unlinked inode must live on for now: open somewhere (its last close
-    /// comes back here), or handed to a mount within [`UNLINK_GRACE`] (deferred to the
-    /// expiry tick).
-    fn keep(&self, ino: u64, now: Instant) -> bool {
-        if self.open_count(ino) > 0 {
-            return true;
-        }
-        if self.in_files_grace(now) {
-            // A mount that has not reconnected yet may have it open.
-            self.deferred.lock().expect("deferred").push(ino);
-            return true;
-        }
-        let recent = self
-            .handed
-            .lock()
-            .expect("handed")
-            .get(&ino)
-            .is_some_and(|t| now.saturating_duration_since(*t) < UNLINK_GRACE);
-        if recent {
-            self.deferred.lock().expect("deferred").push(ino);
-        }
-        recent
+            .expect("sessions")
+            .hand_out(ino, Instant::now());
     }
 
     /// Frees an inode that lost its last link, unless a mount still has it open or was
     /// told about it within [`UNLINK_GRACE`] (then the expiry tick comes back to it).
     fn maybe_destroy(&self, ino: u64, now: Instant) {
-        if self.keep(ino, now) {
+        if self.sessions.lock().expect("sessions").keep(ino, now) {
             return;
         }
         // Leaves it alone if it got a name again meanwhile.
@@ -289,52 +202,20 @@ impl Served {
         }
     }
 
-    /// Drops sessions whose lease ran out, and what they held.
+    /// The expiry tick: frees the unlinked files nobody may reach any more, drops
+    /// sessions whose lease ran out (and what they held), forgets old reply records.
     fn expire(&self, now: Instant) {
         self.leases.lock().expect("leases").prune(now);
-        self.handed
-            .lock()
-            .expect("handed")
-            .retain(|_, t| now.duration_since(*t) < UNLINK_GRACE);
-        let mut deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
-        if !self.in_files_grace(now) {
-            // The mounts had their chance to say which of these they still have open.
-            deferred.append(&mut self.inherited_orphans.lock().expect("orphans"));
-        }
-        let mut due = Vec::new();
-        for ino in deferred {
-            if self.keep(ino, now) {
-                continue;
-            }
-            due.push(ino);
-        }
+        let expired = self.sessions.lock().expect("sessions").expire(now);
         // In batches: one journal write frees many (an `rm -rf` leaves thousands).
-        for batch in due.chunks(DESTROY_BATCH) {
+        for batch in expired.free.chunks(DESTROY_BATCH) {
             let mut fs = self.fs.lock().expect("fs");
             if let Err(e) = fs.destroy_many(batch) {
                 warn!(volume = %self.volume_id, error = %e, "freeing unlinked files failed");
             }
         }
-        let gone: Vec<(u64, Session)> = {
-            let mut ss = self.sessions.lock().expect("sessions");
-            let dead: Vec<u64> = ss
-                .iter()
-                .filter(|(_, s)| now.duration_since(s.last_seen) > self.lease)
-                .map(|(id, _)| *id)
-                .collect();
-            dead.into_iter()
-                .filter_map(|id| ss.remove(&id).map(|s| (id, s)))
-                .collect()
-        };
-        for (id, s) in gone {
+        for (id, s) in expired.gone {
             info!(volume = %self.volume_id, session = id, host = %s.host, "session expired: its locks are released");
-            // It may come back (cut off, not gone) and retry: its replies stay a while.
-            if s.client != 0 {
-                self.departed
-                    .lock()
-                    .expect("departed")
-                    .insert(s.client, now);
-            }
             self.drop_session(id, s);
         }
         self.forget_departed(now);
@@ -354,32 +235,16 @@ impl Served {
                 .map(|o| (o.ino, o.count))
                 .collect()
         };
-        if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-            for (ino, n) in &live {
-                *s.opens.entry(*ino).or_insert(0) += n;
-            }
-        }
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .reopen(session, &live);
         info!(volume = %self.volume_id, session, files = live.len(), gone = opens.len() - live.len(), "open files reclaimed");
     }
 
-    /// Forgets the recorded replies of mounts gone longer than [`REPLY_HORIZON`].
+    /// Forgets the recorded replies of mounts gone longer than the reply horizon.
     fn forget_departed(&self, now: Instant) {
-        let due: std::collections::HashSet<u64> = {
-            let live: std::collections::HashSet<u64> = self
-                .sessions
-                .lock()
-                .expect("sessions")
-                .values()
-                .map(|s| s.client)
-                .collect();
-            let mut departed = self.departed.lock().expect("departed");
-            departed.retain(|c, _| !live.contains(c));
-            departed
-                .iter()
-                .filter(|(_, t)| now.saturating_duration_since(**t) >= REPLY_HORIZON)
-                .map(|(c, _)| *c)
-                .collect()
-        };
+        let due = self.sessions.lock().expect("sessions").departed_due(now);
         if due.is_empty() {
             return;
         }
@@ -391,10 +256,7 @@ impl Served {
         {
             Ok(n) => {
                 debug!(volume = %self.volume_id, records = n, mounts = due.len(), "forgot the replies of mounts gone for good");
-                self.departed
-                    .lock()
-                    .expect("departed")
-                    .retain(|c, _| !due.contains(c));
+                self.sessions.lock().expect("sessions").forgot(&due);
             }
             Err(e) => warn!(volume = %self.volume_id, error = %e, "cannot forget old replies"),
         }
@@ -402,24 +264,15 @@ impl Served {
 
     /// Forgets a mount's recorded replies (it unmounted: it retries nothing).
     fn forget_client(&self, client: u64) {
-        if client == 0 {
-            return;
-        }
-        let elsewhere = self
-            .sessions
-            .lock()
-            .expect("sessions")
-            .values()
-            .any(|s| s.client == client);
-        if elsewhere {
+        if client == 0 || self.sessions.lock().expect("sessions").has_client(client) {
             return;
         }
         if let Err(e) = self.fs.lock().expect("fs").forget_replies(|c| c == client) {
             warn!(volume = %self.volume_id, error = %e, "cannot forget a mount's replies (tried again later)");
-            self.departed
+            self.sessions
                 .lock()
-                .expect("departed")
-                .insert(client, Instant::now());
+                .expect("sessions")
+                .depart(client, Instant::now());
         }
     }
 
@@ -443,9 +296,10 @@ impl Served {
             // The mount holds what it created open. Counted where it ran; a new session
             // (the mount's list of open files did not have it yet) counts it now.
             if c.open && ran_in != session {
-                if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-                    *s.opens.entry(a.ino).or_insert(0) += 1;
-                }
+                self.sessions
+                    .lock()
+                    .expect("sessions")
+                    .opened(session, a.ino);
             }
         }
         info!(volume = %self.volume_id, session, "a retried change had already run: its recorded outcome is the answer");
@@ -492,7 +346,6 @@ impl Served {
         out
     }
 
-    /// Runs one operation.
     /// Runs one operation. Returns the reply and the inodes whose attributes it changed
     /// (other mounts' leases on them must be recalled before the reply goes out).
     fn execute(&self, session: u64, req: &NsRequest) -> (NsReply, Vec<u64>) {
@@ -502,7 +355,7 @@ impl Served {
                 .sessions
                 .lock()
                 .expect("sessions")
-                .get(&session)
+                .get(session)
                 .map_or(0, |s| s.client),
             _ => 0,
         };
@@ -597,7 +450,7 @@ impl Served {
     /// recalled (no callback stream), and so must not cache.
     fn grant(&self, session: u64, ino: u64) -> bool {
         let mut sessions = self.sessions.lock().expect("sessions");
-        let Some(s) = sessions.get_mut(&session) else {
+        let Some(s) = sessions.get_mut(session) else {
             return false;
         };
         let Some(tx) = s.callbacks.as_ref() else {
@@ -661,7 +514,7 @@ impl Served {
             let mut recalls = self.recalls.lock().expect("recalls");
             for (s, (inos, exp)) in targets {
                 deadline = deadline.max(exp);
-                let Some(session) = sessions.get_mut(&s) else {
+                let Some(session) = sessions.get_mut(s) else {
                     lapse = true;
                     continue;
                 };
@@ -690,7 +543,7 @@ impl Served {
                 warn!(volume = %self.volume_id, "a mount did not answer a recall: waited for its lease to run out");
                 self.recalls.lock().expect("recalls").remove(&id);
             }
-            if let Some(session) = self.sessions.lock().expect("sessions").get_mut(&s) {
+            if let Some(session) = self.sessions.lock().expect("sessions").get_mut(s) {
                 session.recalling = session.recalling.saturating_sub(1);
                 session.lapsed |= !answered;
             }
@@ -719,311 +572,304 @@ impl Served {
             Ok(Some(Res::Attr(to_attr(&i))))
         };
         let mut orphan = None;
-        let out = {
-            let mut fs = self.fs.lock().expect("fs");
-            if self.stopped() {
-                return Err(FsError::NotServing);
-            }
-            // A retry of a change that may have run: its record and the change itself are
-            // read and made under this one hold of the fs lock, so a retry that overtakes
-            // its first attempt cannot run the change a second time.
-            let recorded = match tag {
-                Some(t) if retry => fs.recorded_reply(t.client, t.seq)?,
-                _ => None,
-            };
-            if let Some(found) = recorded {
-                return self.answer_recorded(fs, session, op, found);
-            }
-            match op {
-                Op::Lookup(l) => {
-                    // Before the answer, so a negative one is leased too.
-                    self.lease_names(session, &mut fs, &[l.parent], false, names);
-                    attr(fs.lookup(l.parent, &l.name)?)
+        let out =
+            {
+                let mut fs = self.fs.lock().expect("fs");
+                if self.stopped() {
+                    return Err(FsError::NotServing);
                 }
-                Op::Getattr(i) => attr(fs.getattr(i.ino)?),
-                Op::Setattr(s) => {
-                    let now = FsTime::now();
-                    let pick = |t: &Option<shoal_proto::ns::Time>, is_now: bool| {
-                        if is_now {
-                            Some(now)
-                        } else {
-                            t.as_ref().map(|t| FsTime {
-                                sec: t.sec,
-                                nsec: t.nsec,
-                            })
-                        }
-                    };
-                    let set = FsSetAttr {
-                        perm: s.mode,
-                        uid: s.uid,
-                        gid: s.gid,
-                        size: s.size,
-                        atime: pick(&s.atime, s.atime_now),
-                        mtime: pick(&s.mtime, s.mtime_now),
-                        ctime: None,
-                    };
-                    changed.push(s.ino);
-                    // A truncate may commit in steps: its record goes with the first.
-                    attr(
-                        fs.recorded_ahead(tag, Outcome::Inode(s.ino), |fs| {
-                            fs.setattr(s.ino, &set)
-                        })?,
-                    )
+                // A retry of a change that may have run: its record and the change itself are
+                // read and made under this one hold of the fs lock, so a retry that overtakes
+                // its first attempt cannot run the change a second time.
+                let recorded = match tag {
+                    Some(t) if retry => fs.recorded_reply(t.client, t.seq)?,
+                    _ => None,
+                };
+                if let Some(found) = recorded {
+                    return self.answer_recorded(fs, session, op, found);
                 }
-                Op::Create(c) => {
-                    let i = fs.recorded(
-                        tag,
-                        |fs| {
-                            fs.create(
-                                c.parent,
-                                &c.name,
-                                c.mode,
-                                c.rdev,
-                                cred,
-                                c.symlink_target.as_deref(),
-                            )
-                        },
-                        inode,
-                    )?;
-                    changed.push(c.parent);
-                    self.lease_names(session, &mut fs, &[c.parent], true, names);
-                    let ino = i.ino;
-                    let r = attr(i);
-                    // Counted before the fs lock goes, so a stop sees it (see `remove`).
-                    if c.open {
-                        if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-                            *s.opens.entry(ino).or_insert(0) += 1;
-                        }
+                match op {
+                    Op::Lookup(l) => {
+                        // Before the answer, so a negative one is leased too.
+                        self.lease_names(session, &mut fs, &[l.parent], false, names);
+                        attr(fs.lookup(l.parent, &l.name)?)
                     }
-                    drop(fs);
-                    r
-                }
-                Op::Link(l) => {
-                    changed.extend([l.ino, l.parent]);
-                    let i = fs.recorded(tag, |fs| fs.link(l.ino, l.parent, &l.name), inode)?;
-                    self.lease_names(session, &mut fs, &[l.parent], true, names);
-                    attr(i)
-                }
-                Op::Unlink(e) => {
-                    let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
-                    orphan = fs.recorded(tag, |fs| fs.unlink(e.parent, &e.name), done)?;
-                    self.lease_names(session, &mut fs, &[e.parent], true, names);
-                    changed.push(e.parent);
-                    changed.extend(child.ok());
-                    Ok(None)
-                }
-                Op::Rmdir(e) => {
-                    let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
-                    fs.recorded(tag, |fs| fs.rmdir(e.parent, &e.name), done)?;
-                    self.lease_names(session, &mut fs, &[e.parent], true, names);
-                    changed.push(e.parent);
-                    changed.extend(child.ok());
-                    Ok(None)
-                }
-                Op::Rename(r) => {
-                    let mode = match r.mode {
-                        0 => RenameMode::Replace,
-                        1 => RenameMode::NoReplace,
-                        2 => RenameMode::Exchange,
-                        m => return Err(FsError::Invalid(format!("rename mode {m}"))),
-                    };
-                    let src = fs.lookup(r.parent, &r.name).map(|i| i.ino);
-                    let dst = fs.lookup(r.new_parent, &r.new_name).map(|i| i.ino);
-                    orphan = fs.recorded(
-                        tag,
-                        |fs| fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode),
-                        done,
-                    )?;
-                    let dirs = [r.parent, r.new_parent];
-                    self.lease_names(session, &mut fs, &dirs, true, names);
-                    changed.extend(dirs);
-                    changed.extend(src.ok());
-                    changed.extend(dst.ok());
-                    Ok(None)
-                }
-                Op::Readdirplus(r) => {
-                    let limit = r.limit.clamp(1, READDIRPLUS_MAX) as usize;
-                    // The lease on the names first: a change after this read recalls it.
-                    self.lease_names(session, &mut fs, &[r.ino], false, names);
-                    let mut entries = Vec::new();
-                    let mut all = true;
-                    for e in fs.readdir(r.ino, r.cookie, limit)? {
-                        let Ok(i) = fs.getattr(e.ino) else { continue };
-                        self.hand_out(i.ino);
-                        all &= self.grant(session, i.ino);
-                        entries.push(DirEntryPlus {
-                            cookie: e.cookie,
-                            name: e.name,
-                            attr: Some(to_attr(&i)),
-                        });
-                    }
-                    leased.set(all && names.granted);
-                    Ok(Some(Res::EntriesPlus(EntriesPlus { entries })))
-                }
-                Op::Readdir(r) => {
-                    let limit = r.limit.clamp(1, READDIR_MAX) as usize;
-                    let entries = fs
-                        .readdir(r.ino, r.cookie, limit)?
-                        .into_iter()
-                        .map(|e| DirEntry {
-                            cookie: e.cookie,
-                            ino: e.ino,
-                            kind: e.kind.code() as u32,
-                            name: e.name,
-                        })
-                        .collect();
-                    Ok(Some(Res::Entries(Entries { entries })))
-                }
-                Op::Read(r) => {
-                    let len = r.length.min(16 << 20);
-                    Ok(Some(Res::Data(fs.read(r.ino, r.offset, len)?.into())))
-                }
-                Op::Write(w) => {
-                    changed.push(w.ino);
-                    attr(fs.recorded(
-                        tag,
-                        |fs| fs.write(w.ino, w.offset, &w.data, w.append),
-                        inode,
-                    )?)
-                }
-                Op::Fsync(_) => {
-                    fs.sync()?;
-                    Ok(None)
-                }
-                Op::Statfs(_) => {
-                    let s = fs.statfs();
-                    Ok(Some(Res::Statfs(StatFs {
-                        blocks: s.blocks,
-                        free: s.free,
-                        block_size: s.block_size,
-                        name_max: s.name_max,
-                    })))
-                }
-                Op::Getxattr(x) => Ok(Some(Res::Data(fs.getxattr(x.ino, &x.name)?.into()))),
-                Op::Setxattr(x) => {
-                    fs.recorded(
-                        tag,
-                        |fs| {
-                            fs.setxattr(
-                                x.ino,
-                                &x.name,
-                                &x.value,
-                                x.flags & libc::XATTR_CREATE != 0,
-                                x.flags & libc::XATTR_REPLACE != 0,
-                            )
-                        },
-                        done,
-                    )?;
-                    changed.push(x.ino);
-                    Ok(None)
-                }
-                Op::Listxattr(i) => Ok(Some(Res::Names(Names {
-                    names: fs.listxattr(i.ino)?,
-                }))),
-                Op::Removexattr(x) => {
-                    fs.recorded(tag, |fs| fs.removexattr(x.ino, &x.name), done)?;
-                    changed.push(x.ino);
-                    Ok(None)
-                }
-                Op::Fallocate(f) => {
-                    let keep = f.mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-                    if f.mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-                        return Err(FsError::NotSupported);
-                    }
-                    changed.push(f.ino);
-                    attr(fs.fallocate(f.ino, f.offset, f.length, keep)?)
-                }
-                Op::Readlink(i) => Ok(Some(Res::Data(fs.readlink(i.ino)?.into()))),
-                Op::Open(i) => {
-                    let r = attr(fs.getattr(i.ino)?);
-                    if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-                        *s.opens.entry(i.ino).or_insert(0) += 1;
-                    }
-                    drop(fs);
-                    r
-                }
-                Op::Release(i) => {
-                    drop(fs);
-                    if let Some(owner) = i.lock_owner {
-                        let owner = Owner { session, owner };
-                        let mut locks = self.locks.lock().expect("locks");
-                        if i.fh != 0 {
-                            locks.release_open(i.ino, owner, i.fh);
-                        } else {
-                            locks.release_owner(i.ino, owner);
-                        }
-                        drop(locks);
-                        self.lock_changed.notify_waiters();
-                    }
-                    let mut last = false;
-                    if let Some(s) = self.sessions.lock().expect("sessions").get_mut(&session) {
-                        if let Some(n) = s.opens.get_mut(&i.ino) {
-                            *n -= 1;
-                            if *n == 0 {
-                                s.opens.remove(&i.ino);
-                                last = true;
-                            }
-                        }
-                    }
-                    if last {
-                        orphan = Some(i.ino);
-                    }
-                    Ok(None)
-                }
-                Op::Getlk(l) => {
-                    drop(fs);
-                    let want = held(session, l)?;
-                    let found = self.locks.lock().expect("locks").test(l.ino, &want);
-                    Ok(Some(Res::Lock(match found {
-                        Some(h) => Lock {
-                            start: h.start,
-                            end: h.end,
-                            typ: if h.mode == Mode::Write {
-                                libc::F_WRLCK
+                    Op::Getattr(i) => attr(fs.getattr(i.ino)?),
+                    Op::Setattr(s) => {
+                        let now = FsTime::now();
+                        let pick = |t: &Option<shoal_proto::ns::Time>, is_now: bool| {
+                            if is_now {
+                                Some(now)
                             } else {
-                                libc::F_RDLCK
+                                t.as_ref().map(|t| FsTime {
+                                    sec: t.sec,
+                                    nsec: t.nsec,
+                                })
+                            }
+                        };
+                        let set = FsSetAttr {
+                            perm: s.mode,
+                            uid: s.uid,
+                            gid: s.gid,
+                            size: s.size,
+                            atime: pick(&s.atime, s.atime_now),
+                            mtime: pick(&s.mtime, s.mtime_now),
+                            ctime: None,
+                        };
+                        changed.push(s.ino);
+                        // A truncate may commit in steps: its record goes with the first.
+                        attr(fs.recorded_ahead(tag, Outcome::Inode(s.ino), |fs| {
+                            fs.setattr(s.ino, &set)
+                        })?)
+                    }
+                    Op::Create(c) => {
+                        let i = fs.recorded(
+                            tag,
+                            |fs| {
+                                fs.create(
+                                    c.parent,
+                                    &c.name,
+                                    c.mode,
+                                    c.rdev,
+                                    cred,
+                                    c.symlink_target.as_deref(),
+                                )
                             },
-                            pid: h.pid,
-                        },
-                        None => Lock {
-                            start: l.start,
-                            end: l.end,
-                            typ: libc::F_UNLCK,
-                            pid: 0,
-                        },
-                    })))
-                }
-                Op::Setlk(l) => {
-                    drop(fs);
-                    if l.reclaim && !self.in_grace(Instant::now()) {
-                        // Someone may have taken and released it since: not granted.
-                        return Err(FsError::NoLock);
+                            inode,
+                        )?;
+                        changed.push(c.parent);
+                        self.lease_names(session, &mut fs, &[c.parent], true, names);
+                        let ino = i.ino;
+                        let r = attr(i);
+                        // Counted before the fs lock goes, so a stop sees it (see `remove`).
+                        if c.open {
+                            self.sessions.lock().expect("sessions").opened(session, ino);
+                        }
+                        drop(fs);
+                        r
                     }
-                    let owner = Owner {
-                        session,
-                        owner: l.owner,
-                    };
-                    if l.typ == libc::F_UNLCK {
-                        self.locks
+                    Op::Link(l) => {
+                        changed.extend([l.ino, l.parent]);
+                        let i = fs.recorded(tag, |fs| fs.link(l.ino, l.parent, &l.name), inode)?;
+                        self.lease_names(session, &mut fs, &[l.parent], true, names);
+                        attr(i)
+                    }
+                    Op::Unlink(e) => {
+                        let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
+                        orphan = fs.recorded(tag, |fs| fs.unlink(e.parent, &e.name), done)?;
+                        self.lease_names(session, &mut fs, &[e.parent], true, names);
+                        changed.push(e.parent);
+                        changed.extend(child.ok());
+                        Ok(None)
+                    }
+                    Op::Rmdir(e) => {
+                        let child = fs.lookup(e.parent, &e.name).map(|i| i.ino);
+                        fs.recorded(tag, |fs| fs.rmdir(e.parent, &e.name), done)?;
+                        self.lease_names(session, &mut fs, &[e.parent], true, names);
+                        changed.push(e.parent);
+                        changed.extend(child.ok());
+                        Ok(None)
+                    }
+                    Op::Rename(r) => {
+                        let mode = match r.mode {
+                            0 => RenameMode::Replace,
+                            1 => RenameMode::NoReplace,
+                            2 => RenameMode::Exchange,
+                            m => return Err(FsError::Invalid(format!("rename mode {m}"))),
+                        };
+                        let src = fs.lookup(r.parent, &r.name).map(|i| i.ino);
+                        let dst = fs.lookup(r.new_parent, &r.new_name).map(|i| i.ino);
+                        orphan = fs.recorded(
+                            tag,
+                            |fs| fs.rename(r.parent, &r.name, r.new_parent, &r.new_name, mode),
+                            done,
+                        )?;
+                        let dirs = [r.parent, r.new_parent];
+                        self.lease_names(session, &mut fs, &dirs, true, names);
+                        changed.extend(dirs);
+                        changed.extend(src.ok());
+                        changed.extend(dst.ok());
+                        Ok(None)
+                    }
+                    Op::Readdirplus(r) => {
+                        let limit = r.limit.clamp(1, READDIRPLUS_MAX) as usize;
+                        // The lease on the names first: a change after this read recalls it.
+                        self.lease_names(session, &mut fs, &[r.ino], false, names);
+                        let mut entries = Vec::new();
+                        let mut all = true;
+                        for e in fs.readdir(r.ino, r.cookie, limit)? {
+                            let Ok(i) = fs.getattr(e.ino) else { continue };
+                            self.hand_out(i.ino);
+                            all &= self.grant(session, i.ino);
+                            entries.push(DirEntryPlus {
+                                cookie: e.cookie,
+                                name: e.name,
+                                attr: Some(to_attr(&i)),
+                            });
+                        }
+                        leased.set(all && names.granted);
+                        Ok(Some(Res::EntriesPlus(EntriesPlus { entries })))
+                    }
+                    Op::Readdir(r) => {
+                        let limit = r.limit.clamp(1, READDIR_MAX) as usize;
+                        let entries = fs
+                            .readdir(r.ino, r.cookie, limit)?
+                            .into_iter()
+                            .map(|e| DirEntry {
+                                cookie: e.cookie,
+                                ino: e.ino,
+                                kind: e.kind.code() as u32,
+                                name: e.name,
+                            })
+                            .collect();
+                        Ok(Some(Res::Entries(Entries { entries })))
+                    }
+                    Op::Read(r) => {
+                        let len = r.length.min(16 << 20);
+                        Ok(Some(Res::Data(fs.read(r.ino, r.offset, len)?.into())))
+                    }
+                    Op::Write(w) => {
+                        changed.push(w.ino);
+                        attr(fs.recorded(
+                            tag,
+                            |fs| fs.write(w.ino, w.offset, &w.data, w.append),
+                            inode,
+                        )?)
+                    }
+                    Op::Fsync(_) => {
+                        fs.sync()?;
+                        Ok(None)
+                    }
+                    Op::Statfs(_) => {
+                        let s = fs.statfs();
+                        Ok(Some(Res::Statfs(StatFs {
+                            blocks: s.blocks,
+                            free: s.free,
+                            block_size: s.block_size,
+                            name_max: s.name_max,
+                        })))
+                    }
+                    Op::Getxattr(x) => Ok(Some(Res::Data(fs.getxattr(x.ino, &x.name)?.into()))),
+                    Op::Setxattr(x) => {
+                        fs.recorded(
+                            tag,
+                            |fs| {
+                                fs.setxattr(
+                                    x.ino,
+                                    &x.name,
+                                    &x.value,
+                                    x.flags & libc::XATTR_CREATE != 0,
+                                    x.flags & libc::XATTR_REPLACE != 0,
+                                )
+                            },
+                            done,
+                        )?;
+                        changed.push(x.ino);
+                        Ok(None)
+                    }
+                    Op::Listxattr(i) => Ok(Some(Res::Names(Names {
+                        names: fs.listxattr(i.ino)?,
+                    }))),
+                    Op::Removexattr(x) => {
+                        fs.recorded(tag, |fs| fs.removexattr(x.ino, &x.name), done)?;
+                        changed.push(x.ino);
+                        Ok(None)
+                    }
+                    Op::Fallocate(f) => {
+                        let keep = f.mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+                        if f.mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+                            return Err(FsError::NotSupported);
+                        }
+                        changed.push(f.ino);
+                        attr(fs.fallocate(f.ino, f.offset, f.length, keep)?)
+                    }
+                    Op::Readlink(i) => Ok(Some(Res::Data(fs.readlink(i.ino)?.into()))),
+                    Op::Open(i) => {
+                        let r = attr(fs.getattr(i.ino)?);
+                        self.sessions
                             .lock()
-                            .expect("locks")
-                            .unlock(l.ino, owner, l.start, l.end);
-                        self.lock_changed.notify_waiters();
-                        return Ok(None);
+                            .expect("sessions")
+                            .opened(session, i.ino);
+                        drop(fs);
+                        r
                     }
-                    let want = held(session, l)?;
-                    let mut locks = self.locks.lock().expect("locks");
-                    // Checked under the lock table's lock, which the stop also takes.
-                    if self.stopped() {
-                        return Err(FsError::NotServing);
+                    Op::Release(i) => {
+                        drop(fs);
+                        if let Some(owner) = i.lock_owner {
+                            let owner = Owner { session, owner };
+                            let mut locks = self.locks.lock().expect("locks");
+                            if i.fh != 0 {
+                                locks.release_open(i.ino, owner, i.fh);
+                            } else {
+                                locks.release_owner(i.ino, owner);
+                            }
+                            drop(locks);
+                            self.lock_changed.notify_waiters();
+                        }
+                        let last = self
+                            .sessions
+                            .lock()
+                            .expect("sessions")
+                            .closed(session, i.ino);
+                        if last {
+                            orphan = Some(i.ino);
+                        }
+                        Ok(None)
                     }
-                    match locks.try_lock(l.ino, want) {
-                        Ok(()) => Ok(None),
-                        Err(_) => Err(FsError::WouldBlock),
+                    Op::Getlk(l) => {
+                        drop(fs);
+                        let want = held(session, l)?;
+                        let found = self.locks.lock().expect("locks").test(l.ino, &want);
+                        Ok(Some(Res::Lock(match found {
+                            Some(h) => Lock {
+                                start: h.start,
+                                end: h.end,
+                                typ: if h.mode == Mode::Write {
+                                    libc::F_WRLCK
+                                } else {
+                                    libc::F_RDLCK
+                                },
+                                pid: h.pid,
+                            },
+                            None => Lock {
+                                start: l.start,
+                                end: l.end,
+                                typ: libc::F_UNLCK,
+                                pid: 0,
+                            },
+                        })))
+                    }
+                    Op::Setlk(l) => {
+                        drop(fs);
+                        if l.reclaim && !self.in_grace(Instant::now()) {
+                            // Someone may have taken and released it since: not granted.
+                            return Err(FsError::NoLock);
+                        }
+                        let owner = Owner {
+                            session,
+                            owner: l.owner,
+                        };
+                        if l.typ == libc::F_UNLCK {
+                            self.locks
+                                .lock()
+                                .expect("locks")
+                                .unlock(l.ino, owner, l.start, l.end);
+                            self.lock_changed.notify_waiters();
+                            return Ok(None);
+                        }
+                        let want = held(session, l)?;
+                        let mut locks = self.locks.lock().expect("locks");
+                        // Checked under the lock table's lock, which the stop also takes.
+                        if self.stopped() {
+                            return Err(FsError::NotServing);
+                        }
+                        match locks.try_lock(l.ino, want) {
+                            Ok(()) => Ok(None),
+                            Err(_) => Err(FsError::WouldBlock),
+                        }
                     }
                 }
-            }
-        };
+            };
         if let Some(ino) = orphan {
             self.maybe_destroy(ino, Instant::now());
         }
@@ -1066,18 +912,19 @@ fn waiter_id(session: u64, l: &Lk) -> u64 {
 impl Served {
     /// F_SETLKW: takes the lock, or queues and waits up to [`LOCK_POLL`] for it.
     fn in_grace(&self, now: Instant) -> bool {
-        self.grace_until.is_some_and(|end| now < end)
+        self.grace().locks(now)
     }
 
-    fn in_files_grace(&self, now: Instant) -> bool {
-        self.files_grace_until.is_some_and(|end| now < end)
+    /// The grace windows (set once, at start).
+    fn grace(&self) -> Grace {
+        self.sessions.lock().expect("sessions").grace()
     }
 
     /// A lock request (other than a reclaim or an unlock) during the grace period waits
     /// for its end, at most [`LOCK_POLL`] per call; Some("still waiting") when the grace
     /// is still on after that (the mount asks again).
     async fn hold_for_grace(&self) -> Option<NsReply> {
-        let end = self.grace_until?;
+        let end = self.grace().locks_until?;
         let now = Instant::now();
         if now >= end {
             return None;

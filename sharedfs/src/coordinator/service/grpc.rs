@@ -89,12 +89,7 @@ impl NamespaceService {
             }
             let locks_held = !served.locks.lock().expect("locks").is_empty();
             let files_open = fs.orphans().map_or(true, |o| !o.is_empty())
-                || served
-                    .sessions
-                    .lock()
-                    .expect("sessions")
-                    .values()
-                    .any(|s| !s.opens.is_empty());
+                || served.sessions.lock().expect("sessions").files_open();
             let state = if locks_held {
                 SERVING
             } else if files_open {
@@ -154,11 +149,10 @@ impl Namespace for NamespaceService {
         // Random ids: a session of an earlier coordinator never matches a new one.
         let id = crate::random_id();
         let now = Instant::now();
-        served.sessions.lock().expect("sessions").insert(
+        served.sessions.lock().expect("sessions").open(
             id,
             Session::new(r.client, r.host.clone(), r.mountpoint.clone(), now),
         );
-        served.departed.lock().expect("departed").remove(&r.client);
         if !r.opens.is_empty() {
             let opens = r.opens;
             run_blocking(served.clone(), move |s| s.reopen(id, &opens))
@@ -204,7 +198,7 @@ impl Namespace for NamespaceService {
         self.check(&req)?;
         let r = req.into_inner();
         let served = self.volume(&r.volume_id)?;
-        let gone = served.sessions.lock().expect("sessions").remove(&r.session);
+        let gone = served.sessions.lock().expect("sessions").close(r.session);
         if let Some(s) = gone {
             info!(volume = %r.volume_id, session = r.session, "session closed");
             let id = r.session;
@@ -251,7 +245,7 @@ impl Namespace for NamespaceService {
         } else {
             let evicted = served.evictions.lock().expect("evictions").remove(&r.id);
             if let Some(session) = evicted {
-                if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
+                if let Some(s) = served.sessions.lock().expect("sessions").get_mut(session) {
                     s.recalling = s.recalling.saturating_sub(1);
                 }
             }
@@ -326,7 +320,7 @@ impl NamespaceService {
             );
             return Ok(reply);
         }
-        if let Some(until) = served.quiet_until {
+        if let Some(until) = served.grace().quiet_until {
             let now = Instant::now();
             if now < until {
                 tokio::time::sleep(until - now).await;
@@ -374,7 +368,7 @@ impl NamespaceService {
         }
         // "Still waiting" is asked again under a new number: do not replay it.
         if keep && reply.errno != libc::EINPROGRESS {
-            if let Some(s) = served.sessions.lock().expect("sessions").get_mut(&session) {
+            if let Some(s) = served.sessions.lock().expect("sessions").get_mut(session) {
                 if s.replies.len() >= REPLAY_DEPTH {
                     s.replies.pop_front();
                 }

@@ -1,6 +1,7 @@
 //! Unit tests of the namespace service: sessions, grace, recalls, locks, replies.
 
 use super::*;
+use crate::coordinator::sessions::REPLY_HORIZON;
 use crate::dev::{BlockDev, FileDev};
 use crate::format::inode::ROOT_INO;
 
@@ -23,7 +24,7 @@ fn coordinator(dev: &Arc<dyn BlockDev>, session: u64, client: u64) -> Served {
         DEFAULT_LEASE,
         STOPPED_CLEAN,
     );
-    s.sessions.lock().unwrap().insert(
+    s.sessions.lock().unwrap().open(
         session,
         Session::new(client, "h1".into(), "/m".into(), Instant::now()),
     );
@@ -39,7 +40,7 @@ fn served_with_grace(dir: &std::path::Path, grace: bool) -> Served {
         s.sessions
             .lock()
             .unwrap()
-            .insert(id, Session::new(0, format!("h{id}"), "/m".into(), now));
+            .open(id, Session::new(0, format!("h{id}"), "/m".into(), now));
     }
     s
 }
@@ -160,10 +161,23 @@ fn a_change_retried_at_a_new_coordinator_is_answered_from_its_record() {
     };
     // The next coordinator opens the volume; the mount comes back in a new session,
     // after another mount made a new ".tmp".
-    let s = coordinator(&dev, 7, mount);
+    let s = Served::new(
+        "v",
+        Fs::open(dev.clone()).unwrap(),
+        DEFAULT_LEASE,
+        STOPPED_CLEAN,
+    );
     assert!(
-        s.departed.lock().unwrap().contains_key(&mount),
+        s.sessions.lock().unwrap().is_departed(mount),
         "found at start"
+    );
+    s.sessions.lock().unwrap().open(
+        7,
+        Session::new(mount, "h1".into(), "/m".into(), Instant::now()),
+    );
+    assert!(
+        !s.sessions.lock().unwrap().is_departed(mount),
+        "back with a session"
     );
     create(&s, ".tmp");
     let retry = |seq| NsRequest {
@@ -195,7 +209,7 @@ fn a_change_retried_at_a_new_coordinator_is_answered_from_its_record() {
         first
     );
     // The mount is back: its records stay past the horizon.
-    s.sessions.lock().unwrap().get_mut(&7).unwrap().last_seen = Instant::now() + REPLY_HORIZON;
+    s.sessions.lock().unwrap().get_mut(7).unwrap().last_seen = Instant::now() + REPLY_HORIZON;
     s.expire(Instant::now() + REPLY_HORIZON);
     assert!(record(mount, 6).is_some());
 }
@@ -257,7 +271,7 @@ fn files_unlinked_while_open_outlive_a_crash_only_where_a_mount_reclaims_them() 
     s.sessions
         .lock()
         .unwrap()
-        .insert(9, Session::new(5, "h1".into(), "/m".into(), Instant::now()));
+        .open(9, Session::new(5, "h1".into(), "/m".into(), Instant::now()));
     // The mount comes back with one of them open.
     s.reopen(
         9,
@@ -274,7 +288,7 @@ fn files_unlinked_while_open_outlive_a_crash_only_where_a_mount_reclaims_them() 
     );
     // The grace is over; the mount kept renewing its session.
     let later = Instant::now() + DEFAULT_LEASE + UNLINK_GRACE;
-    s.sessions.lock().unwrap().get_mut(&9).unwrap().last_seen = later;
+    s.sessions.lock().unwrap().get_mut(9).unwrap().last_seen = later;
     s.expire(later);
     assert!(exists(kept), "still open at the mount");
     assert!(
@@ -309,7 +323,7 @@ fn after_a_clean_stop_with_files_open_nothing_is_freed_until_mounts_reconnect() 
     s.sessions
         .lock()
         .unwrap()
-        .insert(1, Session::new(0, "h1".into(), "/m".into(), Instant::now()));
+        .open(1, Session::new(0, "h1".into(), "/m".into(), Instant::now()));
     let ino = create(&s, "f");
     let r = call(
         &s,
@@ -332,7 +346,7 @@ fn after_a_clean_stop_with_files_open_nothing_is_freed_until_mounts_reconnect() 
         .unwrap();
     assert!(rt.block_on(s.hold_for_grace()).is_none());
     let later = Instant::now() + DEFAULT_LEASE + UNLINK_GRACE;
-    s.sessions.lock().unwrap().get_mut(&1).unwrap().last_seen = later;
+    s.sessions.lock().unwrap().get_mut(1).unwrap().last_seen = later;
     s.expire(later);
     assert!(s.fs.lock().unwrap().getattr(ino).is_err(), "freed after it");
     // A stopping coordinator changes nothing more: the mount asks the next one.
