@@ -19,6 +19,7 @@ use serde_json::Value;
 
 pub mod docker;
 mod netns;
+pub mod shared_vols;
 pub mod tls;
 
 use netns::ip;
