@@ -539,6 +539,7 @@ pub mod cache;
 mod convert;
 mod fuse;
 mod kernel;
+mod locks;
 mod session;
 use convert::*;
 pub use kernel::Mount;

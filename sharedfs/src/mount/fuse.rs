@@ -36,7 +36,7 @@ impl Filesystem for Client {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let op = Op::Getlk(Lk {
+        let lk = Lk {
             ino: ino.0,
             owner: lock_owner.0,
             start,
@@ -46,15 +46,8 @@ impl Filesystem for Client {
             wait: false,
             fh: fh.0,
             reclaim: false,
-        });
-        // Held back while a new coordinator lets mounts reclaim their locks: ask again.
-        let r = loop {
-            match self.rpc.call(req, op.clone()) {
-                Err(e) if e == Errno::EINPROGRESS => continue,
-                r => break r,
-            }
         };
-        match r {
+        match self.get_lock(req, lk) {
             Ok(Some(Res::Lock(l))) => reply.locked(l.start, l.end, l.typ, l.pid),
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
@@ -86,37 +79,15 @@ impl Filesystem for Client {
             fh: fh.0,
             reclaim: false,
         };
-        let op = Op::Setlk(lk);
-        loop {
-            match self.rpc.call(req, op.clone()) {
-                Ok(_) => {
-                    self.rpc.note_setlk(&lk);
-                    if typ != libc::F_UNLCK {
-                        // Remembered so the close (FLUSH) of this owner releases it.
-                        self.posix_owners
-                            .lock()
-                            .expect("posix owners")
-                            .insert((ino.0, lock_owner.0));
-                    }
-                    return reply.ok();
-                }
-                // Queued at the coordinator and not granted yet: ask again.
-                Err(e) if e == Errno::EINPROGRESS => continue,
-                Err(e) => return reply.error(e),
-            }
+        match self.set_lock(req, lk) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let now = std::time::Instant::now();
-        let known = {
-            let cache = self.rpc.cache();
-            match cache.name(parent.0, name.as_bytes(), now) {
-                Name::Found(ino) => cache.attr(ino, now).map(Some),
-                Name::Absent => Some(None),
-                Name::Unknown => None,
-            }
-        };
+        let known = self.cached_entry(parent.0, name.as_bytes(), now);
         // Many unknown names asked for here: read the whole directory instead (when it
         // is known to be small enough; the bigger, the more misses first: `cache.rs`).
         let list = known.is_none() && {
@@ -129,13 +100,7 @@ impl Filesystem for Client {
         let known = match known {
             None if list => {
                 self.list_dir(req, parent.0);
-                let now = std::time::Instant::now();
-                let cache = self.rpc.cache();
-                match cache.name(parent.0, name.as_bytes(), now) {
-                    Name::Found(ino) => cache.attr(ino, now).map(Some),
-                    Name::Absent => Some(None),
-                    Name::Unknown => None,
-                }
+                self.cached_entry(parent.0, name.as_bytes(), std::time::Instant::now())
             }
             known => known,
         };
