@@ -19,6 +19,7 @@ pub mod format;
 pub mod fs;
 pub mod hooks;
 pub mod mount;
+pub mod timing;
 pub mod volume_dev;
 
 pub use error::{FsError, Result};

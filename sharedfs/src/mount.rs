@@ -34,7 +34,7 @@ use shoal_blockd::shared::Resolver;
 use shoal_proto::ns::ns_reply::Result as Res;
 use shoal_proto::ns::ns_request::Op;
 use shoal_proto::ns::*;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::coordinator::locks::{Held, LockTable, Mode as LockMode, Owner as LockOwnerId};
 use crate::format::inode::Kind;
@@ -307,7 +307,18 @@ impl Rpc {
                 done_below: self.done_below(),
             };
             retry = true;
-            match self.send(msg) {
+            let timed = crate::timing::on().then(std::time::Instant::now);
+            let sent = self.send(msg);
+            if let Some(t) = timed {
+                debug!(
+                    target: crate::timing::TARGET,
+                    side = "mount",
+                    op = crate::timing::op_name(Some(&op)),
+                    rpc_us = t.elapsed().as_micros() as u64,
+                    "namespace call"
+                );
+            }
+            match sent {
                 Ok(r) => {
                     let r = r.into_inner();
                     let ttl = Duration::from_millis(r.attr_ttl_ms as u64);

@@ -2,11 +2,13 @@
 //! in-sync replicas before it returns, and a flush makes it durable on all of them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use shoal_blockd::volume_io::VolumeIo;
 
 use crate::dev::BlockDev;
 use crate::error::{FsError, Result};
+use crate::timing;
 
 pub struct VolumeDev(pub Arc<VolumeIo>);
 
@@ -41,14 +43,23 @@ impl BlockDev for VolumeDev {
         Ok(out)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let start = timing::on().then(Instant::now);
         for (i, chunk) in data.chunks(MAX_IO).enumerate() {
             self.0
                 .write(offset + (i * MAX_IO) as u64, chunk, false)
                 .map_err(io_err)?;
         }
+        if let Some(t) = start {
+            timing::wrote(t);
+        }
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        self.0.flush().map_err(io_err)
+        let start = timing::on().then(Instant::now);
+        self.0.flush().map_err(io_err)?;
+        if let Some(t) = start {
+            timing::flushed(t);
+        }
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! finds the served volume and hands the work to it ([`Served`]).
 
 use super::*;
+use crate::timing;
 
 /// The namespace API of one node: every volume it coordinates.
 #[derive(Clone)]
@@ -343,19 +344,39 @@ impl NamespaceService {
                 served.lock_wait(session, l).await
             }
             _ => {
-                let (reply, changed) = run_blocking(served.clone(), move |s| {
-                    let out = s.execute(session, &r);
-                    if out.0.errno == 0 {
+                let timed = timing::on().then(|| (Instant::now(), timing::op_name(r.op.as_ref())));
+                let (reply, changed, dev) = run_blocking(served.clone(), move |s| {
+                    if timed.is_some() {
+                        timing::take();
+                    }
+                    let (reply, changed) = s.execute(session, &r);
+                    let dev = timed.map(|_| timing::take());
+                    if reply.errno == 0 {
                         if let Some(op) = &r.op {
                             crate::failpoints::after_commit(op);
                         }
                     }
-                    out
+                    (reply, changed, dev)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
                 // Nobody else may still see the old attributes once this returns.
+                let recall = Instant::now();
                 served.recall(session, &changed).await;
+                if let (Some((start, op)), Some(dev)) = (timed, dev) {
+                    debug!(
+                        target: timing::TARGET,
+                        side = "coordinator",
+                        op,
+                        total_us = start.elapsed().as_micros() as u64,
+                        recall_us = recall.elapsed().as_micros() as u64,
+                        writes = dev.writes,
+                        write_us = dev.write.as_micros() as u64,
+                        flushes = dev.flushes,
+                        flush_us = dev.flush.as_micros() as u64,
+                        "namespace operation"
+                    );
+                }
                 reply
             }
         };
