@@ -36,10 +36,10 @@ use shoal_proto::ns::ns_request::Op;
 use shoal_proto::ns::*;
 use tracing::{debug, info, warn};
 
-use crate::coordinator::locks::{Held, LockTable, Mode as LockMode, Owner as LockOwnerId};
 use crate::format::inode::Kind;
 use crate::fs::FIRST_COOKIE;
 use crate::mount::cache::{Cache, Effect, Fresh, Name};
+use crate::mount::held::{HeldLocks, Reclaim};
 
 /// Largest read or write the kernel sends.
 const MAX_IO: u32 = 1 << 20;
@@ -110,7 +110,7 @@ pub struct Rpc {
     cache: Mutex<Cache>,
     /// The locks this mount holds at the coordinator (owners with session 0), as the
     /// coordinator granted them: reclaimed at a new coordinator after a failover.
-    held: Mutex<LockTable>,
+    held: Mutex<HeldLocks>,
     /// How many times this mount has each file open (as the coordinator counted them):
     /// told to a new coordinator, so a file unlinked while open here outlives a failover.
     opened: Mutex<std::collections::HashMap<u64, u32>>,
@@ -155,7 +155,7 @@ impl Rpc {
             rt,
             stopping: AtomicBool::new(false),
             cache: Mutex::new(Cache::default()),
-            held: Mutex::new(LockTable::default()),
+            held: Mutex::new(HeldLocks::default()),
             session_lock: Mutex::new(()),
             opened: Mutex::new(std::collections::HashMap::new()),
             renewed_at: Mutex::new(std::time::Instant::now()),
@@ -549,6 +549,7 @@ impl Client {
 pub mod cache;
 mod convert;
 mod fuse;
+pub mod held;
 mod kernel;
 mod locks;
 mod session;

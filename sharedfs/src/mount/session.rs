@@ -146,79 +146,35 @@ impl Rpc {
 
     /// Notes a lock change the coordinator accepted (`l` as sent).
     pub(super) fn note_setlk(&self, l: &Lk) {
-        let owner = LockOwnerId {
-            session: 0,
-            owner: l.owner,
-        };
-        let mut held = self.held.lock().expect("held locks");
-        let mode = match l.typ {
-            libc::F_RDLCK => LockMode::Read,
-            libc::F_WRLCK => LockMode::Write,
-            _ => {
-                held.unlock(l.ino, owner, l.start, l.end);
-                return;
-            }
-        };
-        // Granted by the coordinator: recorded whatever this copy still shows (another
-        // owner's unlock may be noted after this grant).
-        held.force(
-            l.ino,
-            Held {
-                owner,
-                mode,
-                start: l.start,
-                end: l.end,
-                pid: l.pid,
-                fh: l.fh,
-            },
-        );
+        self.held.lock().expect("held locks").granted(l);
     }
 
     /// Notes the release of an owner's locks on a file: all of them (a close), or those
     /// taken through one open (`fh`, a flock'd file's close).
     pub(super) fn note_release(&self, ino: u64, owner: u64, fh: Option<u64>) {
-        let owner = LockOwnerId { session: 0, owner };
-        let mut held = self.held.lock().expect("held locks");
-        match fh {
-            Some(fh) => held.release_open(ino, owner, fh),
-            None => held.unlock(ino, owner, 0, u64::MAX),
-        };
+        self.held
+            .lock()
+            .expect("held locks")
+            .released(ino, owner, fh);
     }
 
     /// Asks a new session for every lock this mount held (after a failover the new
     /// coordinator grants them during its grace period, before anyone else's). A lock it
     /// refuses is lost: the application is not told (as with NFS), only the log says.
     pub(super) fn reclaim_locks(&self, session: u64) {
-        let held = self.held.lock().expect("held locks").all();
-        if held.is_empty() {
-            return;
-        }
         let silent = self.renewed_at.lock().expect("renewed").elapsed();
         let lease = *self.lease.lock().expect("lease");
-        if silent >= lease {
-            // The coordinator may have expired the old session and given the locks to
-            // another mount: reclaiming them could take them from their holder.
-            warn!(volume = %self.volume_id, locks = held.len(), ?silent, "cut off longer than the session lease: the locks held through the old session are lost");
-            *self.held.lock().expect("held locks") = LockTable::default();
-            return;
-        }
+        let want = match self.held.lock().expect("held locks").reclaim(silent, lease) {
+            Reclaim::Ask(want) if want.is_empty() => return,
+            Reclaim::Ask(want) => want,
+            Reclaim::Lost(n) => {
+                warn!(volume = %self.volume_id, locks = n, ?silent, "cut off longer than the session lease: the locks held through the old session are lost");
+                return;
+            }
+        };
         let mut c = self.client();
         let mut reclaimed = 0usize;
-        for (ino, h) in held {
-            let lk = Lk {
-                ino,
-                owner: h.owner.owner,
-                start: h.start,
-                end: h.end,
-                typ: match h.mode {
-                    LockMode::Read => libc::F_RDLCK,
-                    LockMode::Write => libc::F_WRLCK,
-                },
-                pid: h.pid,
-                wait: false,
-                fh: h.fh,
-                reclaim: true,
-            };
+        for lk in want {
             let msg = NsRequest {
                 volume_id: self.volume_id.clone(),
                 session,
@@ -237,11 +193,8 @@ impl Rpc {
                 Ok(r) => r.into_inner().detail,
                 Err(s) => s.to_string(),
             };
-            warn!(volume = %self.volume_id, ino, owner = h.owner.owner, reason = %why, "a lock held through the previous coordinator is lost");
-            self.held
-                .lock()
-                .expect("held locks")
-                .unlock(ino, h.owner, h.start, h.end);
+            warn!(volume = %self.volume_id, ino = lk.ino, owner = lk.owner, reason = %why, "a lock held through the previous coordinator is lost");
+            self.held.lock().expect("held locks").refused(&lk);
         }
         info!(volume = %self.volume_id, reclaimed, "locks reclaimed at the coordinator");
     }
