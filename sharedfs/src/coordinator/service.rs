@@ -470,20 +470,18 @@ impl Served {
             let id = self
                 .next_recall
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if tx
+            let sent = tx
                 .send(Ok(Recall {
                     id,
                     inodes: evicted,
                 }))
-                .is_ok()
-            {
-                s.recalling += 1;
+                .is_ok();
+            s.recall_sent(sent);
+            if sent {
                 self.evictions
                     .lock()
                     .expect("evictions")
                     .insert(id, session);
-            } else {
-                s.lapsed = true;
             }
         }
         true
@@ -527,12 +525,11 @@ impl Served {
                     .callbacks
                     .as_ref()
                     .is_some_and(|tx| tx.send(Ok(Recall { id, inodes: inos })).is_ok());
+                session.recall_sent(sent);
                 if sent {
-                    session.recalling += 1;
                     recalls.insert(id, done);
                     waits.push((s, id, wait));
                 } else {
-                    session.lapsed = true;
                     lapse = true;
                 }
             }
@@ -545,8 +542,7 @@ impl Served {
                 self.recalls.lock().expect("recalls").remove(&id);
             }
             if let Some(session) = self.sessions.lock().expect("sessions").get_mut(s) {
-                session.recalling = session.recalling.saturating_sub(1);
-                session.lapsed |= !answered;
+                session.recall_answered(answered);
             }
         }
         // A mount whose stream is gone cannot answer: its lease must lapse.

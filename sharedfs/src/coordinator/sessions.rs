@@ -36,6 +36,34 @@ pub struct Session {
 }
 
 impl Session {
+    /// Whether its heartbeat renews its leases: it listens for recalls, none of them is
+    /// unanswered (it could extend what it was told to drop), and none went astray.
+    pub fn may_renew(&self) -> bool {
+        self.callbacks.is_some() && !self.lapsed && self.recalling == 0
+    }
+
+    /// Its mount listens for recalls again, having dropped everything it cached.
+    pub fn listening(&mut self, tx: tokio::sync::mpsc::UnboundedSender<Result<Recall, Status>>) {
+        self.callbacks = Some(tx);
+        self.lapsed = false;
+    }
+
+    /// A recall was put on its stream (`sent`) or could not be (the stream is gone).
+    pub fn recall_sent(&mut self, sent: bool) {
+        if sent {
+            self.recalling += 1;
+        } else {
+            self.lapsed = true;
+        }
+    }
+
+    /// A recall sent to it was acknowledged, or not in time (`answered` false): then its
+    /// copy may be stale, and nothing is renewed until it listens again.
+    pub fn recall_answered(&mut self, answered: bool) {
+        self.recalling = self.recalling.saturating_sub(1);
+        self.lapsed |= !answered;
+    }
+
     pub fn new(client: u64, host: String, mountpoint: String, now: Instant) -> Self {
         Session {
             client,

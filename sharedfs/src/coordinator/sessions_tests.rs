@@ -210,3 +210,44 @@ fn a_session_open_under_a_departed_mount_keeps_it_from_being_forgotten() {
     assert!(ss.departed_due(t0 + REPLY_HORIZON + secs(30)).is_empty());
     assert!(!ss.is_departed(10), "a live session clears the departure");
 }
+
+#[test]
+fn a_recalled_holder_renews_nothing_until_it_answers_and_a_silent_one_until_it_listens() {
+    use crate::coordinator::leases::LeaseTable;
+    let t0 = Instant::now();
+    let mut leases = LeaseTable::new(ATTR);
+    let mut holder = session(10, t0);
+    assert!(
+        !holder.may_renew(),
+        "not listening for recalls: it may not cache"
+    );
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    holder.listening(tx.clone());
+    assert!(holder.may_renew());
+    leases.grant(1, 5, t0);
+    // Another mount changes inode 5 a second later: the holder's lease is recalled, and
+    // the change waits at most until that lease runs out.
+    let targets = leases.take_conflicting(2, &[5], t0 + secs(1));
+    let (inodes, until) = targets.get(&1).expect("the holder is recalled");
+    assert_eq!(inodes, &vec![5]);
+    assert_eq!(*until, t0 + ATTR, "the wait ends when its lease would have");
+    holder.recall_sent(true);
+    assert!(
+        !holder.may_renew(),
+        "while the recall is out it renews nothing"
+    );
+    // A slow holder answers in time: renewals go on.
+    holder.recall_answered(true);
+    assert!(holder.may_renew());
+    // Another recall goes unanswered until the deadline: the holder lapsed, and renews
+    // nothing, even with no recall out, until it listens again (dropping its cache).
+    holder.recall_sent(true);
+    holder.recall_answered(false);
+    assert!(!holder.may_renew());
+    holder.listening(tx);
+    assert!(holder.may_renew());
+    // A dead holder's stream is gone: the recall cannot be sent, and it lapses at once.
+    holder.recall_sent(false);
+    assert!(!holder.may_renew());
+    assert_eq!(holder.recalling, 0, "nothing is waited for from it");
+}

@@ -177,7 +177,7 @@ impl Namespace for NamespaceService {
         // Renews the session's leases, unless it may have missed a recall.
         let now = Instant::now();
         let renewed = served.with_session(r.session, |s| {
-            let ok = s.callbacks.is_some() && !s.lapsed && s.recalling == 0;
+            let ok = s.may_renew();
             if ok {
                 served.leases.lock().expect("leases").renew(r.session, now);
             }
@@ -228,8 +228,7 @@ impl Namespace for NamespaceService {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         // The mount drops everything it cached before it listens again.
         served.with_session(r.session, |s| {
-            s.callbacks = Some(tx);
-            s.lapsed = false;
+            s.listening(tx);
         })?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
@@ -247,7 +246,7 @@ impl Namespace for NamespaceService {
             let evicted = served.evictions.lock().expect("evictions").remove(&r.id);
             if let Some(session) = evicted {
                 if let Some(s) = served.sessions.lock().expect("sessions").get_mut(session) {
-                    s.recalling = s.recalling.saturating_sub(1);
+                    s.recall_answered(true);
                 }
             }
         }
