@@ -143,10 +143,39 @@ impl Hot {
         }
     }
 
-    /// Forgets every extent not busy (the replica was synced whole).
-    pub fn clear(&mut self) {
-        let busy = &self.busy;
-        self.last.retain(|e, _| busy.contains_key(e));
+    /// Takes back an [`Hot::add`] whose log write failed: its write does not happen, and
+    /// the extents it added (`added`) are not logged on disk, so they must not count as
+    /// logged here either (the next write into them writes the log again).
+    pub fn undo(&mut self, extents: Range<u64>, added: &[u64]) {
+        self.end(extents);
+        for e in added {
+            self.last.remove(e);
+        }
+    }
+
+    /// The extents no write is under way in now, with the tick: what a sync that starts
+    /// after this covers (see [`Hot::forget`]).
+    pub fn idle(&self) -> Idle {
+        Idle {
+            tick: self.tick,
+            extents: self
+                .last
+                .keys()
+                .filter(|e| !self.busy.contains_key(e))
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Forgets the extents of `idle` that no write touched since: the replica was synced
+    /// (or their regions raised) after `idle` was taken, so none of them holds a write
+    /// that is not accounted for. One written since stays.
+    pub fn forget(&mut self, idle: &Idle) {
+        for e in &idle.extents {
+            if self.last.get(e).is_some_and(|t| *t <= idle.tick) && !self.busy.contains_key(e) {
+                self.last.remove(e);
+            }
+        }
     }
 
     /// The logged extents, oldest first.
@@ -163,6 +192,13 @@ impl Hot {
     pub fn is_empty(&self) -> bool {
         self.last.is_empty()
     }
+}
+
+/// What [`Hot::idle`] saw: the extents whose writes had all ended at `tick`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idle {
+    tick: u64,
+    extents: Vec<u64>,
 }
 
 /// One slot's bytes: magic, sequence, count, extents (oldest first), checksum at the end.
@@ -285,10 +321,18 @@ impl ActivityLog {
     ) -> Result<Noted<'_>> {
         let extents = extents_of(offset, len);
         let mut st = self.state.lock().expect("activity log");
+        let mut added: Vec<u64> = extents
+            .clone()
+            .filter(|e| !st.hot.covers(*e..*e + 1))
+            .collect();
         let mut add = st.hot.add(extents.clone());
         if add == Add::Full {
             sync_replica()?;
             st.hot.trim();
+            added = extents
+                .clone()
+                .filter(|e| !st.hot.covers(*e..*e + 1))
+                .collect();
             add = st.hot.add(extents.clone());
             if add == Add::Full {
                 // Wider than half the log: not a write the pool sends (writes are at
@@ -299,29 +343,49 @@ impl ActivityLog {
                 )));
             }
         }
-        let noted = Noted { log: self, extents };
         if add == Add::Write {
-            // On failure `noted` ends the write; the extent stays logged (harmless).
-            self.write(&mut st)?;
+            if let Err(e) = self.write(&mut st) {
+                // Not on disk: not logged, and the write does not happen.
+                st.hot.undo(extents, &added);
+                return Err(e);
+            }
         }
-        Ok(noted)
+        Ok(Noted { log: self, extents })
     }
 
-    /// Forgets every extent no write is under way in: the replica was just synced whole
-    /// (its data and versions durable), so none of them holds an unsynced write. Also
+    /// The extents no write is under way in now: take it before a sync (or a raise)
+    /// that makes them safe to forget, then [`ActivityLog::forget`].
+    pub fn idle(&self) -> Idle {
+        self.state.lock().expect("activity log").hot.idle()
+    }
+
+    /// Forgets what `idle` saw (the replica was synced, or those regions raised, after
+    /// it was taken), keeping any extent written since, and writes the log: this also
     /// makes a lost log valid again.
-    pub fn clear(&self) -> Result<()> {
+    pub fn forget(&self, idle: &Idle) -> Result<()> {
         let mut st = self.state.lock().expect("activity log");
-        st.hot.clear();
+        st.hot.forget(idle);
         self.write(&mut st)
     }
 
+    /// Whether a write into `[offset, offset + len)` surely needs no log I/O, without
+    /// waiting: false while the log is busy (a write of it, or a full log's sync).
+    pub fn covers_now(&self, offset: u64, len: u64) -> bool {
+        self.state
+            .try_lock()
+            .is_ok_and(|st| st.hot.covers(extents_of(offset, len)))
+    }
+
+    /// Writes the log to the slot after the last one written, durably; the sequence
+    /// moves only once it is on disk (a failed write is tried again in the same slot,
+    /// the other still holding the last good log).
     fn write(&self, st: &mut State) -> Result<()> {
-        st.seq += 1;
-        let slot = encode_slot(st.seq, &st.hot.extents());
+        let seq = st.seq + 1;
+        let slot = encode_slot(seq, &st.hot.extents());
         self.file
-            .write_all_at(&slot, (st.seq % 2) * SLOT_BYTES as u64)?;
+            .write_all_at(&slot, (seq % 2) * SLOT_BYTES as u64)?;
         self.file.sync_data()?;
+        st.seq = seq;
         Ok(())
     }
 }

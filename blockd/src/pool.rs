@@ -404,10 +404,15 @@ impl Pool {
     /// Whether a write into `[offset, offset + len)` of the replica is quick: it lands
     /// in logged extents, so it does no I/O beyond the page cache (see
     /// [`crate::activity`]).
+    /// Never waits for the log (it may be syncing): busy means not quick.
     pub fn write_is_quick(&self, volume_id: &str, offset: u64, len: u64) -> bool {
-        let open = self.open.lock().expect("pool lock poisoned");
-        open.get(volume_id)
-            .is_some_and(|r| r.activity.covers(offset, len))
+        let r = self
+            .open
+            .lock()
+            .expect("pool lock poisoned")
+            .get(volume_id)
+            .cloned();
+        r.is_some_and(|r| r.activity.covers_now(offset, len))
     }
 
     /// Makes the replica's data and versions durable (with the watermark known before

@@ -95,7 +95,6 @@ fn after_a_reboot_the_logged_regions_holding_data_or_a_version_are_raised() {
     assert_eq!(version(&pool, size, 1), 0, "a region with nothing stays");
     assert_eq!(version(&pool, size, 20), raised, "extent 1 was logged too");
     assert_eq!(version(&pool, size, 40), 0);
-    assert!(raised < first_version(2), "below anything epoch 2 sends");
     // Durable, and done once: the log is empty, a new write logs again.
     drop(pool);
     let pool = Pool::open(dir.path(), Some(1 << 40)).unwrap();

@@ -61,11 +61,14 @@ impl Pool {
             let boot = crate::versions::boot_tag();
             if r.versions.boot()? != boot {
                 if created {
-                    r.activity.clear()?;
+                    r.activity.forget(&r.activity.idle())?;
                     r.versions.set_boot(boot)?;
                 } else {
+                    // Taken first: a same-epoch write let in by `allow_reopen` may log an
+                    // extent meanwhile, and keeps it.
+                    let idle = r.activity.idle();
                     let raised = Self::raise_suspects(&r, size, before)?;
-                    r.activity.clear()?;
+                    r.activity.forget(&idle)?;
                     let durable = r.versions.complete_below();
                     warn!(volume = volume_id, durable, raised, "replica last used before this host rebooted: it is resynced before it counts in sync");
                     r.versions.flag_reboot(durable, boot)?;
@@ -75,10 +78,11 @@ impl Pool {
                 // never written) in the boot it was written in: what it holds unsynced
                 // is still in this boot's page cache, so one sync makes an empty log
                 // true.
+                let idle = r.activity.idle();
                 let durable = r.versions.complete_below();
                 r.file.sync_data()?;
                 r.versions.sync(durable)?;
-                r.activity.clear()?;
+                r.activity.forget(&idle)?;
             }
             opened.insert(volume_id.to_string());
         }

@@ -86,14 +86,16 @@ impl VolumeIo {
             }
             let again: BTreeSet<String> = answers
                 .iter()
-                .filter(|(_, r)| matches!(r, Err(Error::NodeUnreachable { .. })))
+                .filter(|(n, r)| {
+                    *n != self.local_node && matches!(r, Err(Error::NodeUnreachable { .. }))
+                })
                 .map(|(n, _)| n.clone())
                 .collect();
             if again.is_empty() {
                 break;
             }
             warn!(volume = %self.volume_id, ?again, "no in-sync replica answered the open: asking again");
-            // Only remote replicas time out, so the local one is not opened twice.
+            // Only remote replicas are asked again: the local one answered for itself.
             for (node, res) in self.fan_out(&again, call, || Ok(())) {
                 if let Some(slot) = answers.iter_mut().find(|(n, _)| *n == node) {
                     slot.1 = res;
