@@ -26,24 +26,13 @@ bash tests/setup.sh >/dev/null
 cleanup; rm -rf "$B"; mkdir -p "$B"
 
 log "starting etcd and three nodes"
-etcd --data-dir "$B/etcd" --listen-client-urls http://127.0.0.1:23790 \
-  --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23791 \
-  --initial-advertise-peer-urls http://127.0.0.1:23791 \
-  --initial-cluster default=http://127.0.0.1:23791 >"$B/etcd.log" 2>&1 &
-echo $! >"$B/etcd.pid"
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && break; sleep 0.2; done
-(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$B/secret")
+start_etcd "$B" 23790
 for i in 2 3 4; do
-  RUST_LOG=info,shoal::timing=debug setsid "$SHOAL" node start --cluster-id bench-timing \
-    --secret-file "$B/secret" --data-dir "$B/node$i" --listen 127.0.7.$i:9710 \
-    --gossip 127.0.7.$i:9711 --kvdb http://127.0.0.1:23790 --docker-socket "" \
-    >>"$B/node$i.log" 2>&1 &
-  echo $! >"$B/node$i.pid"
+  RUST_LOG=info,shoal::timing=debug start_node "$SHOAL" bench-timing "$B" 127.0.7 "$i" 23790
 done
 export SHOAL_ENDPOINT=127.0.7.2:9710
 export SHOAL_CREDENTIALS="$B/node2/admin.pem"  # written by the node at start
-online() { "$SHOAL" status --json 2>/dev/null | grep -c '"online"' || true; }
-for _ in $(seq 100); do [ "$(online)" = 3 ] && break; sleep 0.2; done
+wait_online "$SHOAL" 3
 n2=$(cat "$B/node2/node-id"); n3=$(cat "$B/node3/node-id")
 "$SHOAL" volume create bench --size 4G --repl 2 --shared --nodes "$n2,$n3" >/dev/null
 "$SHOAL" volume mount bench "$B/mnt-a" >/dev/null
