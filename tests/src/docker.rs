@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{cleanup_mounts, wait_until, CmdOut};
+use crate::{cleanup_mounts, wait_until, Cluster, CmdOut, Opts};
 
 /// The image [`Dockerd::start`] builds: `/bin/busybox` and its applets, nothing else.
 pub const IMAGE: &str = "shoal-test-busybox:1";
@@ -263,4 +263,22 @@ impl Drop for Dockerd {
             .status();
         cleanup_mounts(self.dir.path());
     }
+}
+
+/// A cluster of `n` nodes whose plugins listen on `sockets` (node `i` on `sockets[i]`).
+pub fn cluster(n: usize, sockets: &[&str]) -> Cluster {
+    Cluster::start(
+        n,
+        Opts {
+            docker_sockets: sockets.iter().map(|s| s.to_string()).collect(),
+            ..Opts::default()
+        },
+    )
+}
+
+/// `docker run` with no network, then `extra`.
+pub fn run<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["run", "--network", "none"];
+    a.extend_from_slice(extra);
+    a
 }
